@@ -1,0 +1,203 @@
+"""A whole synthetic cohort in the sample-sheet contract: slides, annotations, expression, labels.
+
+Each patient has a tissue type (seen in the image) and an expression programme (seen in the genes).
+``signal`` decides which of them the label follows:
+
+- ``image``: label = tissue type; ``genes``: label = programme;
+- ``both``: four classes, tissue type x programme, so only a model using both reaches full accuracy;
+- ``xor``: two classes, tissue type XOR programme: neither modality alone beats chance.
+
+With ``faults`` the cohort also holds what real cohorts hold: a slide without MPP metadata that the
+sheet overrides, one without MPP and no override, a blank slide, a truncated slide, a patient with
+expression only and one without expression.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from shapely.geometry import mapping
+
+from wsiomics.synth.expression import gene_model, sample_counts, write_gdc_counts
+from wsiomics.synth.geometry import SlideGeometry, polygons, random_layout, scale_to_pixels
+from wsiomics.synth.pyramid import write_slide
+
+SIGNALS = ("image", "genes", "both", "xor")
+
+
+@dataclass(frozen=True)
+class CohortConfig:
+    n_patients: int = 12
+    seed: int = 0
+    signal: str = "both"
+    slide_width_um: float = 4000.0
+    slide_height_um: float = 3000.0
+    mpp_20x: float = 0.5
+    mpp_40x: float = 0.25
+    fraction_40x: float = 0.15
+    fraction_second_slide: float = 0.25
+    fraction_pen: float = 0.3
+    n_genes: int = 2000
+    faults: bool = True
+
+
+@dataclass
+class SlideSpec:
+    slide_id: str
+    patient_id: str
+    fmt: str
+    mpp: float
+    seed: int
+    tissue_type: int
+    pen: bool = False
+    blank: bool = False
+    mpp_metadata: bool = True
+    mpp_override: float | None = None
+    truncate: bool = False
+    stain: tuple[float, float] = field(default=(1.0, 1.0))
+
+
+def label_for(signal: str, tissue_type: int, programme: int) -> str:
+    if signal == "image":
+        return f"tissue{tissue_type}"
+    if signal == "genes":
+        return f"programme{programme}"
+    if signal == "both":
+        return f"tissue{tissue_type}_programme{programme}"
+    if signal == "xor":
+        return "concordant" if tissue_type == programme else "discordant"
+    raise ValueError(f"unknown signal {signal!r}; choose one of {', '.join(SIGNALS)}")
+
+
+def plan_cohort(cfg: CohortConfig) -> tuple[pd.DataFrame, list[SlideSpec]]:
+    """Decide every patient and slide (no I/O): patient table and slide specs."""
+    if cfg.n_patients < 4:
+        raise ValueError("a synthetic cohort needs at least 4 patients (one per tissue type x programme)")
+    label_for(cfg.signal, 0, 0)  # validates the signal name
+    rng = np.random.default_rng(cfg.seed)
+    combos = np.arange(cfg.n_patients) % 4  # balanced tissue type x programme
+    rng.shuffle(combos)
+    patients, slides = [], []
+    for i, combo in enumerate(combos):
+        pid = f"TCGA-SY-{i + 1:04d}"
+        tissue_type, programme = int(combo // 2), int(combo % 2)
+        patients.append({"patient_id": pid, "tissue_type": tissue_type, "programme": programme,
+                         "label": label_for(cfg.signal, tissue_type, programme), "has_expression": True,
+                         "has_slide": True})
+        n_slides = 2 if rng.random() < cfg.fraction_second_slide else 1
+        for k in range(n_slides):
+            forty = rng.random() < cfg.fraction_40x
+            slides.append(SlideSpec(
+                slide_id=f"{pid}-01Z-00-DX{k + 1}", patient_id=pid, fmt="svs" if rng.random() < 0.6 else "tiff",
+                mpp=cfg.mpp_40x if forty else cfg.mpp_20x, seed=int(rng.integers(2**31)),
+                tissue_type=tissue_type, pen=bool(rng.random() < cfg.fraction_pen),
+                stain=(float(rng.uniform(0.85, 1.1)), float(rng.uniform(0.85, 1.1)))))
+    if cfg.faults:
+        # Faults go to patients that keep at least one good slide, except the expression-only patient.
+        last = cfg.n_patients - 1
+        patients[last]["has_slide"] = False
+        slides = [s for s in slides if s.patient_id != patients[last]["patient_id"]]
+        patients[last - 1]["has_expression"] = False
+        first = slides[0]
+        extra = dict(patient_id=first.patient_id, tissue_type=first.tissue_type, fmt="tiff", mpp=cfg.mpp_20x)
+        slides += [
+            SlideSpec(slide_id=f"{first.patient_id}-01Z-00-DX7", seed=101, mpp_metadata=False,
+                      mpp_override=cfg.mpp_20x, **extra),
+            SlideSpec(slide_id=f"{first.patient_id}-01Z-00-DX8", seed=102, mpp_metadata=False, **extra),
+            SlideSpec(slide_id=f"{first.patient_id}-01Z-00-DX9", seed=103, blank=True, **extra),
+            SlideSpec(slide_id=f"{first.patient_id}-01Z-00-DX6", seed=104, truncate=True, **extra),
+        ]
+    return pd.DataFrame(patients), slides
+
+
+def slide_geometry(spec: SlideSpec, cfg: CohortConfig) -> SlideGeometry:
+    layout = random_layout(spec.seed, cfg.slide_width_um, cfg.slide_height_um, blank=spec.blank, pen=spec.pen)
+    return scale_to_pixels(layout, spec.mpp, spec.tissue_type, spec.stain)
+
+
+def _feature(geom, name: str, colour: list[int], extra: dict | None = None) -> dict:
+    return {"type": "Feature", "geometry": mapping(geom),
+            "properties": {"objectType": "annotation", "classification": {"name": name, "color": colour},
+                           **(extra or {})}}
+
+
+def write_truth(path: Path, geom: SlideGeometry) -> None:
+    """Ground truth (level-0 px) for tests and benchmarks: tissue, tumour and each pen stroke."""
+    feats = [_feature(geom.tissue, "Tissue", [0, 160, 0])] if not geom.tissue.is_empty else []
+    feats += [_feature(p, "Tumor", [200, 0, 0]) for p in polygons(geom.tumour)]
+    feats += [_feature(g, "Pen", [0, 0, 200], {"ink": c}) for c, g in geom.pens if not g.is_empty]
+    meta = {"width": geom.width, "height": geom.height, "mpp": geom.mpp, "tissue_type": geom.tissue_type}
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats, "slide": meta}))
+
+
+def write_annotation(path: Path, geom: SlideGeometry) -> None:
+    """Tumour polygons as QuPath exports them (GeoJSON FeatureCollection, level-0 pixels)."""
+    feats = [_feature(p, "Tumor", [200, 0, 0]) for p in polygons(geom.tumour)]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
+
+
+def _write_one(args: tuple[SlideSpec, CohortConfig, str]) -> str:
+    spec, cfg, out = args
+    out_dir = Path(out)
+    geom = slide_geometry(spec, cfg)
+    path = out_dir / "slides" / f"{spec.slide_id}.{spec.fmt}"
+    write_slide(path, geom, spec.seed, fmt=spec.fmt, mpp_metadata=spec.mpp_metadata)
+    if spec.truncate:  # a transfer cut short: the header survives, the tile data does not
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+    write_truth(out_dir / "truth" / f"{spec.slide_id}.geojson", geom)
+    if not geom.tumour.is_empty:
+        write_annotation(out_dir / "annotations" / f"{spec.slide_id}.geojson", geom)
+    return spec.slide_id
+
+
+def write_cohort(out_dir: str | Path, cfg: CohortConfig, workers: int = 1, progress: bool = True) -> Path:
+    """Write the cohort under ``out_dir``; returns the path of its ``samples.tsv`` (written last)."""
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    for sub in ("slides", "truth", "annotations", "expression"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    patients, slides = plan_cohort(cfg)
+
+    model = gene_model(cfg.n_genes, cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 1)
+    expression_paths = {}
+    for p in patients.itertuples():
+        counts = sample_counts(model, p.programme, rng)
+        if p.has_expression:
+            name = f"{p.patient_id}.rna_seq.augmented_star_gene_counts.tsv"
+            write_gdc_counts(out / "expression" / name, model, counts, rng)
+            expression_paths[p.patient_id] = f"expression/{name}"
+
+    jobs = [(s, cfg, str(out)) for s in slides]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            list(tqdm(pool.map(_write_one, jobs), total=len(jobs), desc="slides", disable=not progress))
+    else:
+        for job in tqdm(jobs, desc="slides", disable=not progress):
+            _write_one(job)
+
+    label = dict(zip(patients.patient_id, patients.label, strict=True))
+    rows = []
+    for s in slides:
+        has_annotation = (out / "annotations" / f"{s.slide_id}.geojson").exists()
+        rows.append({"patient_id": s.patient_id, "slide_id": s.slide_id, "slide_path": f"slides/{s.slide_id}.{s.fmt}",
+                     "label": label[s.patient_id], "mpp": "" if s.mpp_override is None else f"{s.mpp_override}",
+                     "annotation_path": f"annotations/{s.slide_id}.geojson" if has_annotation else "",
+                     "expression_path": expression_paths.get(s.patient_id, "")})
+    for p in patients.itertuples():
+        if not p.has_slide:
+            rows.append({"patient_id": p.patient_id, "slide_id": "", "slide_path": "", "label": p.label, "mpp": "",
+                         "annotation_path": "", "expression_path": expression_paths.get(p.patient_id, "")})
+    patients.to_csv(out / "patients_truth.tsv", sep="\t", index=False)
+    (out / "cohort.json").write_text(json.dumps(
+        {"config": asdict(cfg), "slides": [asdict(s) for s in slides]}, indent=1))
+    sheet = out / "samples.tsv"
+    pd.DataFrame(rows).to_csv(sheet, sep="\t", index=False)
+    return sheet
