@@ -6,6 +6,7 @@ that the pipeline records per slide (``unreadable``, ``no_mpp``) and a message n
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -95,10 +96,8 @@ def resolve_mpp(props: dict[str, str], override: float | None, where: str) -> Mp
     if override is not None:
         return Mpp(float(override), float(override), "sample_sheet")
     candidates: list[tuple[float, float, str]] = []
-    try:
+    with contextlib.suppress(KeyError, ValueError):
         candidates.append((float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"]), "openslide.mpp-x"))
-    except (KeyError, ValueError):
-        pass
     tags = _from_tiff_tags(props)
     if tags:
         candidates.append((*tags, "tiff.XResolution"))
@@ -137,7 +136,9 @@ def read_rgb(slide: openslide.OpenSlide, location: tuple[int, int], level: int, 
     return rgb
 
 
-def read_downsampled(slide: openslide.OpenSlide, downsample: float, block: int = 4096) -> tuple[np.ndarray, float, float]:
+def read_downsampled(
+    slide: openslide.OpenSlide, downsample: float, block: int = 4096
+) -> tuple[np.ndarray, float, float]:
     """The whole slide as RGB at roughly ``downsample`` (level-0 px per output px), read block by block.
 
     Memory stays bounded by the output size even when the slide has no suitable pyramid level.
