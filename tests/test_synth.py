@@ -1,0 +1,121 @@
+"""The synthetic cohort generator: formats OpenSlide reads, GDC layout, labels, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import openslide
+import pandas as pd
+import pytest
+
+from wsiomics.samples import load_sample_sheet, patients, slides
+from wsiomics.synth import CohortConfig, plan_cohort
+from wsiomics.synth.__main__ import main as synth_main
+from wsiomics.synth.cohort import label_for
+from wsiomics.synth.expression import GDC_COLUMNS, STAR_SUMMARY_ROWS
+from wsiomics.synth.geometry import random_layout, scale_to_pixels
+from wsiomics.synth.render import render_region
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "cohort"
+    rc = synth_main(["--out", str(out), "--n-patients", "4", "--slide-width-um", "1600", "--slide-height-um", "1200",
+                     "--n-genes", "300", "--seed", "3"])
+    assert rc == 0
+    return out
+
+
+def test_sheet_follows_the_contract(cohort):
+    sheet = load_sample_sheet(cohort / "samples.tsv")  # raises on any contract violation
+    per_patient = patients(sheet)
+    assert len(per_patient) == 4
+    assert (~per_patient.has_slide).sum() == 1 and (~per_patient.has_expression).sum() == 1
+    assert slides(sheet).mpp.ne("").sum() == 1  # the no-metadata slide that the sheet overrides
+
+
+def test_slides_open_in_openslide_with_metadata(cohort):
+    sheet = slides(load_sample_sheet(cohort / "samples.tsv"))
+    plan = json.loads((cohort / "cohort.json").read_text())["slides"]
+    by_id = {s["slide_id"]: s for s in plan}
+    for slide_id, row in sheet.iterrows():
+        spec = by_id[slide_id]
+        if spec["truncate"]:
+            with pytest.raises(openslide.OpenSlideError):
+                openslide.OpenSlide(row.slide_path).read_region((0, 0), 0, (4000, 4000))
+            continue
+        slide = openslide.OpenSlide(row.slide_path)
+        vendor = slide.properties["openslide.vendor"]
+        assert vendor == ("aperio" if spec["fmt"] == "svs" else "generic-tiff")
+        assert slide.level_count >= 2
+        if spec["mpp_metadata"]:
+            assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(spec["mpp"], rel=1e-3)
+        else:
+            assert "openslide.mpp-x" not in slide.properties
+        if spec["fmt"] == "svs":
+            assert slide.properties["openslide.objective-power"] in ("20", "40")
+            assert "thumbnail" in slide.associated_images
+
+
+def test_gdc_counts_layout(cohort):
+    files = sorted((cohort / "expression").glob("*.tsv"))
+    assert len(files) == 3
+    text = files[0].read_text().splitlines()
+    assert text[0].startswith("# gene-model:")
+    assert text[1].split("\t") == GDC_COLUMNS
+    table = pd.read_csv(files[0], sep="\t", comment="#")
+    assert list(table.gene_id[:4]) == STAR_SUMMARY_ROWS
+    genes = table.iloc[4:]
+    assert genes.gene_id.str.match(r"ENSG\d{11}\.\d+$").all()
+    assert genes.unstranded.ge(0).all() and genes.unstranded.dtype.kind in "if"
+    assert genes.tpm_unstranded.sum() == pytest.approx(1e6, rel=1e-3)
+    assert table.iloc[:4].tpm_unstranded.isna().all()
+
+
+def test_annotations_are_qupath_geojson(cohort):
+    ann = sorted((cohort / "annotations").glob("*.geojson"))
+    assert ann
+    data = json.loads(ann[0].read_text())
+    feature = data["features"][0]
+    assert data["type"] == "FeatureCollection" and feature["geometry"]["type"] in ("Polygon", "MultiPolygon")
+    assert feature["properties"]["classification"]["name"] == "Tumor"
+
+
+@pytest.mark.parametrize("signal,n_classes", [("image", 2), ("genes", 2), ("both", 4), ("xor", 2)])
+def test_label_signal_modes(signal, n_classes):
+    table, _ = plan_cohort(CohortConfig(n_patients=16, signal=signal))
+    assert table.label.nunique() == n_classes
+    assert table.groupby("label").size().min() >= 16 // n_classes // 2  # balanced-ish
+    if signal == "xor":  # neither modality alone predicts the label
+        for column in ("tissue_type", "programme"):
+            assert table.groupby(column).label.nunique().eq(2).all()
+    with pytest.raises(ValueError, match="unknown signal"):
+        label_for("colour", 0, 0)
+
+
+def test_image_carries_tissue_type():
+    """Tissue type 1 has denser nuclei: visibly more hematoxylin, so the image can carry class signal."""
+    layout = random_layout(5, 1500, 1500, tumour=False)
+    means = []
+    for tissue_type in (0, 1):
+        geom = scale_to_pixels(layout, 0.5, tissue_type)
+        c = geom.tissue.representative_point()
+        patch = render_region(geom, c.x - 112, c.y - 112, 224, 224, 1.0, seed=1).astype(float)
+        means.append(patch[..., 1].mean())  # green is what hematoxylin absorbs most
+    assert means[1] < means[0] - 5
+
+
+def test_generation_is_deterministic(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["--n-patients", "4", "--slide-width-um", "800", "--slide-height-um", "600", "--n-genes", "50",
+            "--no-faults"]
+    synth_main(["--out", str(a), *args])
+    synth_main(["--out", str(b), *args])
+    assert (a / "samples.tsv").read_text() == (b / "samples.tsv").read_text()
+    for f in (a / "expression").iterdir():
+        assert f.read_text() == (b / "expression" / f.name).read_text()
+    s1 = openslide.OpenSlide(str(next((a / "slides").iterdir())))
+    s2 = openslide.OpenSlide(str(b / "slides" / next((a / "slides").iterdir()).name))
+    assert np.array_equal(np.asarray(s1.read_region((0, 0), 1, (200, 200))),
+                          np.asarray(s2.read_region((0, 0), 1, (200, 200))))
