@@ -8,6 +8,7 @@ so pyramid levels and tiles can be produced in any order and in parallel.
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import cv2
@@ -50,6 +51,25 @@ def rasterize(geom, x0: float, y0: float, w: int, h: int, downsample: float) -> 
     return mask.astype(bool)
 
 
+_NOISE_SIDE = 1024
+
+
+@functools.cache
+def _noise_bank() -> np.ndarray:
+    """Standard-normal noise, drawn once; tiles take windows at random offsets (drawing per tile is slow)."""
+    return np.random.default_rng(12345).standard_normal((_NOISE_SIDE * 2, _NOISE_SIDE * 2, 4)).astype(np.float32)
+
+
+def _noise(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """(h, w, 4) standard-normal noise; the bank is tiled for regions larger than it."""
+    bank = _noise_bank()
+    if h > _NOISE_SIDE or w > _NOISE_SIDE:
+        reps = (-(-h // bank.shape[0]) + 1, -(-w // bank.shape[1]) + 1, 1)
+        bank = np.tile(bank, reps)
+    y, x = rng.integers(0, bank.shape[0] - h + 1), rng.integers(0, bank.shape[1] - w + 1)
+    return bank[y:y + h, x:x + w]
+
+
 def _rng(seed: int, *key: float) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(repr(key).encode())])
 
@@ -59,6 +79,7 @@ def render_region(geom: SlideGeometry, x0: float, y0: float, w: int, h: int, dow
     """RGB uint8 (h, w, 3) image of the level-0 region at (x0, y0) seen at ``downsample``."""
     rng = _rng(seed, round(x0), round(y0), round(downsample, 4))
     tissue = rasterize(geom.tissue, x0, y0, w, h, downsample)
+    noise = _noise(rng, h, w)
     out = np.empty((h, w, 3), np.float32)
     out[:] = GLASS
     if tissue.any():
@@ -86,10 +107,10 @@ def render_region(geom: SlideGeometry, x0: float, y0: float, w: int, h: int, dow
                 coverage = min(0.95, density * np.pi * radius_um**2)
                 nuclear[where] = coverage
         mix = nuclear[..., None]
-        texture = 1.0 + 0.05 * rng.standard_normal((h, w, 1)).astype(np.float32)
+        texture = 1.0 + 0.05 * noise[..., 3:4]
         stained = (eosin * (1 - mix) + hema * mix) * texture
         out = np.where(tissue[..., None], stained, out)
-    out += rng.normal(0, 1.5, out.shape).astype(np.float32)
+    out += 1.5 * noise[..., :3]
     dust = rasterize(geom.dust, x0, y0, w, h, downsample)
     if dust.any():
         out[dust] = DUST
