@@ -1,0 +1,19 @@
+# wsiomics: whole-slide images + gene expression -> image-omic models.
+# Stages live in workflow/rules/; config.yaml (next to this file) is the demo default.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: os.path.join(workflow.basedir, "config.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/synth.smk"
+include: "workflow/rules/tiling.smk"
+
+
+rule all:
+    input:
+        all_targets,
+    default_target: True
