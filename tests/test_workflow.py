@@ -117,3 +117,19 @@ def test_demo_dry_run_from_a_fresh_directory(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-2000:]
     assert "synth_cohort" in out
+
+
+def test_adding_mpp_to_the_sheet_retiles_the_slide(cohort, tmp_path):
+    sheet = pd.read_csv(cohort / "samples.tsv", sep="\t", keep_default_na=False)
+    no_mpp = sheet[sheet.slide_id.str.endswith("DX8")].iloc[0]  # the generator's slide without MPP metadata
+    row = {"patient_id": "P1", "slide_id": "nompp", "slide_path": str(cohort / no_mpp.slide_path), "mpp": ""}
+    args = ("--config", f"samples={tmp_path / 'samples.tsv'}", "--directory", str(tmp_path / "work"))
+    pd.DataFrame([row]).to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
+    assert snakemake(*args).returncode == 0
+    status = pd.read_csv(tmp_path / "work" / "results" / "qc" / "slide_status.tsv", sep="\t")
+    assert status.status.tolist() == ["no_mpp"] and "'mpp' column" in status.reason[0]
+    pd.DataFrame([{**row, "mpp": "0.5"}]).to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
+    proc = snakemake(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    status = pd.read_csv(tmp_path / "work" / "results" / "qc" / "slide_status.tsv", sep="\t")
+    assert status.status.tolist() == ["ok"] and status.mpp_source[0] == "sample_sheet"
