@@ -1,16 +1,21 @@
 # wsiomics: whole-slide images + gene expression -> image-omic models.
-# Stages live in workflow/rules/; config.yaml (next to this file) is the demo default.
+# Stages live in workflow/rules/; config.yaml next to this file is the demo default, found from any
+# --directory. Override it with --configfile FILE and/or --config key=value.
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: os.path.join(workflow.basedir, "config.yaml")
+configfile: f"{workflow.basedir}/config.yaml"
 
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/synth.smk"
 include: "workflow/rules/tiling.smk"
+
+
+localrules:
+    all,
 
 
 rule all:

@@ -6,7 +6,12 @@ rule tile:
         slide=slide_path,
     output:
         tiles=directory("results/tiles/{slide_id}.zarr"),
-        qc="results/qc/tiles/{slide_id}.png",
+        qc=report(
+            "results/qc/tiles/{slide_id}.png",
+            caption="../report/tile_qc.rst",
+            category="Tiling QC",
+            labels={"slide": "{slide_id}"},
+        ),
     params:
         options=tiling_options(),
         mpp=mpp_option,
@@ -32,7 +37,8 @@ rule slide_status:
     input:
         stores=tile_stores,
     output:
-        "results/qc/slide_status.tsv",
+        report("results/qc/slide_status.tsv", caption="../report/slide_status.rst", category="Tiling QC",
+               labels={"table": "slide status"}),
     log:
         "logs/slide_status.log",
     threads: 1
