@@ -1,4 +1,8 @@
-"""The Snakemake workflow, run for real: lint, a cohort in its own work directory, faults, re-runs."""
+"""The Snakemake workflow, run for real: lint, a cohort in its own work directory, faults, strict mode, re-runs.
+
+Every snakemake and generator call is a subprocess with a timeout. The whole module takes about a minute
+on 2 cores; the tests are marked ``integration`` but run in the default ``pytest`` invocation.
+"""
 
 from __future__ import annotations
 
@@ -10,55 +14,78 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from wsiomics.synth.__main__ import main as synth_main
-
 REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+BIN = Path(sys.executable).parent
+SNAKEMAKE = str(BIN / "snakemake")
+FAULTS = {"no_mpp": 1, "no_tissue": 1, "unreadable": 1}  # what the generator's faults give
 
 pytestmark = pytest.mark.integration
 
 
-def snakemake(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+def snakemake(*args: str, cwd: Path = REPO, timeout: int = 240) -> subprocess.CompletedProcess:
+    """The repo's Snakefile on 2 cores; ``args`` usually carry --config ... and --directory ..."""
     cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--cores", "2", *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+def read_status(work: Path) -> pd.DataFrame:
+    return pd.read_csv(work / "results" / "qc" / "slide_status.tsv", sep="\t", keep_default_na=False)
+
+
+def write_sheet(path: Path, rows: list[dict]) -> Path:
+    pd.DataFrame(rows).to_csv(path, sep="\t", index=False)
+    return path
+
+
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory) -> Path:
+    """A small synthetic cohort with the generator's faults, written by its command line."""
     out = tmp_path_factory.mktemp("wf") / "cohort"
-    synth_main(["--out", str(out), "--n-patients", "4", "--slide-width-um", "1600", "--slide-height-um", "1200",
-                "--n-genes", "100", "--seed", "7"])
+    cmd = [sys.executable, "-m", "wsiomics.synth", "--out", str(out), "--n-patients", "4", "--slide-width-um", "2000",
+           "--slide-height-um", "1500", "--n-genes", "200", "--workers", "2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
 @pytest.fixture(scope="module")
-def run(cohort, tmp_path_factory):
+def sheet(cohort) -> pd.DataFrame:
+    return pd.read_csv(cohort / "samples.tsv", sep="\t", keep_default_na=False)
+
+
+@pytest.fixture(scope="module")
+def run(cohort, tmp_path_factory) -> Path:
+    """The cohort run from outside the repository, with the Snakefile given by path."""
     work = tmp_path_factory.mktemp("work")
-    proc = snakemake("--config", f"samples={cohort / 'samples.tsv'}", "--directory", str(work))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = snakemake("--config", f"samples={cohort / 'samples.tsv'}", "--directory", str(work), cwd=work.parent)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     return work
 
 
 def test_lint_is_clean():
     proc = subprocess.run([SNAKEMAKE, "--lint"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "good condition" in proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Lints for" not in out and "good condition" in out
 
 
-def test_cohort_runs_in_its_own_work_directory(run, cohort):
-    status = pd.read_csv(run / "results" / "qc" / "slide_status.tsv", sep="\t", keep_default_na=False)
-    sheet = pd.read_csv(cohort / "samples.tsv", sep="\t", keep_default_na=False)
+def test_cohort_runs_in_its_own_work_directory(run, sheet):
+    status = read_status(run)
     slide_ids = [s for s in sheet.slide_id if s]
-    assert sorted(status.slide_id) == sorted(slide_ids)
-    by_status = status.groupby("status").slide_id.apply(sorted).to_dict()
-    assert {k: len(v) for k, v in by_status.items() if k != "ok"} == {"no_mpp": 1, "no_tissue": 1, "unreadable": 1}
-    assert len(by_status["ok"]) == len(slide_ids) - 3
-    for slide_id in slide_ids:
-        assert (run / "results" / "tiles" / f"{slide_id}.zarr" / "zarr.json").exists()
-        assert (run / "results" / "qc" / "tiles" / f"{slide_id}.png").exists()
-        assert (run / "logs" / "tile" / f"{slide_id}.log").exists()
-        assert (run / "benchmarks" / "tile" / f"{slide_id}.tsv").exists()
+    assert sorted(status.slide_id) == sorted(slide_ids)  # one row per slide; expression-only rows have none
+    counts = status.status.value_counts().to_dict()
+    assert {k: v for k, v in counts.items() if k != "ok"} == FAULTS
+    assert counts["ok"] == len(slide_ids) - sum(FAULTS.values())
     assert status.loc[status.status == "ok", "n_tiles"].astype(int).gt(0).all()
+    for slide_id in slide_ids:
+        assert (run / "results" / "tiles" / f"{slide_id}.zarr" / "zarr.json").is_file()
+        assert (run / "results" / "qc" / "tiles" / f"{slide_id}.png").is_file()
+        assert (run / "logs" / "tile" / f"{slide_id}.log").is_file()
+        assert (run / "benchmarks" / "tile" / f"{slide_id}.tsv").is_file()
+    # The sheet's mpp column reaches the job: the generator's slide without metadata but with an override.
+    overridden = sheet[sheet.mpp != ""].slide_id.tolist()
+    assert overridden
+    assert status.set_index("slide_id").loc[overridden, "mpp_source"].eq("sample_sheet").all()
 
 
 def test_rerun_is_a_no_op(run, cohort):
@@ -66,44 +93,73 @@ def test_rerun_is_a_no_op(run, cohort):
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr
 
 
-def test_fixed_slide_is_retiled_on_rerun(cohort, tmp_path):
-    sheet = pd.read_csv(cohort / "samples.tsv", sep="\t", keep_default_na=False)
-    good = sheet[sheet.slide_id.str.endswith("DX1")].iloc[0]
-    slide = tmp_path / "fixme.svs"
-    slide.write_bytes((cohort / good.slide_path).read_bytes()[:3000])
-    one = pd.DataFrame([{"patient_id": "P1", "slide_id": "fixme", "slide_path": str(slide)}])
-    one.to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
-    args = ("--config", f"samples={tmp_path / 'samples.tsv'}", "--directory", str(tmp_path / "work"))
+def test_sheet_problems_fail_before_any_job(cohort, sheet, tmp_path):
+    bad = sheet.copy()
+    for col in ("slide_path", "annotation_path", "expression_path"):
+        bad[col] = [str(cohort / p) if p else "" for p in bad[col]]
+    bad.loc[1, "slide_id"] = bad.loc[0, "slide_id"]  # duplicate
+    bad.loc[2, "slide_path"] = str(tmp_path / "missing.svs")  # missing file
+    bad.loc[3, "slide_id"] = "bad id/with slash"  # unsafe name
+    bad.loc[4, "mpp"] = "fast"  # not a number
+    bad.to_csv(tmp_path / "bad.tsv", sep="\t", index=False)
+    work = tmp_path / "work"
+    proc = snakemake("--config", f"samples={tmp_path / 'bad.tsv'}", "--directory", str(work))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "4 problems" in out, out[-3000:]
+    for expected in ("row 3, column 'slide_id'", "already used on row 2", "missing.svs", "bad id/with slash",
+                     "mpp 'fast'", "No job was started"):
+        assert expected in out, expected
+    assert not (work / "results").exists() and not (work / "logs").exists()
+
+
+def test_missing_sheet_is_reported(tmp_path):
+    proc = snakemake("--config", f"samples={tmp_path / 'nope.tsv'}", "--directory", str(tmp_path / "work"), "-n")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "nope.tsv" in out and "does not exist" in out
+
+
+def test_strict_mode_fails_on_a_bad_slide(cohort, sheet, tmp_path):
+    good = sheet[(sheet.slide_id != "") & (sheet.mpp == "")].iloc[0]
+    broken = sheet[sheet.slide_id.str.endswith("DX6")].iloc[0]  # the generator's truncated slide
+    rows = [{"patient_id": r.patient_id, "slide_id": r.slide_id, "slide_path": str(cohort / r.slide_path)}
+            for r in (good, broken)]
+    samples = write_sheet(tmp_path / "samples.tsv", rows)
+    work = tmp_path / "work"
+    proc = snakemake("--config", f"samples={samples}", "strict=true", "--directory", str(work), "--keep-going",
+                     "--show-failed-logs")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "strict mode" in out and broken.slide_id in out
+    assert not (work / "results" / "qc" / "slide_status.tsv").exists()
+    assert (work / "results" / "tiles" / f"{good.slide_id}.zarr").is_dir()  # independent slides still ran
+    assert not (work / "results" / "tiles" / f"{broken.slide_id}.zarr").exists()
+
+
+def test_fixed_slide_is_retiled_on_rerun(cohort, sheet, tmp_path):
+    good = sheet[(sheet.slide_id != "") & (sheet.mpp == "")].iloc[0]
+    slide = tmp_path / "fixme.tiff"
+    slide.write_bytes((cohort / good.slide_path).read_bytes()[:3000])  # a transfer cut short
+    samples = write_sheet(tmp_path / "samples.tsv", [{"patient_id": "P1", "slide_id": "fixme",
+                                                      "slide_path": str(slide)}])
+    args = ("--config", f"samples={samples}", "--directory", str(tmp_path / "work"))
     assert snakemake(*args).returncode == 0
-    status = pd.read_csv(tmp_path / "work" / "results" / "qc" / "slide_status.tsv", sep="\t")
-    assert status.status.tolist() == ["unreadable"]
+    assert read_status(tmp_path / "work").status.tolist() == ["unreadable"]
     shutil.copy(cohort / good.slide_path, slide)  # the user replaces the broken file
     proc = snakemake(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    status = pd.read_csv(tmp_path / "work" / "results" / "qc" / "slide_status.tsv", sep="\t")
-    assert status.status.tolist() == ["ok"] and status.n_tiles[0] > 0
+    status = read_status(tmp_path / "work")
+    assert status.status.tolist() == ["ok"] and int(status.n_tiles[0]) > 0
 
 
-def test_strict_mode_fails_on_a_bad_slide(cohort, tmp_path):
-    proc = snakemake("--config", f"samples={cohort / 'samples.tsv'}", "strict=true", "--directory", str(tmp_path))
-    assert proc.returncode != 0
-    assert "strict" in proc.stdout + proc.stderr
-
-
-def test_sheet_problems_fail_before_any_job(cohort, tmp_path):
-    sheet = pd.read_csv(cohort / "samples.tsv", sep="\t", keep_default_na=False)
-    sheet["slide_path"] = [str(cohort / p) if p else "" for p in sheet.slide_path]
-    sheet["expression_path"] = [str(cohort / p) if p else "" for p in sheet.expression_path]
-    sheet["annotation_path"] = [str(cohort / p) if p else "" for p in sheet.annotation_path]
-    sheet.loc[1, "slide_id"] = sheet.loc[0, "slide_id"]  # duplicate
-    sheet.loc[2, "slide_path"] = str(tmp_path / "missing.svs")  # missing file
-    sheet.loc[3, "slide_id"] = "bad id/with slash"  # unsafe name
-    sheet.to_csv(tmp_path / "bad.tsv", sep="\t", index=False)
-    proc = snakemake("--config", f"samples={tmp_path / 'bad.tsv'}", "--directory", str(tmp_path / "work"))
+def test_config_overrides_reach_the_command_line(cohort, tmp_path):
+    proc = snakemake("--config", f"samples={cohort / 'samples.tsv'}", "tiling={patch_size: 256, mask: {dark_max: 40}}",
+                     "--directory", str(tmp_path), "-n", "-p")
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert "3 problems" in out and "already used" in out and "missing.svs" in out and "bad id/with slash" in out
-    assert not (tmp_path / "work" / "results").exists()
+    assert proc.returncode == 0, out[-2000:]
+    assert "--patch-size 256" in out and "--mask-dark-max 40" in out
+    assert "--target-mpp 0.5" in out and "--no-allow-upsampling" in out  # defaults of keys not overridden
+    assert "--strict" not in out
 
 
 def test_config_typo_is_rejected(cohort, tmp_path):
@@ -113,14 +169,30 @@ def test_config_typo_is_rejected(cohort, tmp_path):
 
 
 def test_demo_dry_run_from_a_fresh_directory(tmp_path):
+    """The default config: the demo cohort does not exist yet, so the DAG starts with the checkpoint."""
     proc = snakemake("--directory", str(tmp_path), "-n")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-2000:]
     assert "synth_cohort" in out
+    assert not (tmp_path / "results").exists()
 
 
-def test_adding_mpp_to_the_sheet_retiles_the_slide(cohort, tmp_path):
-    sheet = pd.read_csv(cohort / "samples.tsv", sep="\t", keep_default_na=False)
+def test_demo_checkpoint_generates_the_cohort_then_tiles_it(tmp_path):
+    """A real run of the demo path (small cohort): checkpoint synth_cohort first, then one tile job per slide."""
+    small = "synth={n_patients: 4, slide_width_um: 1200, slide_height_um: 1000, n_genes: 50, faults: false}"
+    proc = snakemake("--config", small, "--directory", str(tmp_path))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Updating checkpoint dependencies" in out
+    sheet = pd.read_csv(tmp_path / "results" / "demo_cohort" / "samples.tsv", sep="\t", keep_default_na=False)
+    status = read_status(tmp_path)
+    assert sorted(status.slide_id) == sorted(s for s in sheet.slide_id if s)
+    assert status.status.eq("ok").all()
+    proc = snakemake("--config", small, "--directory", str(tmp_path), "-n")
+    assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_adding_mpp_to_the_sheet_retiles_the_slide(cohort, sheet, tmp_path):
     no_mpp = sheet[sheet.slide_id.str.endswith("DX8")].iloc[0]  # the generator's slide without MPP metadata
     row = {"patient_id": "P1", "slide_id": "nompp", "slide_path": str(cohort / no_mpp.slide_path), "mpp": ""}
     args = ("--config", f"samples={tmp_path / 'samples.tsv'}", "--directory", str(tmp_path / "work"))

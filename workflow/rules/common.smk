@@ -1,8 +1,12 @@
-# Config and sample-sheet validation, and the input functions every stage uses.
+# Config and sample-sheet validation, the input functions every stage uses, and the CLI flags built
+# from the config.
+import math
 import os
 import shlex
 import sys
 from pathlib import Path
+
+import yaml
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
@@ -11,66 +15,124 @@ from wsiomics.samples import SampleSheetError, load_sample_sheet, slide_mpp_over
 from wsiomics.samples import slides as slide_rows
 
 
+# Absolute, so validation also works from input functions evaluated after the demo checkpoint.
 SCHEMAS = Path(workflow.basedir, "workflow", "schemas")
+
+
+##### config #####
+
+
+def _coerce(value, schema):
+    """--config hands over `strict=true` and nested values (`tiling={patch_size: 256}`) as text: turn
+    such strings into the boolean or number the schema asks for, so validation sees what the user meant.
+    Anything else is left alone for validate() to report."""
+    kind = schema.get("type")
+    if isinstance(value, dict) and kind == "object":
+        props = schema.get("properties", {})
+        return {k: _coerce(v, props[k]) if k in props else v for k, v in value.items()}
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if kind == "boolean" and text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        if kind == "integer":
+            return int(text)
+        if kind == "number" and math.isfinite(float(text)):
+            return float(text)
+    except ValueError:
+        pass
+    return value
+
+
+with open(SCHEMAS / "config.schema.yaml") as f:
+    config.update(_coerce(dict(config), yaml.safe_load(f)))
 validate(config, schema=str(SCHEMAS / "config.schema.yaml"))
 
-# Rules run `python -m wsiomics.<stage>` from this checkout's sources. Without --use-conda, `python` is
-# the interpreter running Snakemake (the venv), even when the venv is not activated.
+# Rules run `python -m wsiomics.<stage>` from this checkout's sources, whatever the working directory.
+# Without --use-conda, `python` is the interpreter running Snakemake (the venv's, even when the venv is
+# not activated); with it, the rule's conda env (envs/*.yaml) supplies python and the libraries.
 WSIOMICS_SRC = shlex.quote(str(Path(workflow.basedir, "src").resolve()))
 _CONDA = "conda" in {str(m).lower() for m in workflow.deployment_settings.deployment_method}
 _PATH = "" if _CONDA else f"export PATH={shlex.quote(str(Path(sys.executable).parent))}:$PATH; "
 shell.prefix(f"set -euo pipefail; {_PATH}export PYTHONPATH={WSIOMICS_SRC}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
-DEMO_SHEET = "results/demo_cohort/samples.tsv"
 
-
+# slide_id names files; the sample sheet enforces the same pattern (plus a 128-character limit).
 wildcard_constraints:
     slide_id=r"[A-Za-z0-9][A-Za-z0-9._-]*",
 
 
+##### sample sheet #####
+
+DEMO_DIR = "results/demo_cohort"
+DEMO_SHEET = f"{DEMO_DIR}/samples.tsv"
+
+
 def _load_sheet(path):
-    """Every sheet problem at once (wsiomics.samples), then the row schema."""
+    """Every problem of the sheet at once (wsiomics.samples), then the row schema."""
     try:
         sheet = load_sample_sheet(path)
     except SampleSheetError as e:
-        raise WorkflowError(str(e))
-    # An absolute path: this also runs after the demo checkpoint, outside Snakefile parsing.
+        raise WorkflowError(f"{e}\nNo job was started: fix the sample sheet and run again.") from None
     validate(sheet.drop(columns="row"), schema=str(SCHEMAS / "samples.schema.yaml"))
     return sheet
 
 
 def uses_demo_cohort():
-    return os.path.normpath(config["samples"]) == DEMO_SHEET
+    """The configured sheet is the built-in demo sheet (relative to the working directory)."""
+    return os.path.abspath(config["samples"]) == os.path.abspath(DEMO_SHEET)
 
 
-# A user's sheet is checked now, before any job; the demo sheet may first have to be generated.
-SHEET = None
+# A user's sheet is checked now, while parsing, so its problems stop the run before any job. The demo
+# sheet is checked as soon as it exists; while it does not, the checkpoint synth_cohort writes it first.
+_SHEET = None
 if not (uses_demo_cohort() and not os.path.exists(DEMO_SHEET)):
-    SHEET = _load_sheet(config["samples"])
+    _SHEET = _load_sheet(config["samples"])
 
 
 def sample_sheet():
-    if SHEET is not None:
-        return SHEET
-    checkpoints.synth_cohort.get()
-    return _load_sheet(DEMO_SHEET)
+    """The validated sheet; for a demo cohort still to be generated, only after checkpoint synth_cohort."""
+    global _SHEET
+    if _SHEET is None:
+        checkpoints.synth_cohort.get()  # raises until the cohort exists; Snakemake then re-evaluates
+        _SHEET = _load_sheet(DEMO_SHEET)
+    return _SHEET
+
+
+_SLIDES = None
 
 
 def slide_table():
-    return slide_rows(sample_sheet())
+    """Slide rows indexed by slide_id (computed once: input functions run once per job)."""
+    global _SLIDES
+    if _SLIDES is None:
+        _SLIDES = slide_rows(sample_sheet())
+    return _SLIDES
+
+
+def _slide(wildcards):
+    table = slide_table()
+    if wildcards.slide_id not in table.index:
+        raise WorkflowError(f"slide_id '{wildcards.slide_id}' is not in the sample sheet {config['samples']}")
+    return table.loc[wildcards.slide_id]
+
+
+##### input functions and params #####
 
 
 def slide_path(wildcards):
-    return slide_table().loc[wildcards.slide_id, "slide_path"]
-
-
-def mpp_option(wildcards):
-    mpp = slide_mpp_override(slide_table().loc[wildcards.slide_id])
-    return "" if mpp is None else f"--mpp {mpp!r}"
+    return _slide(wildcards)["slide_path"]
 
 
 def patient_of(wildcards):
-    return slide_table().loc[wildcards.slide_id, "patient_id"]
+    return _slide(wildcards)["patient_id"]
+
+
+def mpp_option(wildcards):
+    """`--mpp X` when the sheet overrides the slide's resolution, else nothing (use the metadata)."""
+    mpp = slide_mpp_override(_slide(wildcards))
+    return "" if mpp is None else f"--mpp {mpp!r}"
 
 
 def tile_stores(wildcards):
@@ -82,33 +144,72 @@ def all_targets(wildcards):
     return ["results/qc/slide_status.tsv", *expand("results/qc/tiles/{slide_id}.png", slide_id=ids)]
 
 
-def _flag(name, value):
-    """One CLI option from a schema-validated config value (numbers and booleans only, never eval'd)."""
-    dashed = name.replace("_", "-")
-    if isinstance(value, bool):
-        return f"--{dashed}" if value else f"--no-{dashed}"
-    if not isinstance(value, (int, float)):
-        raise WorkflowError(f"config value {name}={value!r} must be a number")
-    return f"--{dashed} {value!r}"
+##### config -> command-line flags #####
+
+# config key -> (flag, type) for `python -m wsiomics.tiling tile`. A fixed whitelist: values are
+# formatted from schema-validated numbers and booleans, never evaluated or passed through as text.
+TILING_FLAGS = {
+    "target_mpp": ("--target-mpp", float),
+    "patch_size": ("--patch-size", int),
+    "min_tissue_fraction": ("--min-tissue-fraction", float),
+    "max_artifact_fraction": ("--max-artifact-fraction", float),
+    "mask_mpp": ("--mask-mpp", float),
+    "allow_upsampling": ("--allow-upsampling", bool),
+}
+TILING_MASK_FLAGS = {
+    "saturation_min": ("--mask-saturation-min", int),
+    "saturation_max": ("--mask-saturation-max", int),
+    "brightness_max": ("--mask-brightness-max", int),
+    "blur_um": ("--mask-blur-um", float),
+    "close_um": ("--mask-close-um", float),
+    "min_tissue_area_um2": ("--mask-min-tissue-area-um2", float),
+    "max_hole_area_um2": ("--mask-max-hole-area-um2", float),
+    "pen_hue_min_deg": ("--mask-pen-hue-min-deg", float),
+    "pen_hue_max_deg": ("--mask-pen-hue-max-deg", float),
+    "pen_saturation_min": ("--mask-pen-saturation-min", int),
+    "dark_max": ("--mask-dark-max", int),
+    "artifact_margin_um": ("--mask-artifact-margin-um", float),
+}
+
+
+def _flags(section, values, whitelist):
+    out = []
+    for key, value in values.items():
+        if key not in whitelist:
+            raise WorkflowError(f"config {section}.{key}: unknown key (allowed: {', '.join(whitelist)})")
+        flag, kind = whitelist[key]
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise WorkflowError(f"config {section}.{key}: {value!r} is not true/false")
+            out.append(flag if value else flag.replace("--", "--no-", 1))
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise WorkflowError(f"config {section}.{key}: {value!r} is not a number")
+            out.append(f"{flag} {kind(value)!r}")
+    return out
 
 
 def tiling_options():
-    tiling = config["tiling"]
-    options = [_flag(k, v) for k, v in tiling.items() if k != "mask"]
-    options += [_flag(f"mask_{k}", v) for k, v in tiling.get("mask", {}).items()]
-    return " ".join(options)
+    """The `tiling:` config section as flags for `python -m wsiomics.tiling tile`."""
+    tiling = dict(config["tiling"])
+    mask = tiling.pop("mask", {})
+    flags = _flags("tiling", tiling, TILING_FLAGS) + _flags("tiling.mask", mask, TILING_MASK_FLAGS)
+    return " ".join(flags)
 
 
 def synth_options():
+    """The `synth:` config section as flags for `python -m wsiomics.synth` (workers go as threads)."""
     synth = config["synth"]
-    options = [
+    flags = [
         f"--n-patients {int(synth['n_patients'])}",
         f"--seed {int(synth['seed'])}",
-        f"--signal {synth['signal']}",
+        f"--signal {shlex.quote(synth['signal'])}",
         f"--slide-width-um {float(synth['slide_width_um'])!r}",
         f"--slide-height-um {float(synth['slide_height_um'])!r}",
         f"--n-genes {int(synth['n_genes'])}",
+        f"--fraction-40x {float(synth['fraction_40x'])!r}",
+        f"--fraction-pen {float(synth['fraction_pen'])!r}",
     ]
     if not synth["faults"]:
-        options.append("--no-faults")
-    return " ".join(options)
+        flags.append("--no-faults")
+    return " ".join(flags)

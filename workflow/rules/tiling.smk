@@ -1,4 +1,5 @@
-# Tissue detection and tiling: one store + QC picture per slide, then the cohort's status table.
+# Tissue detection and tiling: one tiles store + QC picture per slide, then the cohort's status table.
+# An unusable slide still gets a store (status + reason, no tiles) unless config strict is true.
 
 
 rule tile:
@@ -13,10 +14,10 @@ rule tile:
             labels={"slide": "{slide_id}"},
         ),
     params:
-        options=tiling_options(),
-        mpp=mpp_option,
         patient=patient_of,
+        mpp=mpp_option,
         strict="--strict" if config["strict"] else "",
+        options=tiling_options(),
     log:
         "logs/tile/{slide_id}.log",
     benchmark:
@@ -29,16 +30,20 @@ rule tile:
         "../../envs/slides.yaml"
     shell:
         "python -m wsiomics.tiling tile --slide {input.slide:q} --slide-id {wildcards.slide_id}"
-        " --patient-id {params.patient:q} --out {output.tiles} --qc-png {output.qc}"
-        " {params.mpp} {params.strict} {params.options} > {log} 2>&1"
+        " --patient-id {params.patient:q} --out {output.tiles:q} --qc-png {output.qc:q}"
+        " {params.mpp} {params.strict} {params.options} > {log:q} 2>&1"
 
 
 rule slide_status:
     input:
         stores=tile_stores,
     output:
-        report("results/qc/slide_status.tsv", caption="../report/slide_status.rst", category="Tiling QC",
-               labels={"table": "slide status"}),
+        report(
+            "results/qc/slide_status.tsv",
+            caption="../report/slide_status.rst",
+            category="Tiling QC",
+            labels={"table": "slide status"},
+        ),
     log:
         "logs/slide_status.log",
     threads: 1
@@ -49,4 +54,4 @@ rule slide_status:
     conda:
         "../../envs/slides.yaml"
     shell:
-        "python -m wsiomics.tiling status --out {output} {input.stores} > {log} 2>&1"
+        "python -m wsiomics.tiling status --out {output:q} {input.stores:q} > {log:q} 2>&1"
