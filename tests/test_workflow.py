@@ -205,3 +205,24 @@ def test_adding_mpp_to_the_sheet_retiles_the_slide(cohort, sheet, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     status = pd.read_csv(tmp_path / "work" / "results" / "qc" / "slide_status.tsv", sep="\t")
     assert status.status.tolist() == ["ok"] and status.mpp_source[0] == "sample_sheet"
+
+
+def test_config_and_schema_defaults_match_the_code():
+    """config.yaml's tiling section, the schema's defaults and TilingParams must not drift apart."""
+    from dataclasses import asdict
+
+    import yaml
+
+    from wsiomics.tiling import TilingParams
+
+    code = asdict(TilingParams())
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert config["tiling"] == code
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    tiling = schema["properties"]["tiling"]["properties"]
+    for key, value in code.items():
+        if key == "mask":
+            for mkey, mvalue in value.items():
+                assert tiling["mask"]["properties"][mkey]["default"] == mvalue, mkey
+        else:
+            assert tiling[key]["default"] == value, key

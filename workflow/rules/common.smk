@@ -2,6 +2,7 @@
 # from the config.
 import math
 import os
+from dataclasses import fields as dataclass_fields
 import shlex
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from snakemake.utils import validate
 
 from wsiomics.samples import SampleSheetError, load_sample_sheet, slide_mpp_override
 from wsiomics.samples import slides as slide_rows
+from wsiomics.tiling import MaskParams, TilingParams
 
 
 # Absolute, so validation also works from input functions evaluated after the demo checkpoint.
@@ -146,30 +148,22 @@ def all_targets(wildcards):
 
 ##### config -> command-line flags #####
 
-# config key -> (flag, type) for `python -m wsiomics.tiling tile`. A fixed whitelist: values are
-# formatted from schema-validated numbers and booleans, never evaluated or passed through as text.
-TILING_FLAGS = {
-    "target_mpp": ("--target-mpp", float),
-    "patch_size": ("--patch-size", int),
-    "min_tissue_fraction": ("--min-tissue-fraction", float),
-    "max_artifact_fraction": ("--max-artifact-fraction", float),
-    "mask_mpp": ("--mask-mpp", float),
-    "allow_upsampling": ("--allow-upsampling", bool),
-}
-TILING_MASK_FLAGS = {
-    "saturation_min": ("--mask-saturation-min", int),
-    "saturation_max": ("--mask-saturation-max", int),
-    "brightness_max": ("--mask-brightness-max", int),
-    "blur_um": ("--mask-blur-um", float),
-    "close_um": ("--mask-close-um", float),
-    "min_tissue_area_um2": ("--mask-min-tissue-area-um2", float),
-    "max_hole_area_um2": ("--mask-max-hole-area-um2", float),
-    "pen_hue_min_deg": ("--mask-pen-hue-min-deg", float),
-    "pen_hue_max_deg": ("--mask-pen-hue-max-deg", float),
-    "pen_saturation_min": ("--mask-pen-saturation-min", int),
-    "dark_max": ("--mask-dark-max", int),
-    "artifact_margin_um": ("--mask-artifact-margin-um", float),
-}
+# config key -> (flag, type) for `python -m wsiomics.tiling tile`, derived from the same dataclasses the
+# command line is built from. A fixed whitelist: values are formatted from schema-validated numbers and
+# booleans, never evaluated or passed through as text.
+_TYPES = {"int": int, "float": float, "bool": bool}
+
+
+def _whitelist(cls, prefix=""):
+    return {
+        f.name: (f"--{prefix}{f.name.replace('_', '-')}", _TYPES[str(f.type)])
+        for f in dataclass_fields(cls)
+        if str(f.type) in _TYPES
+    }
+
+
+TILING_FLAGS = _whitelist(TilingParams)
+TILING_MASK_FLAGS = _whitelist(MaskParams, prefix="mask-")
 
 
 def _flags(section, values, whitelist):
