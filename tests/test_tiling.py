@@ -282,3 +282,23 @@ def test_mask_params_are_physical():
         mask = detect_tissue(img, um_per_px, params).tissue
         assert mask[60, 60] and not mask[150, 150], um_per_px
     os.environ.pop("UNUSED", None)
+
+
+def test_damaged_level0_data_is_caught_by_read_back(slide_factory, slide_dir, tmp_path):
+    """Pyramid and metadata intact, level-0 tile data zeroed: the mask still works, the read-back does not."""
+    import tifffile
+
+    slide = slide_factory(slide_dir, "damaged", seed=31, fmt="tiff")
+    with tifffile.TiffFile(slide) as tif:
+        page = tif.pages[0]
+        offsets, counts = page.dataoffsets, page.databytecounts
+    data = bytearray(slide.read_bytes())
+    for off, n in zip(offsets, counts, strict=True):
+        data[off:off + n] = b"\0" * n
+    bad = tmp_path / "damaged.tiff"
+    bad.write_bytes(bytes(data))
+    result, _ = tile(bad, tmp_path, params=TilingParams(verify_reads=0))
+    assert result.status == "ok"  # without the check the damage goes unnoticed
+    result, store = tile(bad, tmp_path)
+    assert result.status == "unreadable" and "cannot be read from level 0" in result.reason
+    assert store["coords"].shape == (0, 2)

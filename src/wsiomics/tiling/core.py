@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from wsiomics.io import atomic_zarr, json_safe, write_array
-from wsiomics.slide import SlideError, best_level, open_slide, read_downsampled, resolve_mpp
+from wsiomics.slide import SlideError, best_level, open_slide, read_downsampled, read_rgb, resolve_mpp
 from wsiomics.tiling.grid import cell_fractions, make_grid
 from wsiomics.tiling.mask import MaskParams, detect_tissue
 from wsiomics.tiling.qc import write_qc_png
@@ -38,6 +38,7 @@ class TilingParams:
     max_artifact_fraction: float = 0.05  # pen ink / dark marks allowed inside a kept tile
     mask_mpp: float = 4.0  # resolution the tissue mask is computed at
     allow_upsampling: bool = False  # tile a scan coarser than target_mpp by enlarging it
+    verify_reads: int = 16  # patches read back (spread over the slide) to catch damaged tile data; 0: none
     mask: MaskParams = field(default_factory=MaskParams)
 
 
@@ -92,7 +93,23 @@ def _tile(slide, slide_id: str, mpp_override: float | None, params: TilingParams
         "tissue_area_mm2": float(mask.tissue.sum() * ds_x * ds_y * mpp.x * mpp.y / 1e6),
         "upsampled": bool(target_ds < 1 / 1.1),
     }
+    _verify_reads(slide, coords, level, geometry["read_size"], params.verify_reads, where)
     return coords, tissue_frac[keep], artifact_frac[keep], mask, thumb, geometry
+
+
+def _verify_reads(slide, coords: np.ndarray, level: int, size: int, n: int, where: str) -> None:
+    """Read ``n`` patches spread over the slide: damaged level-0 data (the pyramid above it may be intact)
+    is found here rather than halfway through feature extraction."""
+    if n <= 0 or len(coords) == 0:
+        return
+    for i in np.unique(np.linspace(0, len(coords) - 1, min(n, len(coords))).round().astype(int)):
+        x, y = (int(v) for v in coords[i])
+        try:
+            read_rgb(slide, (x, y), level, (size, size))
+        except Exception as e:  # OpenSlide raises its own error; a broken codec may raise others
+            raise SlideError("unreadable", f"{where}: the patch at level-0 ({x}, {y}) cannot be read from level "
+                             f"{level} ({type(e).__name__}: {e}); the slide's tile data is damaged. Fix: "
+                             "re-download or re-export the slide") from e
 
 
 def tile_slide(slide_path: str | os.PathLike, slide_id: str, out: str | os.PathLike, qc_png: str | os.PathLike,
