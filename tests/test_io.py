@@ -51,3 +51,21 @@ def test_empty_arrays_are_written(tmp_path):
     with atomic_zarr(tmp_path / "e.zarr") as root:
         write_array(root, "coords", np.zeros((0, 2), np.int64), chunk_rows=100)
     assert open_store(tmp_path / "e.zarr")["coords"].shape == (0, 2)
+
+
+def test_leftovers_of_killed_writers_are_swept(tmp_path):
+    import subprocess
+    import sys
+
+    from wsiomics.io import _host
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{TMP_PREFIX}s.zarr.{_host()}.{int(dead.stdout)}.abcdef12"
+    elsewhere = tmp_path / f"{TMP_PREFIX}s.zarr.otherhost.{int(dead.stdout)}.abcdef12"
+    other_target = tmp_path / f"{TMP_PREFIX}t.zarr.{_host()}.{int(dead.stdout)}.abcdef12"
+    for p in (stale, elsewhere, other_target):
+        p.mkdir()
+    with atomic_zarr(tmp_path / "s.zarr") as root:
+        write_array(root, "v", np.array([1]))
+    assert not stale.exists()
+    assert elsewhere.exists() and other_target.exists()  # another host's writer, another target: untouched

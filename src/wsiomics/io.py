@@ -38,8 +38,44 @@ def provenance() -> dict[str, Any]:
     }
 
 
+def _host() -> str:
+    return "".join(c if c.isalnum() or c == "-" else "_" for c in platform.node()) or "host"
+
+
 def _temp_sibling(path: Path) -> Path:
-    return path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    """Hidden sibling named after the target, host and pid, so leftovers can be traced and swept."""
+    return path.with_name(f"{TMP_PREFIX}{path.name}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_temps(path: Path) -> list[Path]:
+    """Remove temporary siblings of ``path`` left by killed writers on this host (their pid is gone).
+
+    Writers on other hosts (shared cluster filesystems) are never touched: their pid means nothing here.
+    """
+    removed = []
+    prefix = f"{TMP_PREFIX}{path.name}."
+    if not path.parent.is_dir():
+        return removed
+    for candidate in path.parent.iterdir():
+        if not candidate.name.startswith(prefix):
+            continue
+        parts = candidate.name[len(prefix):].split(".")
+        if len(parts) != 3 or parts[0] != _host() or not parts[1].isdigit():
+            continue
+        if not _pid_alive(int(parts[1])):
+            _remove(candidate)
+            removed.append(candidate)
+    return removed
 
 
 def _remove(path: Path) -> None:
@@ -68,6 +104,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_temps(final)
     tmp = _temp_sibling(final)
     try:
         yield tmp
