@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 from dataclasses import fields
 from pathlib import Path
 
@@ -39,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     names = {f.name for f in fields(CohortConfig)}
     cfg = CohortConfig(**{k: v for k, v in vars(args).items() if k in names})
     log.info("writing synthetic cohort to %s: %s", args.out, cfg)
-    # The whole folder appears at once: a killed run leaves no half-written cohort behind.
-    if args.out.exists():
-        shutil.rmtree(args.out)
+    # The whole folder appears at once (replacing an older one): a killed run leaves no half-written cohort.
     with atomic_path(args.out) as tmp:
         write_cohort(tmp, cfg, workers=args.workers)
     log.info("done: %s", args.out / "samples.tsv")
