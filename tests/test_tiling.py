@@ -302,3 +302,14 @@ def test_damaged_level0_data_is_caught_by_read_back(slide_factory, slide_dir, tm
     result, store = tile(bad, tmp_path)
     assert result.status == "unreadable" and "cannot be read from level 0" in result.reason
     assert store["coords"].shape == (0, 2)
+
+
+def test_internal_bug_is_reported_as_error_not_blamed_on_the_slide(slides, tmp_path, monkeypatch):
+    import wsiomics.tiling.core as core
+
+    def broken(*args, **kwargs):
+        raise ValueError("boom")
+
+    monkeypatch.setattr(core, "detect_tissue", broken)
+    result, store = tile(slides["pen20"], tmp_path)
+    assert result.status == "error" and "unexpected ValueError: boom" in store.attrs["reason"]

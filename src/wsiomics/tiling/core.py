@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openslide
 
 from wsiomics.io import atomic_zarr, json_safe, write_array
 from wsiomics.slide import SlideError, best_level, open_slide, read_downsampled, read_rgb, resolve_mpp
@@ -139,10 +140,15 @@ def tile_slide(slide_path: str | os.PathLike, slide_id: str, out: str | os.PathL
                                          "(blank slide, or tissue too faint for the saturation threshold)")
     except SlideError as e:
         status, reason = e.status, str(e)
-    except Exception as e:  # an unexpected failure in one slide must not stop the cohort
-        if isinstance(e, KeyboardInterrupt | MemoryError):
-            raise
-        status, reason = "unreadable", f"{where}: {type(e).__name__}: {e}"
+    except (openslide.OpenSlideError, OSError) as e:  # decoding failed somewhere in the file
+        status, reason = "unreadable", (f"{where}: {type(e).__name__}: {e}. Fix: re-download or re-export "
+                                        "the slide")
+    except MemoryError:
+        raise
+    except Exception as e:  # anything else is likely our bug: record it loudly, keep the cohort going
+        log.exception("unexpected failure while tiling %s", where)
+        status, reason = "error", (f"{where}: unexpected {type(e).__name__}: {e} (please report this with "
+                                   "the rule's log)")
     attrs.update({"status": status, "reason": reason, "n_tiles": int(len(coords)),
                   "seconds": round(time.perf_counter() - start, 3)})
     if status != OK and strict:

@@ -49,7 +49,7 @@ def _disk(radius_px: float) -> np.ndarray:
 
 
 def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_px
     keep[0] = False
     return keep[labels]
@@ -57,12 +57,12 @@ def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:
 
 def _fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
     inverse = ~mask
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(inverse.astype(np.uint8), connectivity=4)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(inverse.astype(np.uint8), connectivity=4)
     h, w = mask.shape
     x, y, bw, bh = (stats[:, k] for k in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH, cv2.CC_STAT_HEIGHT))
     touches_border = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
     fill = (stats[:, cv2.CC_STAT_AREA] < max_px) & ~touches_border
-    fill[0] = fill[0] and not inverse[labels == 0].any()
+    fill[0] = False  # label 0 is the tissue itself
     return mask | (fill[labels] & inverse)
 
 
@@ -70,7 +70,7 @@ def detect_tissue(rgb: np.ndarray, um_per_px: float, params: MaskParams = MaskPa
     """Tissue and artefact masks for ``rgb`` (h, w, 3 uint8) seen at ``um_per_px``."""
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)  # H in [0, 180), S and V in [0, 255]
     hue, sat, val = hsv[..., 0].astype(np.float32) * 2.0, hsv[..., 1], hsv[..., 2]
-    blurred = cv2.medianBlur(sat, min(_odd(params.blur_um / um_per_px), 255 if sat.size else 1))
+    blurred = cv2.medianBlur(sat, _odd(params.blur_um / um_per_px))
     otsu, _ = cv2.threshold(blurred, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     threshold = float(np.clip(otsu, params.saturation_min, params.saturation_max))
     foreground = (blurred > threshold) & (val <= params.brightness_max)
