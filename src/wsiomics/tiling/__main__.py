@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import pandas as pd
 
+from wsiomics.cli import add_dataclass_options, configure_logging, dataclass_from_args
 from wsiomics.io import atomic_path, open_store
 from wsiomics.tiling.core import OK, TilingError, TilingParams, tile_slide
 from wsiomics.tiling.mask import MaskParams
@@ -23,22 +23,8 @@ STATUS_COLUMNS = ["slide_id", "patient_id", "status", "reason", "n_tiles", "mpp"
                   "slide_width", "slide_height", "tissue_area_mm2", "seconds", "store"]
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
-    for f in fields(cls):
-        if f.name == "mask":
-            continue
-        flag = "--" + (prefix + f.name).replace("_", "-")
-        if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, dest=prefix + f.name)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type), float)
-            parser.add_argument(flag, type=kind, default=f.default, dest=prefix + f.name, metavar=kind.__name__.upper())
-
-
 def _params(args: argparse.Namespace) -> TilingParams:
-    mask = MaskParams(**{f.name: getattr(args, "mask_" + f.name) for f in fields(MaskParams)})
-    top = {f.name: getattr(args, f.name) for f in fields(TilingParams) if f.name != "mask"}
-    return TilingParams(**top, mask=mask)
+    return dataclass_from_args(TilingParams, args, mask=dataclass_from_args(MaskParams, args, prefix="mask_"))
 
 
 def status_table(stores: list[Path]) -> pd.DataFrame:
@@ -61,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     tile.add_argument("--qc-png", required=True, type=Path)
     tile.add_argument("--mpp", type=float, default=None, help="override the slide's microns per pixel")
     tile.add_argument("--strict", action="store_true", help="fail on a slide that cannot be tiled")
-    _add_dataclass_options(tile, TilingParams)
-    _add_dataclass_options(tile, MaskParams, prefix="mask_")
+    add_dataclass_options(tile, TilingParams, skip=("mask",))
+    add_dataclass_options(tile, MaskParams, prefix="mask_")
     status = sub.add_parser("status", help="gather the per-slide status table")
     status.add_argument("--out", required=True, type=Path)
     status.add_argument("stores", nargs="*", type=Path)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging()
 
     if args.command == "tile":
         try:

@@ -1,0 +1,303 @@
+"""Patch features for one slide: tiles read in worker processes, encoded on the GPU (or CPU), streamed to zarr.
+
+The design goal is an encoder-bound pipeline: workers decode and resize tiles while the model runs, tiles
+travel as uint8 (pinned, non-blocking copies on CUDA) and are normalised on the device, and features are
+written chunk by chunk so memory does not grow with the slide. Output rows follow the tiles store's
+``coords`` order exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openslide
+import torch
+from tqdm import tqdm
+
+from wsiomics.encoders import Encoder, preset_attrs
+from wsiomics.features.tiles import TileBatches, TileGeometry
+from wsiomics.io import atomic_zarr, json_safe, open_store
+from wsiomics.slide import SlideError
+
+log = logging.getLogger(__name__)
+
+OK = "ok"
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STORE_DTYPES = ("float16", "float32")
+
+
+class FeatureError(RuntimeError):
+    """Extraction produced something unusable (non-finite features, a store that cannot be written)."""
+
+
+class TileReadError(FeatureError):
+    """Tiles of a slide that tiled fine could not be read (damaged data deep in the file)."""
+
+
+@dataclass(frozen=True)
+class ExtractParams:
+    """How to run an encoder over a slide; the defaults are the pipeline's."""
+
+    batch_size: int = 64
+    num_workers: int = 2
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "float16"  # how features are stored
+    chunk_rows: int = 4096
+    channels_last: bool = True
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FeatureError(f"features.device is '{spec}' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return device
+
+
+def cpu_has_fast_bf16() -> bool:
+    """bf16 matmuls in hardware (AVX512-BF16 or AMX): there bf16 autocast is ~3x faster than fp32."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision(spec: str, device: torch.device, cuda_default: str) -> str:
+    """``auto``: the encoder's preferred dtype on CUDA; bf16 on CPUs with bf16 hardware, else fp32."""
+    if spec != "auto":
+        if spec not in PRECISIONS:
+            raise ValueError(f"precision must be auto, {', '.join(PRECISIONS)}; got {spec!r}")
+        return spec
+    if device.type == "cuda":
+        return cuda_default
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
+
+
+class Encoding:
+    """The device side: normalise uint8 tiles, run the model under autocast, halve the batch on OOM."""
+
+    def __init__(self, encoder: Encoder, device: torch.device, precision: str, channels_last: bool, batch_size: int):
+        self.device = device
+        self.precision = precision
+        self.channels_last = channels_last
+        self.max_batch = batch_size
+        self.model = encoder.model.to(device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        p = encoder.preset
+        self.mean = torch.tensor(p.mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(p.std, device=device).view(1, 3, 1, 1) * 255
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (b, 3, S, S) uint8 on the device -> (b, D) float32
+        x = (x.float() - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dtype = PRECISIONS[self.precision]
+        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+            return self.model(x).float()
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        # batch: (B, 3, S, S) uint8 on the host -> (B, D) float32 on the host
+        x = batch.to(self.device, non_blocking=True)
+        out, start = [], 0
+        while start < len(x):
+            size = min(self.max_batch, len(x) - start)
+            try:
+                out.append(self._forward(x[start:start + size]))
+            except Exception as e:
+                if not _is_oom(e) or size == 1:
+                    raise
+                self.max_batch = max(1, size // 2)
+                log.warning("out of memory at batch size %d; retrying with %d", size, self.max_batch)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            start += size
+        return torch.cat(out).cpu()
+
+
+class RowWriter:
+    """Append rows to a zarr array in whole chunks, so each chunk is written exactly once."""
+
+    def __init__(self, array, chunk_rows: int):
+        self.array = array
+        self.chunk_rows = chunk_rows
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+        self.written = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        self.buffer.append(rows)
+        self.buffered += len(rows)
+        if self.buffered >= self.chunk_rows:
+            self._flush(whole_chunks_only=True)
+
+    def _flush(self, whole_chunks_only: bool) -> None:
+        data = np.concatenate(self.buffer) if self.buffer else np.empty((0,) + self.array.shape[1:])
+        n = (len(data) // self.chunk_rows) * self.chunk_rows if whole_chunks_only else len(data)
+        if n:
+            self.array[self.written:self.written + n] = data[:n]
+            self.written += n
+        self.buffer = [data[n:]] if n < len(data) else []
+        self.buffered = len(data) - n
+
+    def close(self) -> None:
+        self._flush(whole_chunks_only=False)
+        if self.written != self.array.shape[0]:
+            raise FeatureError(f"wrote {self.written} of {self.array.shape[0]} feature rows")
+
+
+@dataclass
+class ExtractResult:
+    slide_id: str
+    status: str
+    n_tiles: int
+    seconds: float
+    skipped: bool = False
+
+
+def _finite_or_raise(features: torch.Tensor, offset: int, coords: np.ndarray, slide_id: str) -> None:
+    bad = (~torch.isfinite(features).all(dim=1)).nonzero().flatten()
+    if len(bad):
+        i = offset + int(bad[0])
+        raise FeatureError(
+            f"{slide_id}: the encoder produced NaN/inf features for {len(bad)} tile(s) in rows {offset}.."
+            f"{offset + len(features) - 1}, first at tile {i} (level-0 x={coords[i][0]}, y={coords[i][1]}). "
+            "With fp16 this is usually an overflow: set features.precision to bf16 or fp32; otherwise check "
+            "the weights (features.weights) for NaNs.")
+
+
+def _identity(encoder: Encoder, precision: str, params: ExtractParams, tiles_attrs: dict[str, Any]) -> dict[str, Any]:
+    """The attrs that decide whether an existing store is still valid for this run."""
+    return {"encoder": encoder.name, "weights": encoder.weights.as_attrs(), "precision": precision,
+            "dtype": params.dtype, "tiles_created": tiles_attrs.get("provenance", {}).get("created")}
+
+
+def is_current(out: str | os.PathLike, identity: dict[str, Any]) -> bool:
+    """A finished store made from the same tiles with the same encoder, weights, precision and dtype."""
+    try:
+        attrs = dict(open_store(out).attrs)
+    except (FileNotFoundError, RuntimeError, ValueError):
+        return False
+    return all(json_safe(attrs.get(k)) == json_safe(v) for k, v in identity.items())
+
+
+def extract_slide(tiles_store: str | os.PathLike, out: str | os.PathLike, encoder: Encoder,
+                  params: ExtractParams = ExtractParams(), *, strict: bool = False, force: bool = False,
+                  progress: bool = True) -> ExtractResult:
+    """Encode every tile of ``tiles_store`` into ``out`` (written atomically; skipped when already current).
+
+    A slide whose tiling status is not ``ok`` gets a store with zero rows and that status; tiles that
+    cannot be read give status ``unreadable`` (or an error in strict mode); non-finite features are
+    always an error.
+    """
+    if params.dtype not in STORE_DTYPES:
+        raise ValueError(f"dtype must be one of {STORE_DTYPES}; got {params.dtype!r}")
+    tiles = open_store(tiles_store)
+    tattrs = dict(tiles.attrs)
+    slide_id = tattrs.get("slide_id", Path(tiles_store).stem)
+    coords = np.asarray(tiles["coords"][...], dtype=np.int64)
+    device = resolve_device(params.device)
+    precision = resolve_precision(params.precision, device, encoder.preset.cuda_precision)
+    identity = _identity(encoder, precision, params, tattrs)
+    if not force and is_current(out, identity):
+        log.info("%s: %s is current, skipped", slide_id, out)
+        return ExtractResult(slide_id, tattrs.get("status", OK), len(coords), 0.0, skipped=True)
+
+    status, reason = tattrs.get("status", OK), tattrs.get("reason", "")
+    if status != OK:
+        coords = coords[:0]
+    geometry = None if status != OK else TileGeometry(
+        level=int(tattrs["read_level"]), read_size=int(tattrs["read_size"]),
+        out_size=encoder.preset.input_size, interpolation=encoder.preset.interpolation)
+    attrs = {
+        "slide_id": slide_id, "patient_id": tattrs.get("patient_id", ""), **identity,
+        "feature_dim": encoder.feature_dim, "n_tiles": int(len(coords)), "transforms": encoder.transforms(),
+        "encoder_preset": preset_attrs(encoder.preset), "device": str(device),
+        "patch_size": encoder.preset.input_size, "tile_patch_size": tattrs.get("patch_size"),
+        "patch_size_level0": tattrs.get("patch_size_level0"), "target_mpp": tattrs.get("target_mpp"),
+        "mpp": tattrs.get("mpp"), "read_level": tattrs.get("read_level"), "read_size": tattrs.get("read_size"),
+        "tiles_store": str(Path(tiles_store).resolve()), "slide_path": tattrs.get("slide_path"),
+        "extract_params": asdict(params), "status": status, "reason": reason,
+    }
+    try:
+        timings = _write_store(out, attrs, coords, lambda feats: _encode_into(
+            feats, coords, geometry, tattrs["slide_path"], slide_id, encoder, device, precision, params, progress))
+    except TileReadError as e:
+        if strict:
+            raise
+        log.error("%s (recorded as status 'unreadable'; strict: true makes this fatal)", e)
+        status, reason, coords = "unreadable", f"{e}. Fix: re-scan or re-export the slide, then re-run", coords[:0]
+        attrs.update(status=status, reason=reason, n_tiles=0)
+        timings = _write_store(out, attrs, coords, None)
+    log.info("%s: %s, %d tiles -> %s (%s, %s on %s) in %.1f s (%.1f tiles/s)", slide_id, status, len(coords), out,
+             encoder.name, precision, device, timings["seconds"], timings["patches_per_s"])
+    return ExtractResult(slide_id, status, len(coords), timings["seconds"])
+
+
+def _write_store(out, attrs: dict[str, Any], coords: np.ndarray, encode) -> dict[str, Any]:
+    """The store, written atomically: coords first, then features via ``encode(array) -> timings``."""
+    started = time.perf_counter()
+    n, dim = len(coords), attrs["feature_dim"]
+    with atomic_zarr(out, json_safe(attrs)) as root:
+        chunk_rows = max(1, min(attrs["extract_params"]["chunk_rows"], n))
+        feats = root.create_array("features", shape=(n, dim), dtype=attrs["dtype"], chunks=(chunk_rows, dim))
+        root.create_array("coords", shape=(n, 2), dtype=np.int64, chunks=(max(1, n), 2))
+        if n:
+            root["coords"][...] = coords
+        timings = encode(feats) if n and encode else {}
+        timings["seconds"] = time.perf_counter() - started
+        timings["patches_per_s"] = n / timings["seconds"] if n else 0.0
+        root.attrs["timings"] = json_safe(timings)
+    return timings
+
+
+def _loader(dataset: TileBatches, params: ExtractParams, device: torch.device) -> torch.utils.data.DataLoader:
+    workers = min(params.num_workers, len(dataset))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None, persistent_workers=False)
+
+
+def _encode_into(feats, coords, geometry, slide_path, slide_id, encoder, device, precision, params,
+                 progress) -> dict[str, Any]:
+    encoding = Encoding(encoder, device, precision, params.channels_last, params.batch_size)
+    dataset = TileBatches(slide_path, coords, geometry, params.batch_size)
+    writer = RowWriter(feats, feats.chunks[0])
+    wait = compute = 0.0
+    done = 0
+    bar = tqdm(total=len(coords), desc=f"{slide_id} tiles", unit="tile", disable=not progress, mininterval=5)
+    try:
+        batches = iter(_loader(dataset, params, device))
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            out = encoding(batch)
+            _finite_or_raise(out, done, coords, slide_id)
+            writer.append(out.numpy().astype(params.dtype))
+            t2 = time.perf_counter()
+            wait, compute = wait + t1 - t0, compute + t2 - t1
+            done += len(out)
+            bar.update(len(out))
+    except (openslide.OpenSlideError, SlideError) as e:
+        raise TileReadError(f"{slide_id}: reading tiles from {slide_path} failed after {done} tiles: {e}") from e
+    finally:
+        bar.close()
+    writer.close()
+    return {"wait_for_tiles_s": wait, "encode_s": compute, "batch_size_used": encoding.max_batch}

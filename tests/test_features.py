@@ -1,0 +1,333 @@
+"""Feature extraction: equal to a hand computation, order, resume, OOM retry, NaN guard, weights, presets."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from wsiomics.encoders import PRESETS, TileEncoder, WeightsError, build_backbone, build_encoder
+from wsiomics.encoders.build import _truncate
+from wsiomics.features import ExtractParams, FeatureError, extract_slide, resolve_precision
+from wsiomics.features import extract as extract_mod
+from wsiomics.io import open_store
+from wsiomics.tiling import tile_slide
+
+ENCODER = "test_resnet"  # a tiny timm CNN (96-d, 160 px input): every code path, a fraction of the time
+FP32 = ExtractParams(batch_size=16, num_workers=0, precision="fp32", dtype="float32", chunk_rows=64)
+
+
+@pytest.fixture(scope="module")
+def tiled(slides, tmp_path_factory) -> dict[str, Path]:
+    """Tiles stores of a 20x slide, the same layout at 40x (read at level 0 and resized) and a blank slide."""
+    out = tmp_path_factory.mktemp("tiles")
+    stores = {}
+    for name in ("pen20", "same40", "blank"):
+        tile_slide(slides[name], name, out / f"{name}.zarr", out / f"{name}.png")
+        stores[name] = out / f"{name}.zarr"
+    return stores
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return build_encoder(ENCODER, pretrained=False, seed=0)
+
+
+def direct_features(tiles_store: Path, encoder, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The reference: tiles read by hand with OpenSlide, resized with PIL, normalised, fp32 forward."""
+    tiles = open_store(tiles_store)
+    attrs = dict(tiles.attrs)
+    coords = tiles["coords"][...][:limit]
+    slide = openslide.OpenSlide(attrs["slide_path"])
+    p = encoder.preset
+    size, level, read = p.input_size, attrs["read_level"], attrs["read_size"]
+    mean, std = torch.tensor(p.mean).view(3, 1, 1), torch.tensor(p.std).view(3, 1, 1)
+    images = []
+    for x, y in coords:
+        region = slide.read_region((int(x), int(y)), level, (read, read))
+        rgb = Image.alpha_composite(Image.new("RGBA", region.size, "white"), region).convert("RGB")
+        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR if p.interpolation == "bilinear"
+                         else Image.Resampling.BICUBIC)
+        tensor = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float() / 255
+        images.append((tensor - mean) / std)
+    with torch.no_grad():
+        feats = torch.cat([encoder.model(torch.stack(images[i:i + 32])) for i in range(0, len(images), 32)])
+    return feats.numpy(), coords
+
+
+def read(store: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    root = open_store(store)
+    return root["features"][...], root["coords"][...], dict(root.attrs)
+
+
+@pytest.mark.parametrize("name", ["pen20", "same40"])
+def test_features_equal_a_direct_computation_in_coords_order(tiled, encoder, tmp_path, name):
+    out = tmp_path / f"{name}.zarr"
+    result = extract_slide(tiled[name], out, encoder, ExtractParams(**{**FP32.__dict__, "num_workers": 2}))
+    feats, coords, attrs = read(out)
+    expected, expected_coords = direct_features(tiled[name], encoder)
+    assert result.status == "ok" and result.n_tiles == len(expected) > 50
+    np.testing.assert_array_equal(coords, expected_coords)
+    np.testing.assert_allclose(feats, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    assert feats.dtype == np.float32 and feats.shape == (len(coords), encoder.feature_dim)
+    assert attrs["encoder"] == ENCODER and attrs["precision"] == "fp32" and attrs["complete"]
+    assert attrs["weights"]["source"] == "random" and attrs["transforms"]["input_size"] == 160
+    assert attrs["patch_size_level0"] == open_store(tiled[name]).attrs["patch_size_level0"]
+    assert attrs["timings"]["patches_per_s"] > 0
+
+
+def test_default_float16_store_is_chunked_by_rows_and_close_to_fp32(tiled, encoder, tmp_path):
+    params = ExtractParams(**{**FP32.__dict__, "dtype": "float16", "chunk_rows": 40})
+    extract_slide(tiled["pen20"], tmp_path / "f16.zarr", encoder, params)
+    extract_slide(tiled["pen20"], tmp_path / "f32.zarr", encoder, FP32)
+    f16, _, _ = read(tmp_path / "f16.zarr")
+    f32, _, _ = read(tmp_path / "f32.zarr")
+    assert f16.dtype == np.float16 and open_store(tmp_path / "f16.zarr")["features"].chunks == (40, 96)
+    np.testing.assert_allclose(f16.astype(np.float32), f32, rtol=2e-3, atol=2e-3 * np.abs(f32).max())
+
+
+def test_workers_and_batch_size_do_not_change_features(tiled, encoder, tmp_path):
+    extract_slide(tiled["pen20"], tmp_path / "a.zarr", encoder, FP32)
+    extract_slide(tiled["pen20"], tmp_path / "b.zarr", encoder,
+                  ExtractParams(**{**FP32.__dict__, "num_workers": 2, "batch_size": 7, "channels_last": False}))
+    a, b = read(tmp_path / "a.zarr")[0], read(tmp_path / "b.zarr")[0]
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+
+
+def test_bf16_autocast_is_close_to_fp32(tiled, encoder, tmp_path):
+    bf16 = ExtractParams(**{**FP32.__dict__, "precision": "bf16"})
+    extract_slide(tiled["pen20"], tmp_path / "bf16.zarr", encoder, bf16)
+    extract_slide(tiled["pen20"], tmp_path / "fp32.zarr", encoder, FP32)
+    a, b = torch.from_numpy(read(tmp_path / "bf16.zarr")[0]), torch.from_numpy(read(tmp_path / "fp32.zarr")[0])
+    assert torch.nn.functional.cosine_similarity(a, b).min() > 0.99
+    assert read(tmp_path / "bf16.zarr")[2]["precision"] == "bf16"
+
+
+def test_rerun_skips_a_current_store_and_redoes_a_changed_one(tiled, encoder, tmp_path):
+    out = tmp_path / "f.zarr"
+    assert not extract_slide(tiled["pen20"], out, encoder, FP32).skipped
+    assert extract_slide(tiled["pen20"], out, encoder, FP32).skipped
+    changed = extract_slide(tiled["pen20"], out, encoder, ExtractParams(**{**FP32.__dict__, "dtype": "float16"}))
+    assert not changed.skipped and read(out)[0].dtype == np.float16
+
+
+def test_killed_extraction_leaves_no_store_and_the_rerun_equals_a_clean_run(tiled, encoder, tmp_path):
+    out = tmp_path / "killed.zarr"
+    cmd = [sys.executable, "-m", "wsiomics.features", "extract", "--tiles", str(tiled["pen20"]), "--out", str(out),
+           "--encoder", ENCODER, "--no-pretrained", "--precision", "fp32", "--dtype", "float32", "--batch-size", "2",
+           "--chunk-rows", "4", "--num-workers", "0", "--threads", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:  # wait until some feature chunks are on disk, then kill hard
+            temps = list(tmp_path.glob(".tmp-killed.zarr.*"))
+            if temps and len(list(temps[0].glob("features/c/*/*"))) >= 3:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("extraction never started writing")
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=30)
+    assert not out.exists() and list(tmp_path.glob(".tmp-killed.zarr.*"))
+    extract_slide(tiled["pen20"], out, encoder, FP32)
+    extract_slide(tiled["pen20"], tmp_path / "clean.zarr", encoder, FP32)
+    np.testing.assert_array_equal(read(out)[0], read(tmp_path / "clean.zarr")[0])
+    assert not list(tmp_path.glob(".tmp-killed.zarr.*")), "the dead writer's leftover was not swept"
+
+
+class FlakyMemory(torch.nn.Module):
+    """Raises CUDA's out-of-memory error for batches above ``limit``, like a GPU that is too small."""
+
+    def __init__(self, model, limit: int):
+        super().__init__()
+        self.model, self.limit, self.sizes = model, limit, []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        if len(x) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.model(x)
+
+
+def test_out_of_memory_halves_the_batch_and_gives_the_same_features(tiled, tmp_path):
+    flaky = build_encoder(ENCODER, pretrained=False, seed=0)
+    flaky.model = FlakyMemory(flaky.model, limit=4)
+    extract_slide(tiled["pen20"], tmp_path / "oom.zarr", flaky, FP32)
+    extract_slide(tiled["pen20"], tmp_path / "ref.zarr", build_encoder(ENCODER, pretrained=False, seed=0), FP32)
+    assert flaky.model.sizes[:3] == [16, 8, 4] and max(flaky.model.sizes[3:]) == 4
+    assert read(tmp_path / "oom.zarr")[2]["timings"]["batch_size_used"] == 4
+    np.testing.assert_allclose(read(tmp_path / "oom.zarr")[0], read(tmp_path / "ref.zarr")[0], rtol=1e-5, atol=1e-5)
+
+
+def test_nan_features_are_an_error_naming_slide_and_tile(tiled, tmp_path):
+    class NaNAt(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.seen = model, 0
+
+        def forward(self, x):
+            out = self.model(x)
+            row = 21 - self.seen
+            if 0 <= row < len(out):
+                out[row, 3] = float("nan")
+            self.seen += len(x)
+            return out
+
+    broken = build_encoder(ENCODER, pretrained=False)
+    broken.model = NaNAt(broken.model)
+    coords = open_store(tiled["pen20"])["coords"][21]
+    with pytest.raises(FeatureError, match=rf"pen20: .*NaN/inf.*tile 21 \(level-0 x={coords[0]}, y={coords[1]}\)"):
+        extract_slide(tiled["pen20"], tmp_path / "nan.zarr", broken, FP32)
+    assert not (tmp_path / "nan.zarr").exists()
+
+
+def test_slide_without_tiles_gets_an_empty_store_with_its_status(tiled, encoder, tmp_path):
+    result = extract_slide(tiled["blank"], tmp_path / "blank.zarr", encoder, FP32)
+    feats, coords, attrs = read(tmp_path / "blank.zarr")
+    assert result.status == attrs["status"] == "no_tissue" and attrs["reason"]
+    assert feats.shape == (0, 96) and coords.shape == (0, 2)
+
+
+def test_unreadable_tiles_are_recorded_or_fatal_in_strict_mode(slides, encoder, tmp_path):
+    slide = tmp_path / "damaged.svs"
+    slide.write_bytes(slides["pen20"].read_bytes())
+    tile_slide(slide, "damaged", tmp_path / "t.zarr", tmp_path / "t.png")
+    slide.write_bytes(b"")  # the file is destroyed after tiling
+    result = extract_slide(tmp_path / "t.zarr", tmp_path / "f.zarr", encoder, FP32)
+    attrs = read(tmp_path / "f.zarr")[2]
+    assert result.status == attrs["status"] == "unreadable" and "damaged" in attrs["reason"]
+    with pytest.raises(FeatureError, match="damaged: reading tiles"):
+        extract_slide(tmp_path / "t.zarr", tmp_path / "g.zarr", encoder, FP32, strict=True)
+
+
+def test_precision_auto_follows_the_device_and_cpu(monkeypatch):
+    assert resolve_precision("auto", torch.device("cuda"), "fp16") == "fp16"
+    monkeypatch.setattr(extract_mod, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_precision("auto", torch.device("cpu"), "fp16") == "bf16"
+    monkeypatch.setattr(extract_mod, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_precision("auto", torch.device("cpu"), "fp16") == "fp32"
+    assert resolve_precision("fp16", torch.device("cpu"), "bf16") == "fp16"
+
+
+# ---- weights ----
+
+
+def saved_model(path: Path, seed: int = 7, wrap=lambda sd: sd) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = timm.create_model(ENCODER, num_classes=0).eval()
+    state = wrap(model.state_dict())
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    else:
+        torch.save(state, path)
+    return model
+
+
+@pytest.mark.parametrize("filename,wrap", [
+    ("plain.pth", lambda sd: sd),
+    ("lightning.ckpt", lambda sd: {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "epoch": 3}),
+    ("weights.safetensors", lambda sd: sd),
+])
+def test_local_checkpoint_is_loaded_and_its_sha256_recorded(tmp_path, filename, wrap, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / filename
+    reference = saved_model(path, wrap=wrap)
+    enc = build_encoder(ENCODER, pretrained=True, weights=str(path))
+    x = torch.randn(2, 3, 160, 160)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.model(x), reference(x))
+    assert enc.weights.source == "checkpoint"
+    assert enc.weights.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert build_encoder(ENCODER, pretrained=True, weights=str(path)).weights.sha256 == enc.weights.sha256  # cached
+
+
+def test_checkpoint_for_another_architecture_is_refused_with_the_keys(tmp_path):
+    torch.save(timm.create_model("test_vit", num_classes=0).state_dict(), tmp_path / "vit.pth")
+    with pytest.raises(WeightsError, match=r"vit.pth does not fit the architecture: \d+ missing .*unexpected"):
+        build_encoder(ENCODER, pretrained=True, weights=str(tmp_path / "vit.pth"))
+
+
+def test_weights_errors_are_actionable(tmp_path):
+    with pytest.raises(WeightsError, match="does not exist; fix features.weights"):
+        build_encoder(ENCODER, pretrained=True, weights=str(tmp_path / "missing.pth"))
+    torch.save({"model": object()}, tmp_path / "pickled.pth")
+    with pytest.raises(WeightsError, match="weights_only=True"):
+        build_encoder(ENCODER, pretrained=True, weights=str(tmp_path / "pickled.pth"))
+    with pytest.raises(WeightsError, match="pretrained is false"):
+        build_encoder(ENCODER, pretrained=False, weights=str(tmp_path / "pickled.pth"))
+    with pytest.raises(ValueError, match="unknown encoder 'resnet5O'.*uni2_h"):
+        build_encoder("resnet5O", pretrained=False)
+
+
+def run_offline(args: list[str], hf_home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "XDG_CACHE_HOME": str(hf_home / "x")}
+    return subprocess.run([sys.executable, "-m", "wsiomics.features", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_offline_hub_weights_fail_fast_with_the_fix(tiled, tmp_path):
+    started = time.time()
+    proc = run_offline(["extract", "--tiles", str(tiled["pen20"]), "--out", str(tmp_path / "f.zarr"),
+                        "--encoder", "uni"], tmp_path / "hf")
+    assert proc.returncode == 1 and time.time() - started < 60
+    assert "'MahmoodLab/UNI' are not in the local Hugging Face cache" in proc.stderr
+    assert "huggingface-cli download MahmoodLab/UNI" in proc.stderr and "pretrained: false" in proc.stderr
+    assert not (tmp_path / "f.zarr").exists()
+
+
+def test_offline_hub_weights_load_from_a_populated_cache(tiled, tmp_path):
+    """The offline-cluster recipe: a copied Hugging Face cache, HF_HUB_OFFLINE=1, a hub name as weights."""
+    snapshot = tmp_path / "hf" / "hub" / "models--lab--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("abc123")
+    saved_model(snapshot / "model.safetensors")
+    proc = run_offline(["extract", "--tiles", str(tiled["pen20"]), "--out", str(tmp_path / "f.zarr"),
+                        "--encoder", ENCODER, "--weights", "hf-hub:lab/tiny", "--precision", "fp32"], tmp_path / "hf")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    weights = read(tmp_path / "f.zarr")[2]["weights"]
+    assert weights["source"] == "hub" and weights["name"] == "lab/tiny"
+    assert weights["sha256"] == hashlib.sha256((snapshot / "model.safetensors").read_bytes()).hexdigest()
+
+
+# ---- presets ----
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_build_the_published_architecture(name):
+    preset = PRESETS[name]
+    with torch.device("meta"):
+        backbone = build_backbone(preset)
+        if preset.truncate_after:
+            _truncate(backbone, preset.truncate_after)
+        out = TileEncoder(backbone, preset.pooling)(torch.empty(2, 3, preset.input_size, preset.input_size))
+    assert tuple(out.shape) == (2, preset.feature_dim)
+    params = sum(p.numel() for p in backbone.parameters()) / 1e6
+    expected = {"resnet50_trunc": 8.5, "vit_small": 21.7, "uni": 303.4, "uni2_h": 681.4, "gigapath": 1135.0,
+                "virchow2": 631.2, "hoptimus0": 1134.8}[name]
+    assert abs(params - expected) / expected < 0.01
+
+
+def test_resnet50_trunc_is_layer3_average_pooled():
+    enc = build_encoder("resnet50_trunc", pretrained=False, seed=3)
+    torch.manual_seed(3)
+    full = timm.create_model("resnet50", num_classes=0).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        h = full.maxpool(full.act1(full.bn1(full.conv1(x))))
+        h = full.layer3(full.layer2(full.layer1(h)))
+        torch.testing.assert_close(enc.model(x), h.mean(dim=(2, 3)))
