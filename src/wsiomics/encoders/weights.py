@@ -41,7 +41,8 @@ class WeightsInfo:
     path: str | None = None  # the file actually loaded
 
     def as_attrs(self) -> dict[str, str | None]:
-        return {"source": self.source, "name": self.name, "sha256": self.sha256, "path": self.path}
+        """What identifies the weights (the file's location may change, e.g. a moved hub cache)."""
+        return {"source": self.source, "name": self.name, "sha256": self.sha256}
 
 
 def _cache_dir() -> Path:

@@ -225,7 +225,7 @@ def extract_slide(tiles_store: str | os.PathLike, out: str | os.PathLike, encode
     attrs = {
         "slide_id": slide_id, "patient_id": tattrs.get("patient_id", ""), **identity,
         "feature_dim": encoder.feature_dim, "n_tiles": int(len(coords)), "transforms": encoder.transforms(),
-        "encoder_preset": preset_attrs(encoder.preset), "device": str(device),
+        "encoder_preset": preset_attrs(encoder.preset), "weights_path": encoder.weights.path, "device": str(device),
         "patch_size": encoder.preset.input_size, "tile_patch_size": tattrs.get("patch_size"),
         "patch_size_level0": tattrs.get("patch_size_level0"), "target_mpp": tattrs.get("target_mpp"),
         "mpp": tattrs.get("mpp"), "read_level": tattrs.get("read_level"), "read_size": tattrs.get("read_size"),
