@@ -12,6 +12,8 @@ configfile: f"{workflow.basedir}/config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/synth.smk"
 include: "workflow/rules/tiling.smk"
+include: "workflow/rules/features.smk"
+include: "workflow/rules/expression.smk"
 
 
 localrules:

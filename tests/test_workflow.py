@@ -18,12 +18,19 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 SNAKEMAKE = str(BIN / "snakemake")
 FAULTS = {"no_mpp": 1, "no_tissue": 1, "unreadable": 1}  # what the generator's faults give
+# A tiny timm CNN instead of the demo's ResNet-50, so feature extraction costs seconds, not minutes.
+FAST_FEATURES = "features={encoder: test_resnet, num_workers: 0, batch_size: 32}"
 
 pytestmark = pytest.mark.integration
 
 
 def snakemake(*args: str, cwd: Path = REPO, timeout: int = 240) -> subprocess.CompletedProcess:
-    """The repo's Snakefile on 2 cores; ``args`` usually carry --config ... and --directory ..."""
+    """The repo's Snakefile on 2 cores with FAST_FEATURES; ``args`` usually carry --config ... and --directory ..."""
+    args = list(args)
+    if "--config" in args:
+        args.insert(args.index("--config") + 1, FAST_FEATURES)
+    else:
+        args = ["--config", FAST_FEATURES, *args]
     cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--cores", "2", *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
@@ -86,6 +93,21 @@ def test_cohort_runs_in_its_own_work_directory(run, sheet):
     overridden = sheet[sheet.mpp != ""].slide_id.tolist()
     assert overridden
     assert status.set_index("slide_id").loc[overridden, "mpp_source"].eq("sample_sheet").all()
+
+
+def test_every_slide_gets_a_feature_store(run, sheet):
+    """ok slides: one feature row per tile, in the tiles store's order; the others: an empty store with the status."""
+    import zarr
+
+    status = read_status(run).set_index("slide_id")
+    for slide_id, row in status.iterrows():
+        store = zarr.open_group(str(run / "results" / "features" / "test_resnet" / f"{slide_id}.zarr"), mode="r")
+        tiles = zarr.open_group(str(run / "results" / "tiles" / f"{slide_id}.zarr"), mode="r")
+        assert store.attrs["complete"] and store.attrs["status"] == row.status
+        assert store.attrs["encoder"] == "test_resnet" and store.attrs["weights"]["source"] == "random"
+        assert store["features"].shape == (int(row.n_tiles), 96)
+        assert (store["coords"][...] == tiles["coords"][...]).all()
+        assert (run / "logs" / "extract_features" / "test_resnet" / f"{slide_id}.log").is_file()
 
 
 def test_rerun_is_a_no_op(run, cohort):

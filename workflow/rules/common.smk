@@ -2,6 +2,7 @@
 # from the config.
 import math
 import os
+import re
 from dataclasses import fields as dataclass_fields
 import shlex
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake.utils import validate
 
 from wsiomics.samples import SampleSheetError, load_sample_sheet, slide_mpp_override
@@ -143,7 +145,12 @@ def tile_stores(wildcards):
 
 def all_targets(wildcards):
     ids = slide_table().index
-    return ["results/qc/slide_status.tsv", *expand("results/qc/tiles/{slide_id}.png", slide_id=ids)]
+    return [
+        "results/qc/slide_status.tsv",
+        *expand("results/qc/tiles/{slide_id}.png", slide_id=ids),
+        *feature_stores(wildcards),
+        *expression_targets(wildcards),
+    ]
 
 
 ##### config -> command-line flags #####
@@ -207,3 +214,135 @@ def synth_options():
     if not synth["faults"]:
         flags.append("--no-faults")
     return " ".join(flags)
+
+
+
+##### features #####
+
+ENCODER = config["features"]["encoder"]
+
+# Feature stores are named by the configured encoder only: the command line takes its options from config.
+wildcard_constraints:
+    encoder=re.escape(ENCODER),
+
+
+def feature_stores(wildcards):
+    return expand("results/features/{encoder}/{slide_id}.zarr", encoder=ENCODER, slide_id=slide_table().index)
+
+
+def features_options():
+    """The `features:` config section as flags for `python -m wsiomics.features extract` (threads go apart)."""
+    f = config["features"]
+    flags = [
+        "--pretrained" if f["pretrained"] else "--no-pretrained",
+        f"--seed {int(f['seed'])}",
+        f"--batch-size {int(f['batch_size'])}",
+        f"--num-workers {int(f['num_workers'])}",
+        f"--chunk-rows {int(f['chunk_rows'])}",
+        "--channels-last" if f["channels_last"] else "--no-channels-last",
+    ]
+    # Enumerated or pattern-checked by the schema; quoted anyway since they reach a shell.
+    flags += [f"--{key} {shlex.quote(str(f[key]))}" for key in ("precision", "device", "dtype")]
+    if f["weights"]:
+        flags.append(f"--weights {shlex.quote(f['weights'])}")
+    return " ".join(flags)
+
+
+if not config["features"]["pretrained"]:
+    logger.warning(
+        f"features.pretrained is false: {ENCODER} runs with RANDOM weights. Fine for the demo and tests; "
+        "for real results set features.pretrained: true (and features.weights on an offline machine)."
+    )
+
+
+##### expression #####
+
+from wsiomics.expression import CohortParams, NormalizeParams, SplitParams
+
+# Config keys that name files: they become rule inputs (tracked, checked to exist) and are passed from there.
+EXPRESSION_PATH_KEYS = ("matrix", "gene_annotation", "gene_list", "gene_sets")
+N_FOLDS = int(config["splits"]["n_folds"])
+
+
+def expression_enabled():
+    """Expression rules join the default targets when the cohort has expression (sheet column or matrix)."""
+    return bool(config["expression"]["matrix"]) or bool((sample_sheet()["expression_path"] != "").any())
+
+
+def expression_targets(wildcards):
+    if not expression_enabled():
+        return []
+    return [
+        "results/expression/cohort.zarr",
+        "results/splits/folds.tsv",
+        *expand("results/expression/fold{fold}.zarr", fold=range(N_FOLDS)),
+    ]
+
+
+def expression_cohort_inputs(wildcards):
+    """The sheet, every expression file it names (or the matrix), and the gene annotation if configured."""
+    cfg = config["expression"]
+    inputs = {"sheet": config["samples"]}
+    if cfg["matrix"]:
+        inputs["matrix"] = cfg["matrix"]
+    else:
+        paths = sample_sheet()["expression_path"]
+        inputs["files"] = sorted(set(paths[paths != ""]))
+    if cfg["gene_annotation"]:
+        inputs["annotation"] = cfg["gene_annotation"]
+    return inputs
+
+
+def splits_inputs(wildcards):
+    inputs = {"sheet": config["samples"]}
+    if expression_enabled():  # which patients have expression is known once the cohort table exists
+        inputs["cohort"] = "results/expression/cohort.zarr"
+    return inputs
+
+
+def normalize_inputs(wildcards):
+    cfg = config["expression"]
+    inputs = {"cohort": "results/expression/cohort.zarr", "folds": "results/splits/folds.tsv"}
+    for key in ("gene_list", "gene_sets"):
+        if cfg[key]:
+            inputs[key] = cfg[key]
+    return inputs
+
+
+def _expression_flags(section, values, cls, skip=()):
+    """Whitelisted flags from a dataclass's fields: numbers formatted, booleans as --x/--no-x, text and
+    lists shell-quoted. Keys not among the fields are ignored here (the schema rejects unknown keys)."""
+    out = []
+    for f in dataclass_fields(cls):
+        if f.name in skip or f.name not in values:
+            continue
+        value, kind, flag = values[f.name], str(f.type), f"--{f.name.replace('_', '-')}"
+        if kind == "bool":
+            out.append(flag if value else flag.replace("--", "--no-", 1))
+        elif kind in ("int", "float"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise WorkflowError(f"config {section}.{f.name}: {value!r} is not a number")
+            out.append(f"{flag} {(int if kind == 'int' else float)(value)!r}")
+        elif kind.startswith("tuple"):
+            out.append(f"{flag} {shlex.quote(','.join(str(v) for v in value))}")
+        else:
+            out.append(f"{flag} {shlex.quote(str(value))}")
+    return " ".join(out)
+
+
+def expression_cohort_options():
+    return _expression_flags("expression", config["expression"], CohortParams, skip=EXPRESSION_PATH_KEYS)
+
+
+def expression_path_option(key, flag):
+    """`--flag <path>` for a configured file (already a rule input), else nothing."""
+    value = config["expression"][key]
+    return f"{flag} {shlex.quote(value)}" if value else ""
+
+
+def normalize_options():
+    return _expression_flags("expression", config["expression"], NormalizeParams, skip=EXPRESSION_PATH_KEYS)
+
+
+def splits_options():
+    return _expression_flags("splits", config["splits"], SplitParams)
