@@ -19,8 +19,10 @@ from PIL import Image
 
 from wsiomics.encoders import PRESETS, TileEncoder, WeightsError, build_backbone, build_encoder
 from wsiomics.encoders.build import _truncate
+from wsiomics.encoders.fusion import fold_batchnorm
 from wsiomics.features import ExtractParams, FeatureError, extract_slide, resolve_precision
 from wsiomics.features import extract as extract_mod
+from wsiomics.features.extract import resolve_batch_size, resolve_workers
 from wsiomics.io import open_store
 from wsiomics.tiling import tile_slide
 
@@ -100,7 +102,8 @@ def test_default_float16_store_is_chunked_by_rows_and_close_to_fp32(tiled, encod
 def test_workers_and_batch_size_do_not_change_features(tiled, encoder, tmp_path):
     extract_slide(tiled["pen20"], tmp_path / "a.zarr", encoder, FP32)
     extract_slide(tiled["pen20"], tmp_path / "b.zarr", encoder,
-                  ExtractParams(**{**FP32.__dict__, "num_workers": 2, "batch_size": 7, "channels_last": False}))
+                  ExtractParams(**{**FP32.__dict__, "num_workers": 2, "batch_size": 7, "channels_last": False,
+                                   "fold_batchnorm": False}))
     a, b = read(tmp_path / "a.zarr")[0], read(tmp_path / "b.zarr")[0]
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * np.abs(a).max())
 
@@ -210,6 +213,46 @@ def test_unreadable_tiles_are_recorded_or_fatal_in_strict_mode(slides, encoder, 
     assert result.status == attrs["status"] == "unreadable" and "damaged" in attrs["reason"]
     with pytest.raises(FeatureError, match="damaged: reading tiles"):
         extract_slide(tmp_path / "t.zarr", tmp_path / "g.zarr", encoder, FP32, strict=True)
+
+
+def test_batchnorm_folding_is_exact_and_optional():
+    torch.manual_seed(0)
+    backbone = timm.create_model("resnet18", num_classes=0).eval()
+    for m in backbone.modules():  # non-trivial running statistics, as trained weights have
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+    folded, done = fold_batchnorm(backbone)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), backbone(x), rtol=1e-4, atol=1e-4)
+    assert done and not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    vit = timm.create_model("test_vit", num_classes=0)
+    assert fold_batchnorm(vit) == (vit, False)  # nothing to fold
+
+    class Untraceable(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) if x.sum() > 0 else x  # data-dependent control flow
+
+    plain = Untraceable().eval()
+    assert fold_batchnorm(plain) == (plain, False)
+
+
+def test_auto_batch_size_and_workers_follow_the_device():
+    assert resolve_workers("auto", torch.device("cpu")) == 0
+    assert 1 <= resolve_workers("auto", torch.device("cuda")) <= 8
+    assert resolve_workers("3", torch.device("cpu")) == 3
+    with pytest.raises(ValueError, match="num_workers must be 'auto' or a whole number >= 0"):
+        resolve_workers("many", torch.device("cpu"))
+    assert resolve_batch_size("auto", torch.device("cpu")) == 16
+    assert resolve_batch_size("auto", torch.device("cuda")) == 128
+    with pytest.raises(ValueError, match="batch_size must be 'auto' or a whole number >= 1"):
+        resolve_batch_size("0", torch.device("cpu"))
 
 
 def test_precision_auto_follows_the_device_and_cpu(monkeypatch):

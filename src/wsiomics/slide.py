@@ -128,11 +128,19 @@ def best_level(slide: openslide.OpenSlide, downsample: float, tolerance: float =
     return level
 
 
-def read_rgb(slide: openslide.OpenSlide, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
-    """``read_region`` as RGB uint8, with transparent (outside-slide) pixels shown as white glass."""
+def read_rgb(slide: openslide.OpenSlide, location: tuple[int, int], level: int, size: tuple[int, int],
+             out: np.ndarray | None = None) -> np.ndarray:
+    """``read_region`` as RGB uint8, with transparent (outside-slide) pixels shown as white glass.
+
+    ``out`` (h, w, 3) receives the pixels without an intermediate copy (the feature readers' hot path).
+    """
     rgba = np.asarray(slide.read_region(location, level, size))
-    rgb = rgba[..., :3].copy()
-    rgb[rgba[..., 3] == 0] = 255
+    rgb = rgba[..., :3].copy() if out is None else out
+    if out is not None:
+        out[...] = rgba[..., :3]
+    alpha = rgba[..., 3]
+    if alpha.min() == 0:
+        rgb[alpha == 0] = 255
     return rgb
 
 

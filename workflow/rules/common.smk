@@ -236,8 +236,8 @@ def features_options():
     flags = [
         "--pretrained" if f["pretrained"] else "--no-pretrained",
         f"--seed {int(f['seed'])}",
-        f"--batch-size {int(f['batch_size'])}",
-        f"--num-workers {int(f['num_workers'])}",
+        f"--batch-size {shlex.quote(str(f['batch_size']))}",
+        f"--num-workers {shlex.quote(str(f['num_workers']))}",
         f"--chunk-rows {int(f['chunk_rows'])}",
         "--channels-last" if f["channels_last"] else "--no-channels-last",
     ]

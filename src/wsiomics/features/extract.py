@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from wsiomics.encoders import Encoder, preset_attrs
+from wsiomics.encoders.fusion import fold_batchnorm
 from wsiomics.features.tiles import TileBatches, TileGeometry
 from wsiomics.io import atomic_zarr, json_safe, open_store
 from wsiomics.slide import SlideError
@@ -44,13 +45,14 @@ class TileReadError(FeatureError):
 class ExtractParams:
     """How to run an encoder over a slide; the defaults are the pipeline's."""
 
-    batch_size: int = 64
-    num_workers: int = 2
+    batch_size: str = "auto"  # auto | N tiles per forward pass (see resolve_batch_size)
+    num_workers: str = "auto"  # auto | N worker processes reading tiles (see resolve_workers)
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float16"  # how features are stored
     chunk_rows: int = 4096
     channels_last: bool = True
+    fold_batchnorm: bool = True  # fold BatchNorm into convolutions for inference (exact up to rounding)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -60,6 +62,46 @@ def resolve_device(spec: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FeatureError(f"features.device is '{spec}' but no CUDA device is visible; use 'auto' or 'cpu'")
     return device
+
+
+def _count(spec: str | int, name: str, minimum: int) -> int | None:
+    """``None`` for ``auto``, else the whole number ``spec`` (at least ``minimum``)."""
+    if str(spec) == "auto":
+        return None
+    try:
+        value = int(spec)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise ValueError(f"{name} must be 'auto' or a whole number >= {minimum}; got {spec!r}")
+    return value
+
+
+def resolve_batch_size(spec: str | int, device: torch.device) -> int:
+    """Tiles per forward pass. ``auto``: 128 on CUDA; 16 on the CPU, where small batches stay in cache.
+
+    Measured on 2 cores with bf16: ResNet-50-trunc ran 91 patches/s at batch 16 but 61 at batch 64;
+    ViT-S 55 vs 45. Out-of-memory errors halve the batch whatever its origin.
+    """
+    value = _count(spec, "batch_size", 1)
+    if value is not None:
+        return value
+    return 128 if device.type == "cuda" else 16
+
+
+def resolve_workers(spec: str | int, device: torch.device) -> int:
+    """Reader processes. ``auto``: on CUDA, up to 8 (one CPU is left for the main process); on the CPU, none.
+
+    On the CPU every core already runs the encoder's threads, so reader processes only preempt them (and
+    stall oneDNN's parallel regions): measured on 2 cores, reading in the main process between batches
+    was 6% faster than 1 or 2 workers. Users with many cores may still set a number.
+    """
+    value = _count(spec, "num_workers", 0)
+    if value is not None:
+        return value
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, len(os.sched_getaffinity(0)) - 1))
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -86,12 +128,14 @@ def _is_oom(error: BaseException) -> bool:
 class Encoding:
     """The device side: normalise uint8 tiles, run the model under autocast, halve the batch on OOM."""
 
-    def __init__(self, encoder: Encoder, device: torch.device, precision: str, channels_last: bool, batch_size: int):
+    def __init__(self, encoder: Encoder, device: torch.device, precision: str, channels_last: bool, batch_size: int,
+                 fold_bn: bool = True):
         self.device = device
         self.precision = precision
         self.channels_last = channels_last
         self.max_batch = batch_size
-        self.model = encoder.model.to(device)
+        self.model, self.folded = fold_batchnorm(encoder.model) if fold_bn else (encoder.model, False)
+        self.model = self.model.to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         p = encoder.preset
@@ -211,6 +255,8 @@ def extract_slide(tiles_store: str | os.PathLike, out: str | os.PathLike, encode
     coords = np.asarray(tiles["coords"][...], dtype=np.int64)
     device = resolve_device(params.device)
     precision = resolve_precision(params.precision, device, encoder.preset.cuda_precision)
+    batch_size = resolve_batch_size(params.batch_size, device)  # bad values fail before anything is written
+    workers = resolve_workers(params.num_workers, device)
     identity = _identity(encoder, precision, params, tattrs)
     if not force and is_current(out, identity):
         log.info("%s: %s is current, skipped", slide_id, out)
@@ -234,7 +280,8 @@ def extract_slide(tiles_store: str | os.PathLike, out: str | os.PathLike, encode
     }
     try:
         timings = _write_store(out, attrs, coords, lambda feats: _encode_into(
-            feats, coords, geometry, tattrs["slide_path"], slide_id, encoder, device, precision, params, progress))
+            feats, coords, geometry, tattrs["slide_path"], slide_id, encoder, device, precision, params, batch_size,
+            workers, progress))
     except TileReadError as e:
         if strict:
             raise
@@ -264,23 +311,23 @@ def _write_store(out, attrs: dict[str, Any], coords: np.ndarray, encode) -> dict
     return timings
 
 
-def _loader(dataset: TileBatches, params: ExtractParams, device: torch.device) -> torch.utils.data.DataLoader:
-    workers = min(params.num_workers, len(dataset))
+def _loader(dataset: TileBatches, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
+    workers = min(workers, len(dataset))
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None, persistent_workers=False)
 
 
-def _encode_into(feats, coords, geometry, slide_path, slide_id, encoder, device, precision, params,
-                 progress) -> dict[str, Any]:
-    encoding = Encoding(encoder, device, precision, params.channels_last, params.batch_size)
-    dataset = TileBatches(slide_path, coords, geometry, params.batch_size)
+def _encode_into(feats, coords, geometry, slide_path, slide_id, encoder, device, precision, params, batch_size,
+                 workers, progress) -> dict[str, Any]:
+    encoding = Encoding(encoder, device, precision, params.channels_last, batch_size, params.fold_batchnorm)
+    dataset = TileBatches(slide_path, coords, geometry, batch_size)
     writer = RowWriter(feats, feats.chunks[0])
     wait = compute = 0.0
     done = 0
     bar = tqdm(total=len(coords), desc=f"{slide_id} tiles", unit="tile", disable=not progress, mininterval=5)
     try:
-        batches = iter(_loader(dataset, params, device))
+        batches = iter(_loader(dataset, workers, device))
         while True:
             t0 = time.perf_counter()
             try:
@@ -300,4 +347,5 @@ def _encode_into(feats, coords, geometry, slide_path, slide_id, encoder, device,
     finally:
         bar.close()
     writer.close()
-    return {"wait_for_tiles_s": wait, "encode_s": compute, "batch_size_used": encoding.max_batch}
+    return {"wait_for_tiles_s": wait, "encode_s": compute, "batch_size": batch_size,
+            "batch_size_used": encoding.max_batch, "num_workers": workers, "batchnorm_folded": encoding.folded}

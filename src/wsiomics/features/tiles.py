@@ -30,13 +30,17 @@ class TileGeometry:
     interpolation: str = "bilinear"
 
 
-def read_tile(slide, xy: tuple[int, int], geometry: TileGeometry) -> np.ndarray:
-    """One tile as RGB uint8 ``(S, S, 3)``, resized (antialiased) to the encoder's input size."""
-    rgb = read_rgb(slide, (int(xy[0]), int(xy[1])), geometry.level, (geometry.read_size, geometry.read_size))
-    if geometry.read_size != geometry.out_size:
-        image = Image.fromarray(rgb).resize((geometry.out_size, geometry.out_size), RESAMPLE[geometry.interpolation])
-        rgb = np.asarray(image)
-    return rgb
+def read_tile(slide, xy: tuple[int, int], geometry: TileGeometry, out: np.ndarray | None = None) -> np.ndarray:
+    """One tile as RGB uint8 ``(S, S, 3)``, resized (antialiased) to the encoder's input size, into ``out``."""
+    location, size = (int(xy[0]), int(xy[1])), (geometry.read_size, geometry.read_size)
+    if geometry.read_size == geometry.out_size:
+        return read_rgb(slide, location, geometry.level, size, out=out)
+    image = Image.fromarray(read_rgb(slide, location, geometry.level, size))
+    rgb = np.asarray(image.resize((geometry.out_size, geometry.out_size), RESAMPLE[geometry.interpolation]))
+    if out is None:
+        return rgb
+    out[...] = rgb
+    return out
 
 
 class TileBatches(torch.utils.data.Dataset):
@@ -66,7 +70,7 @@ class TileBatches(torch.utils.data.Dataset):
         size = self.geometry.out_size
         out = np.empty((len(rows), size, size, 3), dtype=np.uint8)
         for i, xy in enumerate(rows):
-            out[i] = read_tile(slide, xy, self.geometry)
+            read_tile(slide, xy, self.geometry, out=out[i])
         return torch.from_numpy(out).permute(0, 3, 1, 2)
 
     def __getstate__(self):
