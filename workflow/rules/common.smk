@@ -30,6 +30,10 @@ def _coerce(value, schema):
     """--config hands over `strict=true` and nested values (`tiling={patch_size: 256}`) as text: turn
     such strings into the boolean or number the schema asks for, so validation sees what the user meant.
     Anything else is left alone for validate() to report."""
+    for alternative in schema.get("anyOf", []):  # e.g. batch_size: integer or "auto"
+        coerced = _coerce(value, alternative)
+        if coerced is not value:
+            return coerced
     kind = schema.get("type")
     if isinstance(value, dict) and kind == "object":
         props = schema.get("properties", {})

@@ -1,0 +1,317 @@
+"""CLAM / TRIDENT h5 feature files to and from our zarr feature stores.
+
+Both tools write one h5 per slide with a ``features`` dataset (N, D; older CLAM files (1, N, D)) and a
+``coords`` dataset (N, 2; level-0 x, y of each patch's top-left corner) whose attrs describe the patching:
+CLAM writes ``patch_level``, ``patch_size``, ``downsample``, ``level_dim``, ``downsampled_level_dim``,
+``name``; TRIDENT adds ``patch_size_level0``, ``level0_magnification``, ``target_magnification``,
+``overlap``. Importing keeps every h5 attr (under ``h5_attrs``) so an export writes the same file back;
+exporting a store we extracted fills both conventions from our tile geometry.
+
+Features are copied in row blocks, so memory stays flat however many patches a slide has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from wsiomics.encoders.weights import sha256_of
+from wsiomics.features.extract import STORE_DTYPES, FeatureError, RowWriter
+from wsiomics.io import atomic_path, atomic_zarr, json_safe, open_store
+
+log = logging.getLogger(__name__)
+
+BLOCK_ROWS = 65536
+# Magnification ~ 10 / (um per pixel): the convention CLAM, TRIDENT and scanners use (0.25 um/px = 40x).
+MAG_TIMES_MPP = 10.0
+
+
+class H5FormatError(FeatureError):
+    """An h5 file that is not a usable CLAM/TRIDENT feature file."""
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    slide_id: str
+    n_tiles: int
+    feature_dim: int
+    skipped: bool = False
+
+
+def _attrs(obj: h5py.HLObject) -> dict[str, Any]:
+    """h5 attrs as JSON-safe values (bytes decoded, numpy arrays as lists)."""
+    out = {}
+    for key, value in obj.attrs.items():
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", errors="replace")
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "SO":
+            value = [v.decode() if isinstance(v, bytes) else str(v) for v in value.tolist()]
+        out[str(key)] = json_safe(value)
+    return out
+
+
+def _features_view(f: h5py.File, path: Path) -> h5py.Dataset:
+    if "features" not in f:
+        raise H5FormatError(f"{path}: no 'features' dataset (it has: {', '.join(f.keys()) or 'nothing'}). "
+                            "Point at CLAM's h5_files/ or TRIDENT's features_<encoder>/ output, not patches/")
+    feats = f["features"]
+    if feats.ndim == 3 and feats.shape[0] == 1:  # early CLAM: (1, N, D)
+        return feats
+    if feats.ndim != 2:
+        raise H5FormatError(f"{path}: 'features' has shape {feats.shape}; expected (N, D) or (1, N, D). Slide-level "
+                            "embeddings (one vector per slide) cannot become a patch feature store")
+    return feats
+
+
+def _read_block(feats: h5py.Dataset, start: int, stop: int) -> np.ndarray:
+    return feats[0, start:stop] if feats.ndim == 3 else feats[start:stop]
+
+
+def _coords(f: h5py.File, path: Path, n: int) -> np.ndarray:
+    if "coords" not in f:
+        raise H5FormatError(f"{path}: no 'coords' dataset, so features cannot be placed on the slide. CLAM's "
+                            "pt_files/ lack coords: import its h5_files/ instead")
+    coords = np.asarray(f["coords"][...])
+    if coords.ndim == 3 and coords.shape[0] == 1:
+        coords = coords[0]
+    if coords.ndim != 2 or coords.shape[1] != 2:
+        raise H5FormatError(f"{path}: 'coords' has shape {coords.shape}; expected (N, 2) level-0 x, y")
+    if len(coords) != n:
+        raise H5FormatError(f"{path}: {n} feature rows but {len(coords)} coords; the file is truncated or mixes "
+                            "two runs. Re-extract that slide")
+    if coords.dtype.kind == "f" and not np.array_equal(coords, np.round(coords)):
+        raise H5FormatError(f"{path}: coords are not whole pixels; expected level-0 integer x, y")
+    return coords.astype(np.int64)
+
+
+def _geometry_from_h5(coord_attrs: dict[str, Any]) -> dict[str, Any]:
+    """Our tile-geometry attrs from CLAM/TRIDENT coords attrs, as far as they determine them."""
+    geometry: dict[str, Any] = {}
+    level0 = coord_attrs.get("patch_size_level0")
+    if level0 is None and "patch_size" in coord_attrs:
+        downsample = coord_attrs.get("downsample", [1.0, 1.0])
+        factor = float(np.mean(downsample)) if np.ndim(downsample) else float(downsample)
+        level0 = float(coord_attrs["patch_size"]) * factor
+    if level0 is not None:
+        geometry["patch_size_level0"] = float(level0)
+    if "patch_size" in coord_attrs:
+        geometry["tile_patch_size"] = int(coord_attrs["patch_size"])
+    if "patch_level" in coord_attrs:
+        geometry["read_level"] = int(coord_attrs["patch_level"])
+    mag0, mag = coord_attrs.get("level0_magnification"), coord_attrs.get("target_magnification")
+    if mag0 is not None and float(mag0) > 0:
+        geometry["mpp"] = MAG_TIMES_MPP / float(mag0)
+    if mag is not None and float(mag) > 0:
+        geometry["target_mpp"] = MAG_TIMES_MPP / float(mag)
+    return geometry
+
+
+def _imported_current(out: Path, sha256: str, dtype: str) -> bool:
+    try:
+        attrs = dict(open_store(out).attrs)
+    except (FileNotFoundError, RuntimeError, ValueError):
+        return False
+    return attrs.get("weights", {}).get("sha256") == sha256 and attrs.get("dtype") == dtype
+
+
+def import_h5(h5_path: str | os.PathLike, out: str | os.PathLike, encoder: str, *, slide_id: str | None = None,
+              patient_id: str = "", dtype: str = "float16", chunk_rows: int = 4096,
+              force: bool = False) -> ImportResult:
+    """Write the CLAM/TRIDENT feature file ``h5_path`` as our feature store ``out`` (atomically).
+
+    ``encoder`` names what made the features (we cannot tell from the file); the h5 file's sha256 stands in
+    for the weights hash, so re-importing an unchanged file is skipped. Non-finite rows are an error.
+    """
+    path = Path(h5_path)
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"dtype must be one of {STORE_DTYPES}; got {dtype!r}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such h5 file")
+    slide_id = slide_id or path.stem
+    digest = sha256_of(path)
+    if not force and _imported_current(Path(out), digest, dtype):
+        log.info("%s: %s is current, skipped", slide_id, out)
+        with h5py.File(path, "r") as f:
+            feats = _features_view(f, path)
+            return ImportResult(slide_id, int(feats.shape[-2]), int(feats.shape[-1]), skipped=True)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise H5FormatError(f"{path}: not a readable HDF5 file ({e}); re-copy it from the source") from e
+    with f:
+        feats = _features_view(f, path)
+        n, dim = int(feats.shape[-2]), int(feats.shape[-1])
+        coords = _coords(f, path, n)
+        h5_attrs = {"file": _attrs(f), "features": _attrs(feats), "coords": _attrs(f["coords"])}
+        attrs = {
+            "slide_id": slide_id, "patient_id": patient_id, "encoder": encoder,
+            "weights": {"source": "imported", "name": encoder, "sha256": digest}, "precision": "unknown",
+            "dtype": dtype, "feature_dim": dim, "n_tiles": n, "status": "ok", "reason": "",
+            "source_h5": str(path.resolve()), "source_dtype": str(feats.dtype), "h5_attrs": h5_attrs,
+            **_geometry_from_h5(h5_attrs["coords"]),
+        }
+        with atomic_zarr(out, json_safe(attrs)) as root:
+            rows = max(1, min(chunk_rows, n))
+            array = root.create_array("features", shape=(n, dim), dtype=dtype, chunks=(rows, dim))
+            root.create_array("coords", shape=(n, 2), dtype=np.int64, chunks=(max(1, n), 2))
+            if n:
+                root["coords"][...] = coords
+            writer = RowWriter(array, rows)
+            for start in range(0, n, BLOCK_ROWS):
+                block = np.asarray(_read_block(feats, start, min(n, start + BLOCK_ROWS)), dtype=np.float32)
+                bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
+                if len(bad):
+                    i = start + int(bad[0])
+                    raise H5FormatError(f"{path}: {len(bad)} feature row(s) with NaN/inf from row {start}, first "
+                                        f"row {i} (level-0 x={coords[i][0]}, y={coords[i][1]}); re-extract that "
+                                        "slide")
+                if dtype == "float16" and np.abs(block).max(initial=0.0) > np.finfo(np.float16).max:
+                    raise H5FormatError(f"{path}: feature values exceed the float16 range; import with "
+                                        "--dtype float32")
+                writer.append(block.astype(dtype))
+            writer.close()
+    log.info("%s: imported %d x %d features from %s -> %s", slide_id, n, dim, path, out)
+    return ImportResult(slide_id, n, dim)
+
+
+def _geometry_for_h5(attrs: dict[str, Any]) -> dict[str, Any]:
+    """CLAM + TRIDENT coords attrs from one of our extracted stores (plus its tiles store, when still there)."""
+    level0 = attrs.get("patch_size_level0")
+    size = attrs.get("tile_patch_size") or attrs.get("read_size")
+    level = attrs.get("read_level")
+    out: dict[str, Any] = {"name": attrs.get("slide_id", ""), "overlap": 0}
+    if size is not None:
+        out["patch_size"] = int(size)
+    if level0 is not None:
+        out["patch_size_level0"] = int(round(float(level0)))
+    if level is not None:
+        out["patch_level"] = int(level)
+    mpp, target = attrs.get("mpp"), attrs.get("target_mpp")
+    if mpp:
+        out["level0_magnification"] = MAG_TIMES_MPP / float(mpp)
+    if target:
+        out["target_magnification"] = MAG_TIMES_MPP / float(target)
+    tiles_store = attrs.get("tiles_store")
+    if tiles_store and Path(tiles_store).exists() and level is not None:
+        try:
+            tiles = dict(open_store(tiles_store).attrs)
+            dims = tiles["level_dimensions"]
+            ds = float(tiles["level_downsamples"][int(level)])
+            out["level_dim"] = list(dims[int(level)])
+            out["downsample"] = [ds, ds]
+            out["downsampled_level_dim"] = list(dims[int(level)])  # CLAM writes the level's size twice
+        except (FileNotFoundError, RuntimeError, KeyError, IndexError, ValueError):
+            pass
+    return out
+
+
+def export_h5(store: str | os.PathLike, h5_out: str | os.PathLike, *, block_rows: int = BLOCK_ROWS) -> int:
+    """Write our feature store ``store`` as a CLAM/TRIDENT h5 (float32 ``features``, int64 ``coords``).
+
+    A store that came from an h5 gets its original attrs back; our own stores get both tools' coords attrs.
+    Our attrs travel as JSON in the file attr ``wsiomics``. Returns the number of rows written.
+    """
+    root = open_store(store)
+    attrs = dict(root.attrs)
+    if "features" not in root or "coords" not in root:
+        raise H5FormatError(f"{store}: not a feature store (no 'features'/'coords' arrays)")
+    feats, coords = root["features"], np.asarray(root["coords"][...])
+    n, dim = feats.shape
+    h5_attrs = attrs.get("h5_attrs") or {}
+    coord_attrs = h5_attrs.get("coords") or _geometry_for_h5(attrs)
+    ours = {k: v for k, v in attrs.items() if k != "h5_attrs"}
+    with atomic_path(h5_out) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update({k: v for k, v in (h5_attrs.get("file") or {}).items() if k != "wsiomics"})
+        f.attrs["wsiomics"] = json.dumps(json_safe(ours))
+        out = f.create_dataset("features", shape=(n, dim), dtype=np.float32,
+                               chunks=(max(1, min(n, 1024)), dim) if n else None)
+        for start in range(0, n, block_rows):
+            out[start:start + block_rows] = np.asarray(feats[start:start + block_rows], dtype=np.float32)
+        out.attrs.update(_h5_safe(h5_attrs.get("features") or {}))
+        c = f.create_dataset("coords", data=coords.astype(np.int64).reshape(n, 2))
+        c.attrs.update(_h5_safe(coord_attrs))
+    log.info("%s: exported %d x %d features -> %s", attrs.get("slide_id", store), n, dim, h5_out)
+    return int(n)
+
+
+def _h5_safe(attrs: dict[str, Any]) -> dict[str, Any]:
+    """h5 attrs cannot hold None or nested dicts: drop the former, JSON-encode the latter."""
+    out = {}
+    for key, value in attrs.items():
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        if isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict | list) for v in value)
+                                       and not _is_numeric_matrix(value)):
+            value = json.dumps(value)
+        out[key] = value
+    return out
+
+
+def _is_numeric_matrix(value: list) -> bool:
+    try:
+        return np.asarray(value).dtype.kind in "iuf"
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+
+
+def _pair(inputs: list[Path], outs: list[Path] | None, out_dir: Path | None, suffix: str) -> list[tuple[Path, Path]]:
+    if outs:
+        if len(outs) != len(inputs):
+            raise SystemExit(f"error: {len(inputs)} inputs but {len(outs)} --out paths")
+        return list(zip(inputs, outs, strict=True))
+    assert out_dir is not None
+    return [(p, out_dir / (p.name.removesuffix(p.suffix) + suffix)) for p in inputs]
+
+
+def _import_cli(args: argparse.Namespace) -> int:
+    failed = 0
+    for h5, out in _pair(args.h5, args.out, args.out_dir, ".zarr"):
+        try:
+            import_h5(h5, out, args.encoder, dtype=args.dtype, force=args.force)
+        except (FeatureError, FileNotFoundError, ValueError) as e:
+            log.error("%s", e)
+            failed += 1
+    return 1 if failed else 0
+
+
+def _export_cli(args: argparse.Namespace) -> int:
+    failed = 0
+    for store, out in _pair(args.store, args.out, args.out_dir, ".h5"):
+        try:
+            export_h5(store, out)
+        except (FeatureError, FileNotFoundError, RuntimeError) as e:
+            log.error("%s", e)
+            failed += 1
+    return 1 if failed else 0
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    """``import-h5`` and ``export-h5`` subcommands of ``python -m wsiomics.features``."""
+    imp = sub.add_parser("import-h5", help="CLAM/TRIDENT h5 feature files -> our zarr feature stores")
+    imp.add_argument("--h5", required=True, nargs="+", type=Path, help="h5 feature file(s), one per slide")
+    dest = imp.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", nargs="+", type=Path, help="store path per h5 file")
+    dest.add_argument("--out-dir", type=Path, help="write <h5 stem>.zarr here, e.g. results/features/uni")
+    imp.add_argument("--encoder", required=True, help="what made the features (becomes the store's encoder attr)")
+    imp.add_argument("--dtype", default="float16", choices=STORE_DTYPES, help="stored dtype")
+    imp.add_argument("--force", action="store_true", help="re-import files already imported unchanged")
+    imp.set_defaults(func=_import_cli)
+    exp = sub.add_parser("export-h5", help="our zarr feature stores -> CLAM/TRIDENT h5 feature files")
+    exp.add_argument("--store", required=True, nargs="+", type=Path, help="feature store(s)")
+    dest = exp.add_mutually_exclusive_group(required=True)
+    dest.add_argument("--out", nargs="+", type=Path, help="h5 path per store")
+    dest.add_argument("--out-dir", type=Path, help="write <slide>.h5 here")
+    exp.set_defaults(func=_export_cli)
+

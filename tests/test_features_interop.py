@@ -1,0 +1,176 @@
+"""CLAM / TRIDENT h5 feature files: import, export, round trips, and the errors for broken files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from wsiomics.encoders import build_encoder
+from wsiomics.features import ExtractParams, extract_slide
+from wsiomics.features.interop import H5FormatError, export_h5, import_h5
+from wsiomics.io import open_store
+from wsiomics.tiling import tile_slide
+
+CLAM_COORD_ATTRS = {"patch_size": 256, "patch_level": 0, "downsample": np.array([1.0, 1.0]),
+                    "downsampled_level_dim": np.array([20000, 15000]), "level_dim": np.array([20000, 15000]),
+                    "name": "TCGA-AA-0001-01Z", "save_path": "/data/patches"}
+TRIDENT_COORD_ATTRS = {"patch_size": 256, "patch_size_level0": 512, "level0_magnification": 40,
+                       "target_magnification": 20, "overlap": 0, "name": "TCGA-AA-0002-01Z",
+                       "savetodir": "/data/trident"}
+
+
+def write_h5(path: Path, features: np.ndarray, coords: np.ndarray, coord_attrs: dict, *, file_attrs=None) -> Path:
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=features)
+        c = f.create_dataset("coords", data=coords)
+        c.attrs.update(coord_attrs)
+        f.attrs.update(file_attrs or {})
+    return path
+
+
+def random_slide(n: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    coords = np.stack(np.meshgrid(np.arange(n) * 256, [0]), -1).reshape(-1, 2)[:n].astype(np.int64)
+    coords[:, 1] = rng.integers(0, 10, n) * 256
+    return rng.standard_normal((n, dim)).astype(np.float32), coords
+
+
+def read_store(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
+    root = open_store(path)
+    return root["features"][...], root["coords"][...], dict(root.attrs)
+
+
+@pytest.mark.parametrize("layout", ["clam", "trident", "clam_3d"])
+def test_import_keeps_rows_in_order_and_carries_the_h5_attrs(tmp_path, layout):
+    feats, coords = random_slide(300, 64)
+    attrs = TRIDENT_COORD_ATTRS if layout == "trident" else CLAM_COORD_ATTRS
+    data = feats[None] if layout == "clam_3d" else feats
+    h5 = write_h5(tmp_path / "slide.h5", data, coords, attrs, file_attrs={"encoder": "uni_v1"})
+    result = import_h5(h5, tmp_path / "slide.zarr", "uni", dtype="float32", chunk_rows=128)
+    got, got_coords, store_attrs = read_store(tmp_path / "slide.zarr")
+    assert result.n_tiles == 300 and result.feature_dim == 64 and not result.skipped
+    np.testing.assert_array_equal(got, feats)
+    np.testing.assert_array_equal(got_coords, coords)
+    assert open_store(tmp_path / "slide.zarr")["features"].chunks == (128, 64)
+    assert store_attrs["encoder"] == "uni" and store_attrs["weights"]["source"] == "imported"
+    assert store_attrs["status"] == "ok" and store_attrs["n_tiles"] == 300 and store_attrs["feature_dim"] == 64
+    assert store_attrs["h5_attrs"]["coords"]["name"] == attrs["name"]
+    assert store_attrs["h5_attrs"]["file"]["encoder"] == "uni_v1"
+    expected_level0 = 512.0 if layout == "trident" else 256.0
+    assert store_attrs["patch_size_level0"] == expected_level0
+    if layout == "trident":
+        assert store_attrs["mpp"] == pytest.approx(0.25) and store_attrs["target_mpp"] == pytest.approx(0.5)
+
+
+def test_import_then_export_gives_back_the_same_h5(tmp_path):
+    feats, coords = random_slide(1000, 32, seed=1)
+    h5 = write_h5(tmp_path / "a.h5", feats, coords, TRIDENT_COORD_ATTRS)
+    import_h5(h5, tmp_path / "a.zarr", "uni", dtype="float32", chunk_rows=100)
+    assert export_h5(tmp_path / "a.zarr", tmp_path / "back.h5", block_rows=333) == 1000
+    with h5py.File(tmp_path / "back.h5", "r") as f:
+        np.testing.assert_array_equal(f["features"][...], feats)
+        np.testing.assert_array_equal(f["coords"][...], coords)
+        assert f["features"].dtype == np.float32
+        back_attrs = dict(f["coords"].attrs)
+        ours = json.loads(f.attrs["wsiomics"])
+    assert {k: (v.item() if hasattr(v, "item") else v) for k, v in back_attrs.items()} == TRIDENT_COORD_ATTRS
+    assert ours["encoder"] == "uni" and ours["n_tiles"] == 1000
+
+
+def test_float16_import_is_close_and_float16_overflow_is_refused(tmp_path):
+    feats, coords = random_slide(50, 16, seed=2)
+    import_h5(write_h5(tmp_path / "a.h5", feats, coords, CLAM_COORD_ATTRS), tmp_path / "a.zarr", "r50")
+    got = read_store(tmp_path / "a.zarr")[0]
+    assert got.dtype == np.float16
+    np.testing.assert_allclose(got.astype(np.float32), feats, rtol=1e-3, atol=1e-3)
+    feats[3, 3] = 1e6
+    with pytest.raises(H5FormatError, match="float16 range.*--dtype float32"):
+        import_h5(write_h5(tmp_path / "b.h5", feats, coords, CLAM_COORD_ATTRS), tmp_path / "b.zarr", "r50")
+    assert not (tmp_path / "b.zarr").exists()
+
+
+def test_reimporting_an_unchanged_file_is_skipped_and_a_changed_one_redone(tmp_path):
+    feats, coords = random_slide(20, 8, seed=3)
+    h5 = write_h5(tmp_path / "a.h5", feats, coords, CLAM_COORD_ATTRS)
+    assert not import_h5(h5, tmp_path / "a.zarr", "r50").skipped
+    assert import_h5(h5, tmp_path / "a.zarr", "r50").skipped
+    write_h5(h5, feats + 1, coords, CLAM_COORD_ATTRS)
+    assert not import_h5(h5, tmp_path / "a.zarr", "r50").skipped
+    np.testing.assert_allclose(read_store(tmp_path / "a.zarr")[0], feats + 1, atol=1e-2)
+
+
+@pytest.mark.parametrize(("breakage", "message"), [
+    ("no_features", "no 'features' dataset .* not patches/"),
+    ("no_coords", "no 'coords' dataset.*h5_files/"),
+    ("short_coords", "20 feature rows but 19 coords"),
+    ("nan_row", "NaN/inf .* first row 7 \\(level-0 x=1792"),
+    ("slide_embedding", "shape \\(20,\\)"),
+    ("not_h5", "not a readable HDF5 file"),
+])
+def test_broken_h5_files_are_refused_with_the_file_and_the_fix(tmp_path, breakage, message):
+    feats, coords = random_slide(20, 8, seed=4)
+    coords[:, 1] = 0
+    h5 = tmp_path / "bad.h5"
+    if breakage == "not_h5":
+        h5.write_bytes(b"this is a csv, not hdf5\n")
+    else:
+        with h5py.File(h5, "w") as f:
+            if breakage != "no_features":
+                data = feats[:, 0] if breakage == "slide_embedding" else feats.copy()
+                if breakage == "nan_row":
+                    data[7, 2] = np.nan
+                f.create_dataset("features", data=data)
+            if breakage != "no_coords":
+                f.create_dataset("coords", data=coords[:19] if breakage == "short_coords" else coords)
+    with pytest.raises(H5FormatError, match=message) as caught:
+        import_h5(h5, tmp_path / "bad.zarr", "r50")
+    assert str(h5) in str(caught.value)
+    assert not (tmp_path / "bad.zarr").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_our_store_exports_with_clam_and_trident_attrs_and_imports_back(slides, tmp_path):
+    tile_slide(slides["pen20"], "pen20", tmp_path / "t.zarr", tmp_path / "t.png")
+    encoder = build_encoder("test_resnet", pretrained=False, seed=0)
+    params = ExtractParams(batch_size=32, num_workers=0, precision="fp32", dtype="float32")
+    extract_slide(tmp_path / "t.zarr", tmp_path / "f.zarr", encoder, params, progress=False)
+    feats, coords, attrs = read_store(tmp_path / "f.zarr")
+    export_h5(tmp_path / "f.zarr", tmp_path / "pen20.h5")
+    with h5py.File(tmp_path / "pen20.h5", "r") as f:
+        np.testing.assert_array_equal(f["features"][...], feats)
+        np.testing.assert_array_equal(f["coords"][...], coords)
+        c = dict(f["coords"].attrs)
+    tiles = dict(open_store(tmp_path / "t.zarr").attrs)
+    assert c["patch_size_level0"] == round(tiles["patch_size_level0"]) and c["patch_level"] == tiles["read_level"]
+    assert c["target_magnification"] == pytest.approx(10 / tiles["target_mpp"])
+    assert list(c["level_dim"]) == tiles["level_dimensions"][tiles["read_level"]] and c["name"] == "pen20"
+    import_h5(tmp_path / "pen20.h5", tmp_path / "again.zarr", "test_resnet", dtype="float32")
+    again, again_coords, again_attrs = read_store(tmp_path / "again.zarr")
+    np.testing.assert_array_equal(again, feats)
+    np.testing.assert_array_equal(again_coords, coords)
+    assert again_attrs["patch_size_level0"] == pytest.approx(round(tiles["patch_size_level0"]))
+    assert again_attrs["target_mpp"] == pytest.approx(tiles["target_mpp"])
+
+
+def test_cli_imports_a_folder_and_exports_it_back(tmp_path):
+    folder = tmp_path / "h5_files"
+    folder.mkdir()
+    for i in range(3):
+        write_h5(folder / f"slide{i}.h5", *random_slide(10 + i, 8, seed=i), CLAM_COORD_ATTRS)
+    (folder / "broken.h5").write_bytes(b"nope")
+    run = [sys.executable, "-m", "wsiomics.features"]
+    proc = subprocess.run([*run, "import-h5", "--h5", *map(str, sorted(folder.glob("*.h5"))), "--out-dir",
+                           str(tmp_path / "features" / "r50"), "--encoder", "r50"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "broken.h5" in proc.stderr  # one bad file does not stop the others
+    stores = sorted((tmp_path / "features" / "r50").glob("*.zarr"))
+    assert [s.name for s in stores] == ["slide0.zarr", "slide1.zarr", "slide2.zarr"]
+    proc = subprocess.run([*run, "export-h5", "--store", *map(str, stores), "--out-dir", str(tmp_path / "back")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    with h5py.File(tmp_path / "back" / "slide2.h5", "r") as f:
+        assert f["features"].shape == (12, 8)
