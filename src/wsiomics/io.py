@@ -14,6 +14,7 @@ import platform
 import shutil
 import sys
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,10 @@ import zarr
 from wsiomics import __version__
 
 TMP_PREFIX = ".tmp-"
+
+# Snakemake marks finished directory outputs with a `.snakemake_timestamp` file, which zarr warns about on
+# every open of a store the workflow wrote; it is expected there, not a sign of damage.
+warnings.filterwarnings("ignore", message=r"Object at \.snakemake_timestamp is not recognized")
 
 
 def provenance() -> dict[str, Any]:
