@@ -150,6 +150,52 @@ def test_killed_extraction_leaves_no_store_and_the_rerun_equals_a_clean_run(tile
     assert not list(tmp_path.glob(".tmp-killed.zarr.*")), "the dead writer's leftover was not swept"
 
 
+def test_compiled_encoder_gives_the_eager_features_and_pads_the_last_batch(tiled, encoder, tmp_path):
+    """torch.compile (inductor, frozen weights, one static shape): 7-tile batches leave a short last batch."""
+    params = ExtractParams(**{**FP32.__dict__, "batch_size": 7, "compile": "true"})
+    extract_slide(tiled["pen20"], tmp_path / "compiled.zarr", encoder, params)
+    extract_slide(tiled["pen20"], tmp_path / "eager.zarr", encoder, FP32)
+    compiled, coords, attrs = read(tmp_path / "compiled.zarr")
+    eager, eager_coords, _ = read(tmp_path / "eager.zarr")
+    assert len(coords) % 7 != 0, "the fixture should leave a short last batch"
+    assert attrs["timings"]["compiled"] and attrs["timings"]["compile_s"] > 0
+    np.testing.assert_array_equal(coords, eager_coords)
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4, atol=1e-4 * np.abs(eager).max())
+
+
+def test_resolve_compile_auto_true_false(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    big = extract_mod.COMPILE_MIN_TILES
+    monkeypatch.setattr(extract_mod, "cpp_compiler", lambda: "g++")
+    assert extract_mod.resolve_compile("auto", cpu, big) and not extract_mod.resolve_compile("auto", cpu, big - 1)
+    assert not extract_mod.resolve_compile("auto", cuda, 10 * big)  # not measured on CUDA yet
+    assert extract_mod.resolve_compile("True", cpu, 1) and not extract_mod.resolve_compile(False, cpu, 10 * big)
+    monkeypatch.setattr(extract_mod, "cpp_compiler", lambda: None)
+    assert not extract_mod.resolve_compile("auto", cpu, 10 * big)
+    with pytest.raises(FeatureError, match="no C\\+\\+ compiler.*install g\\+\\+.*features.compile: auto"):
+        extract_mod.resolve_compile("true", cpu, 10)
+    with pytest.raises(ValueError, match="compile must be one of auto, true, false; got 'sometimes'"):
+        extract_mod.resolve_compile("sometimes", cpu, 10)
+
+
+def test_a_failing_compile_falls_back_to_eager_unless_it_was_asked_for(encoder, monkeypatch):
+    def broken_compile(model, **_):
+        def run(x):
+            raise RuntimeError("InductorError: C++ compile error")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    batch = torch.randint(0, 255, (5, 3, 160, 160), dtype=torch.uint8)
+    plain = extract_mod.Encoding(encoder, torch.device("cpu"), "fp32", True, 8)(batch)
+    fallback = extract_mod.Encoding(encoder, torch.device("cpu"), "fp32", True, 8, compile_model=True)
+    np.testing.assert_allclose(fallback(batch), plain, rtol=1e-5, atol=1e-5)
+    assert fallback.compiled is None
+    required = extract_mod.Encoding(encoder, torch.device("cpu"), "fp32", True, 8, compile_model=True,
+                                    compile_required=True)
+    with pytest.raises(FeatureError, match="torch.compile of the encoder failed.*features.compile: false"):
+        required(batch)
+
+
 class FlakyMemory(torch.nn.Module):
     """Raises CUDA's out-of-memory error for batches above ``limit``, like a GPU that is too small."""
 

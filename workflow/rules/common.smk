@@ -246,7 +246,7 @@ def features_options():
         "--channels-last" if f["channels_last"] else "--no-channels-last",
     ]
     # Enumerated or pattern-checked by the schema; quoted anyway since they reach a shell.
-    flags += [f"--{key} {shlex.quote(str(f[key]))}" for key in ("precision", "device", "dtype")]
+    flags += [f"--{key} {shlex.quote(str(f[key]).lower())}" for key in ("precision", "device", "dtype", "compile")]
     if f["weights"]:
         flags.append(f"--weights {shlex.quote(f['weights'])}")
     return " ".join(flags)

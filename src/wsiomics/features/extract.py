@@ -53,6 +53,7 @@ class ExtractParams:
     chunk_rows: int = 4096
     channels_last: bool = True
     fold_batchnorm: bool = True  # fold BatchNorm into convolutions for inference (exact up to rounding)
+    compile: str = "auto"  # auto | true | false: torch.compile the encoder (see resolve_compile)
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -120,6 +121,40 @@ def resolve_precision(spec: str, device: torch.device, cuda_default: str) -> str
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
+COMPILE_MIN_TILES = 8192
+COMPILE_CHOICES = ("auto", "true", "false")
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile would use on the CPU, or None when there is none."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # noqa: BLE001 - private API: any failure means "not usable"
+        return None
+
+
+def resolve_compile(spec: str | bool, device: torch.device, n_tiles: int) -> bool:
+    """Whether to ``torch.compile`` the encoder (inductor, weights frozen as constants, one static shape).
+
+    On 2 CPU cores with bf16 it ran ResNet-50-trunc ~28% and ViT-S ~16% faster than eager once compiled,
+    but compiling costs 9 s (ResNet) to 14 s (ViT-S) per job with an empty inductor cache, so ``auto``
+    compiles on the CPU only for slides of at least COMPILE_MIN_TILES tiles, where the saving outweighs a
+    cold compile, and only when a C++ compiler is installed. On CUDA ``auto`` stays eager: that path has
+    not been measured yet; ``true`` compiles anywhere.
+    """
+    spec = str(spec).lower()
+    if spec not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}; got {spec!r}")
+    if spec != "auto":
+        if spec == "true" and device.type == "cpu" and cpp_compiler() is None:
+            raise FeatureError("features.compile is true but no C++ compiler was found (torch.compile needs one "
+                               "on the CPU): install g++ (conda: cxx-compiler) or set features.compile: auto")
+        return spec == "true"
+    return device.type == "cpu" and n_tiles >= COMPILE_MIN_TILES and cpp_compiler() is not None
+
+
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
@@ -129,7 +164,7 @@ class Encoding:
     """The device side: normalise uint8 tiles, run the model under autocast, halve the batch on OOM."""
 
     def __init__(self, encoder: Encoder, device: torch.device, precision: str, channels_last: bool, batch_size: int,
-                 fold_bn: bool = True):
+                 fold_bn: bool = True, compile_model: bool = False, compile_required: bool = False):
         self.device = device
         self.precision = precision
         self.channels_last = channels_last
@@ -138,18 +173,56 @@ class Encoding:
         self.model = self.model.to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        # Compiled lazily on the first batch; every batch is padded to max_batch so one static graph serves all.
+        self.compiled = torch.compile(self.model, dynamic=False) if compile_model else None
+        self.compile_required = compile_required
+        self.compile_s: float | None = None
         p = encoder.preset
         self.mean = torch.tensor(p.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(p.std, device=device).view(1, 3, 1, 1) * 255
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (b, 3, S, S) uint8 on the device -> (b, D) float32
+        b = len(x)
+        if self.compiled is not None and b < self.max_batch:  # x: (max_batch, 3, S, S), zero tiles appended
+            x = torch.cat([x, x.new_zeros((self.max_batch - b, *x.shape[1:]))])
         x = (x.float() - self.mean) / self.std
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         dtype = PRECISIONS[self.precision]
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-            return self.model(x).float()
+            return self._run(x)[:b].float()
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, 3, S, S) normalised -> (B, D); the first compiled call compiles (timed), or falls back to eager
+        if self.compiled is None:
+            return self.model(x)
+        if self.compile_s is not None:
+            return self._compiled(x)
+        started = time.perf_counter()
+        try:
+            out = self._compiled(x)
+        except Exception as e:
+            if _is_oom(e):
+                raise
+            if self.compile_required:
+                raise FeatureError(f"torch.compile of the encoder failed ({type(e).__name__}: {e}); set "
+                                   "features.compile: false to run it eagerly") from e
+            log.warning("torch.compile failed (%s: %s); running the encoder eagerly", type(e).__name__, e)
+            self.compiled = None
+            return self.model(x)
+        self.compile_s = time.perf_counter() - started
+        log.info("encoder compiled in %.1f s", self.compile_s)
+        return out
+
+    def _compiled(self, x: torch.Tensor) -> torch.Tensor:
+        # Freezing (weights as constants, pre-packed for oneDNN) must be on while inductor compiles, which
+        # happens inside a call (the first, or a recompile after an OOM halving). As a torch.compile option
+        # it reached only part of the pipeline: ViT-S ran +23% over eager with it, +39% with the config set.
+        from torch._inductor import config as inductor_config
+
+        with inductor_config.patch(freezing=True):
+            return self.compiled(x)
 
     @torch.inference_mode()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -257,6 +330,7 @@ def extract_slide(tiles_store: str | os.PathLike, out: str | os.PathLike, encode
     precision = resolve_precision(params.precision, device, encoder.preset.cuda_precision)
     batch_size = resolve_batch_size(params.batch_size, device)  # bad values fail before anything is written
     workers = resolve_workers(params.num_workers, device)
+    compiled = resolve_compile(params.compile, device, len(coords))
     identity = _identity(encoder, precision, params, tattrs)
     if not force and is_current(out, identity):
         log.info("%s: %s is current, skipped", slide_id, out)
@@ -281,7 +355,7 @@ def extract_slide(tiles_store: str | os.PathLike, out: str | os.PathLike, encode
     try:
         timings = _write_store(out, attrs, coords, lambda feats: _encode_into(
             feats, coords, geometry, tattrs["slide_path"], slide_id, encoder, device, precision, params, batch_size,
-            workers, progress))
+            workers, compiled, progress))
     except TileReadError as e:
         if strict:
             raise
@@ -319,8 +393,9 @@ def _loader(dataset: TileBatches, workers: int, device: torch.device) -> torch.u
 
 
 def _encode_into(feats, coords, geometry, slide_path, slide_id, encoder, device, precision, params, batch_size,
-                 workers, progress) -> dict[str, Any]:
-    encoding = Encoding(encoder, device, precision, params.channels_last, batch_size, params.fold_batchnorm)
+                 workers, compiled, progress) -> dict[str, Any]:
+    encoding = Encoding(encoder, device, precision, params.channels_last, batch_size, params.fold_batchnorm,
+                        compile_model=compiled, compile_required=str(params.compile).lower() == "true")
     dataset = TileBatches(slide_path, coords, geometry, batch_size)
     writer = RowWriter(feats, feats.chunks[0])
     wait = compute = 0.0
@@ -348,4 +423,5 @@ def _encode_into(feats, coords, geometry, slide_path, slide_id, encoder, device,
         bar.close()
     writer.close()
     return {"wait_for_tiles_s": wait, "encode_s": compute, "batch_size": batch_size,
-            "batch_size_used": encoding.max_batch, "num_workers": workers, "batchnorm_folded": encoding.folded}
+            "batch_size_used": encoding.max_batch, "num_workers": workers, "batchnorm_folded": encoding.folded,
+            "compiled": encoding.compiled is not None, "compile_s": encoding.compile_s}
