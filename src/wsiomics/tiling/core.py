@@ -23,7 +23,6 @@ from wsiomics.io import atomic_zarr, json_safe, write_array
 from wsiomics.slide import SlideError, best_level, open_slide, read_downsampled, read_rgb, resolve_mpp
 from wsiomics.tiling.grid import cell_fractions, make_grid
 from wsiomics.tiling.mask import MaskParams, detect_tissue
-from wsiomics.tiling.qc import write_qc_png
 
 log = logging.getLogger("wsiomics.tiling")
 
@@ -170,6 +169,9 @@ def tile_slide(slide_path: str | os.PathLike, slide_id: str, out: str | os.PathL
 
 
 def _draw(qc_png, slide_id, status, reason, attrs, thumb, mask, coords) -> None:
+    # Imported here: matplotlib costs ~0.2 s, and the workflow imports this package to parse every job.
+    from wsiomics.tiling.qc import write_qc_png
+
     if thumb is None:
         write_qc_png(qc_png, f"{slide_id}: {status}", message=reason)
         return
