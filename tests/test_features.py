@@ -150,7 +150,7 @@ def test_killed_extraction_leaves_no_store_and_the_rerun_equals_a_clean_run(tile
     assert not list(tmp_path.glob(".tmp-killed.zarr.*")), "the dead writer's leftover was not swept"
 
 
-def test_compiled_encoder_gives_the_eager_features_and_pads_the_last_batch(tiled, encoder, tmp_path):
+def test_compiled_encoder_gives_the_eager_features(tiled, encoder, tmp_path):
     """torch.compile (inductor, frozen weights, one static shape): 7-tile batches leave a short last batch."""
     params = ExtractParams(**{**FP32.__dict__, "batch_size": 7, "compile": "true"})
     extract_slide(tiled["pen20"], tmp_path / "compiled.zarr", encoder, params)
@@ -176,6 +176,25 @@ def test_resolve_compile_auto_true_false(monkeypatch):
         extract_mod.resolve_compile("true", cpu, 10)
     with pytest.raises(ValueError, match="compile must be one of auto, true, false; got 'sometimes'"):
         extract_mod.resolve_compile("sometimes", cpu, 10)
+
+
+def test_compiled_path_pads_short_batches_to_one_static_shape(encoder, monkeypatch):
+    """Every call into the compiled model has the full batch shape, so inductor compiles one graph."""
+    shapes = []
+
+    def recording_compile(model, **_):
+        def run(x):
+            shapes.append(tuple(x.shape))
+            return model(x)
+        return run
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    batch = torch.randint(0, 255, (19, 3, 160, 160), dtype=torch.uint8)
+    plain = extract_mod.Encoding(encoder, torch.device("cpu"), "fp32", True, 8)(batch)
+    padded = extract_mod.Encoding(encoder, torch.device("cpu"), "fp32", True, 8, compile_model=True)(batch)
+    assert shapes == [(8, 3, 160, 160)] * 3  # 8 + 8 + 3 tiles, the last call padded with 5 zero tiles
+    assert padded.shape == plain.shape == (19, encoder.feature_dim)
+    np.testing.assert_allclose(padded, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_a_failing_compile_falls_back_to_eager_unless_it_was_asked_for(encoder, monkeypatch):
