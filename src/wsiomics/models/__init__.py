@@ -1,0 +1,19 @@
+"""Models: tensors in, tensors out (no file I/O). One file per component, a dataclass config each.
+
+Every patient-level model takes a :class:`~wsiomics.models.batch.Batch` and returns a
+:class:`~wsiomics.models.batch.ModelOutput`.
+"""
+
+from wsiomics.models.batch import Batch, ModelOutput
+from wsiomics.models.blocks import CrossAttentionBlock, SelfAttentionBlock
+from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig, sincos_2d
+
+__all__ = [
+    "Batch",
+    "CrossAttentionBlock",
+    "ModelOutput",
+    "SelfAttentionBlock",
+    "SlideTransformer",
+    "SlideTransformerConfig",
+    "sincos_2d",
+]
