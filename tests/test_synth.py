@@ -119,3 +119,24 @@ def test_generation_is_deterministic(tmp_path):
     s2 = openslide.OpenSlide(str(b / "slides" / next((a / "slides").iterdir()).name))
     assert np.array_equal(np.asarray(s1.read_region((0, 0), 1, (200, 200))),
                           np.asarray(s2.read_region((0, 0), 1, (200, 200))))
+
+
+def test_latent_factors_drive_stain_and_a_gene_set_and_default_is_unchanged():
+    from wsiomics.synth.expression import gene_model, sample_counts
+
+    base_p, base_s = plan_cohort(CohortConfig(n_patients=12, seed=3))
+    lat_p, lat_s = plan_cohort(CohortConfig(n_patients=12, seed=3, latent_factors=2))
+    assert [s.slide_id for s in base_s] == [s.slide_id for s in lat_s]
+    assert (base_p[["latent0", "latent1"]] == 0).all().all()  # no factors: nothing shared
+    z = lat_p.set_index("patient_id")[["latent0", "latent1"]]
+    good = [s for s in lat_s if not s.blank and s.mpp_metadata and not s.truncate]
+    h = np.array([s.stain[0] for s in good])
+    zs = np.array([z.loc[s.patient_id, "latent0"] for s in good])
+    assert np.corrcoef(h, zs)[0, 1] > 0.99
+    model = gene_model(500, 3)
+    genes0 = model.latent_genes[0]
+    assert len(genes0) > 10 and not set(genes0) & (set(model.programmes[0]) | set(model.programmes[1]))
+    rng = np.random.default_rng(0)
+    hi = np.mean([sample_counts(model, 0, rng, latent=(1.0, 0.0))[genes0].sum() for _ in range(20)])
+    lo = np.mean([sample_counts(model, 0, rng, latent=(-1.0, 0.0))[genes0].sum() for _ in range(20)])
+    assert hi / lo > 8  # log2 fold change 2 per unit: 2**4 between -1 and +1

@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-genes", type=int, default=defaults.n_genes)
     p.add_argument("--fraction-40x", type=float, default=defaults.fraction_40x)
     p.add_argument("--fraction-pen", type=float, default=defaults.fraction_pen)
+    p.add_argument("--latent-factors", type=int, default=defaults.latent_factors,
+                   help="shared per-patient factors driving stain and a gene set (0-2), for image-gene retrieval")
     p.add_argument("--no-faults", dest="faults", action="store_false",
                    help="leave out the deliberately broken slides")
     p.add_argument("--workers", type=int, default=1)

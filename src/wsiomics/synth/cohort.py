@@ -7,6 +7,11 @@ Each patient has a tissue type (seen in the image) and an expression programme (
 - ``both``: four classes, tissue type x programme, so only a model using both reaches full accuracy;
 - ``xor``: two classes, tissue type XOR programme: neither modality alone beats chance.
 
+``latent_factors`` > 0 adds what contrastive image-gene pretraining learns from: per-patient continuous
+factors, independent of the label, that set the slides' stain (hematoxylin and eosin strength) and
+the expression of a latent gene set (each gene loading on one factor). Only paired image and expression
+reveal which slide belongs to which expression profile.
+
 With ``faults`` the cohort also holds what real cohorts hold: a slide without MPP metadata that the
 sheet overrides, one without MPP and no override, a blank slide, a truncated slide, a patient with
 expression only and one without expression.
@@ -44,6 +49,7 @@ class CohortConfig:
     fraction_pen: float = 0.3
     n_genes: int = 2000
     faults: bool = True
+    latent_factors: int = 0  # shared image/expression factors per patient (0: none; at most 2)
 
 
 @dataclass
@@ -82,13 +88,18 @@ def plan_cohort(cfg: CohortConfig) -> tuple[pd.DataFrame, list[SlideSpec]]:
     rng = np.random.default_rng(cfg.seed)
     combos = np.arange(cfg.n_patients) % 4  # balanced tissue type x programme
     rng.shuffle(combos)
+    if not 0 <= cfg.latent_factors <= 2:
+        raise ValueError("latent_factors must be 0, 1 or 2 (they drive the two stain strengths)")
+    latent_rng = np.random.default_rng([cfg.seed, 7])
+    latent = latent_rng.uniform(-1.0, 1.0, (cfg.n_patients, 2))
+    latent[:, cfg.latent_factors:] = 0.0
     patients, slides = [], []
     for i, combo in enumerate(combos):
         pid = f"TCGA-SY-{i + 1:04d}"
         tissue_type, programme = int(combo // 2), int(combo % 2)
         patients.append({"patient_id": pid, "tissue_type": tissue_type, "programme": programme,
                          "label": label_for(cfg.signal, tissue_type, programme), "has_expression": True,
-                         "has_slide": True})
+                         "has_slide": True, "latent0": float(latent[i, 0]), "latent1": float(latent[i, 1])})
         n_slides = 2 if rng.random() < cfg.fraction_second_slide else 1
         for k in range(n_slides):
             forty = rng.random() < cfg.fraction_40x
@@ -96,7 +107,7 @@ def plan_cohort(cfg: CohortConfig) -> tuple[pd.DataFrame, list[SlideSpec]]:
                 slide_id=f"{pid}-01Z-00-DX{k + 1}", patient_id=pid, fmt="svs" if rng.random() < 0.6 else "tiff",
                 mpp=cfg.mpp_40x if forty else cfg.mpp_20x, seed=int(rng.integers(2**31)),
                 tissue_type=tissue_type, pen=bool(rng.random() < cfg.fraction_pen),
-                stain=(float(rng.uniform(0.85, 1.1)), float(rng.uniform(0.85, 1.1)))))
+                stain=_stain(rng, latent[i], cfg.latent_factors)))
     if cfg.faults:
         # Faults go to patients that keep at least one good slide, except the expression-only patient.
         last = cfg.n_patients - 1
@@ -113,6 +124,14 @@ def plan_cohort(cfg: CohortConfig) -> tuple[pd.DataFrame, list[SlideSpec]]:
             SlideSpec(slide_id=f"{first.patient_id}-01Z-00-DX6", seed=104, truncate=True, **extra),
         ]
     return pd.DataFrame(patients), slides
+
+
+def _stain(rng: np.random.Generator, latent: np.ndarray, n_factors: int) -> tuple[float, float]:
+    """(hematoxylin, eosin) strengths: random per slide, or set by the patient's factors (plus a little noise)."""
+    h, e = float(rng.uniform(0.85, 1.1)), float(rng.uniform(0.85, 1.1))
+    if n_factors:
+        h, e = 0.975 + 0.2 * latent[0] + 0.01 * (h - 0.975), 0.975 + 0.2 * latent[1] + 0.01 * (e - 0.975)
+    return h, e
 
 
 def slide_geometry(spec: SlideSpec, cfg: CohortConfig) -> SlideGeometry:
@@ -169,7 +188,7 @@ def write_cohort(out_dir: str | Path, cfg: CohortConfig, workers: int = 1, progr
     rng = np.random.default_rng(cfg.seed + 1)
     expression_paths = {}
     for p in patients.itertuples():
-        counts = sample_counts(model, p.programme, rng)
+        counts = sample_counts(model, p.programme, rng, latent=(p.latent0, p.latent1))
         if p.has_expression:
             name = f"{p.patient_id}.rna_seq.augmented_star_gene_counts.tsv"
             write_gdc_counts(out / "expression" / name, model, counts, rng)

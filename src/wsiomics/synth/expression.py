@@ -1,7 +1,8 @@
 """Per-patient gene-count files in the GDC STAR "augmented_star_gene_counts" layout.
 
 Counts are negative-binomial around gene-specific means with per-patient library sizes; two expression
-programmes (sets of genes raised four-fold) carry the gene-side class signal.
+programmes (sets of genes raised four-fold) carry the gene-side class signal; a latent gene set follows
+each patient's continuous latent factors (log2 fold change 2 x factor), the signal shared with the slides.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class GeneModel:
     length_bp: np.ndarray
     base_mean: np.ndarray
     programmes: tuple[np.ndarray, np.ndarray]
+    latent_genes: tuple[np.ndarray, np.ndarray]  # genes following latent factor 0 and 1
 
 
 def gene_model(n_genes: int, seed: int, programme_size: int = 40) -> GeneModel:
@@ -38,16 +40,23 @@ def gene_model(n_genes: int, seed: int, programme_size: int = 40) -> GeneModel:
     coding = np.flatnonzero(types == "protein_coding")
     size = min(programme_size, len(coding) // 2)
     chosen = rng.choice(coding, 2 * size, replace=False)
-    return GeneModel(ids, names, types, rng.integers(400, 12000, n_genes),
-                     np.exp(rng.normal(3.0, 1.8, n_genes)), (np.sort(chosen[:size]), np.sort(chosen[size:])))
+    lengths, base = rng.integers(400, 12000, n_genes), np.exp(rng.normal(3.0, 1.8, n_genes))
+    # Latent genes: drawn after everything else so cohorts without latent factors are unchanged.
+    rest = np.setdiff1d(coding, chosen)
+    latent = np.random.default_rng([seed, 11]).choice(rest, min(2 * size, len(rest) // 2 * 2), replace=False)
+    half = len(latent) // 2
+    return GeneModel(ids, names, types, lengths, base, (np.sort(chosen[:size]), np.sort(chosen[size:])),
+                     (np.sort(latent[:half]), np.sort(latent[half:])))
 
 
 def sample_counts(model: GeneModel, programme: int, rng: np.random.Generator,
-                  dispersion: float = 0.15) -> np.ndarray:
+                  dispersion: float = 0.15, latent: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
     """One patient's unstranded counts: gamma-Poisson (negative binomial) draws."""
     mean = model.base_mean * np.exp(rng.normal(0, 0.3))  # library size
     mean = mean.copy()
     mean[model.programmes[programme]] *= 4.0
+    for genes, factor in zip(model.latent_genes, latent, strict=True):
+        mean[genes] *= 2.0 ** (2.0 * factor)
     lam = rng.gamma(1.0 / dispersion, mean * dispersion)
     return rng.poisson(lam).astype(np.int64)
 
