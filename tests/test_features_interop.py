@@ -72,7 +72,7 @@ def test_import_then_export_gives_back_the_same_h5(tmp_path):
     feats, coords = random_slide(1000, 32, seed=1)
     h5 = write_h5(tmp_path / "a.h5", feats, coords, TRIDENT_COORD_ATTRS)
     import_h5(h5, tmp_path / "a.zarr", "uni", dtype="float32", chunk_rows=100)
-    assert export_h5(tmp_path / "a.zarr", tmp_path / "back.h5", block_rows=333) == 1000
+    assert export_h5(tmp_path / "a.zarr", tmp_path / "back.h5", "trident", block_rows=333) == 1000
     with h5py.File(tmp_path / "back.h5", "r") as f:
         np.testing.assert_array_equal(f["features"][...], feats)
         np.testing.assert_array_equal(f["coords"][...], coords)
@@ -134,27 +134,86 @@ def test_broken_h5_files_are_refused_with_the_file_and_the_fix(tmp_path, breakag
     assert not (tmp_path / "bad.zarr").exists() and not list(tmp_path.glob(".tmp-*"))
 
 
-def test_our_store_exports_with_clam_and_trident_attrs_and_imports_back(slides, tmp_path):
-    tile_slide(slides["pen20"], "pen20", tmp_path / "t.zarr", tmp_path / "t.png")
+def tiff40_slide(slide_dir: Path, slide_factory) -> Path:
+    """A generic TIFF at 40x with 2x pyramid steps, so 20x tiles are read from level 1 (shared with test_tiling)."""
+    path = slide_dir / "tiff40.tiff"
+    if not path.exists():
+        slide_factory(slide_dir, "tiff40", seed=11, mpp=0.25, fmt="tiff", size_um=(1400.0, 1050.0))
+    return path
+
+
+def h5_coord_attrs(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in f["coords"].attrs.items()}
+
+
+# pen20: 20x read at level 0; same40: 40x Aperio (4x steps) read at level 0; tiff40: 40x with 2x steps, level 1
+@pytest.mark.parametrize(("name", "level", "level0"), [("pen20", 0, 224), ("same40", 0, 448), ("tiff40", 1, 448)])
+def test_our_store_exports_each_flavor_with_its_geometry_and_imports_back(slides, slide_dir, slide_factory, tmp_path,
+                                                                         name, level, level0):
+    slide = tiff40_slide(slide_dir, slide_factory) if name == "tiff40" else slides[name]
+    tile_slide(slide, name, tmp_path / "t.zarr", tmp_path / "t.png")
+    tiles = dict(open_store(tmp_path / "t.zarr").attrs)
+    assert (tiles["read_level"], tiles["patch_size"]) == (level, 224)
+    assert tiles["patch_size_level0"] == pytest.approx(level0)
     encoder = build_encoder("test_resnet", pretrained=False, seed=0)
     params = ExtractParams(batch_size=32, num_workers=0, precision="fp32", dtype="float32")
     extract_slide(tmp_path / "t.zarr", tmp_path / "f.zarr", encoder, params, progress=False)
     feats, coords, attrs = read_store(tmp_path / "f.zarr")
-    export_h5(tmp_path / "f.zarr", tmp_path / "pen20.h5")
-    with h5py.File(tmp_path / "pen20.h5", "r") as f:
+
+    export_h5(tmp_path / "f.zarr", tmp_path / "clam.h5", "clam")
+    with h5py.File(tmp_path / "clam.h5", "r") as f:
         np.testing.assert_array_equal(f["features"][...], feats)
         np.testing.assert_array_equal(f["coords"][...], coords)
-        c = dict(f["coords"].attrs)
-    tiles = dict(open_store(tmp_path / "t.zarr").attrs)
-    assert c["patch_size_level0"] == round(tiles["patch_size_level0"]) and c["patch_level"] == tiles["read_level"]
-    assert c["target_magnification"] == pytest.approx(10 / tiles["target_mpp"])
-    assert list(c["level_dim"]) == tiles["level_dimensions"][tiles["read_level"]] and c["name"] == "pen20"
-    import_h5(tmp_path / "pen20.h5", tmp_path / "again.zarr", "test_resnet", dtype="float32")
-    again, again_coords, again_attrs = read_store(tmp_path / "again.zarr")
-    np.testing.assert_array_equal(again, feats)
-    np.testing.assert_array_equal(again_coords, coords)
-    assert again_attrs["patch_size_level0"] == pytest.approx(round(tiles["patch_size_level0"]))
-    assert again_attrs["target_mpp"] == pytest.approx(tiles["target_mpp"])
+    clam = h5_coord_attrs(tmp_path / "clam.h5")
+    # CLAM reads patch_size pixels at patch_level: that must cover our tile's level-0 square
+    assert clam["patch_level"] == level and clam["patch_size"] == tiles["read_size"]
+    for downsample in clam["downsample"]:
+        assert clam["patch_size"] * downsample == pytest.approx(tiles["patch_size_level0"])
+    assert clam["level_dim"] == tiles["level_dimensions"][level] and clam["name"] == name
+    assert "patch_size_level0" not in clam and "target_magnification" not in clam
+
+    export_h5(tmp_path / "f.zarr", tmp_path / "trident.h5", "trident")
+    trident = h5_coord_attrs(tmp_path / "trident.h5")
+    assert trident["patch_size"] == 224 and trident["patch_size_level0"] == level0  # 224 px at the target
+    assert trident["target_magnification"] == pytest.approx(10 / tiles["target_mpp"])
+    assert trident["level0_magnification"] == pytest.approx(10 / tiles["mpp"]) and "patch_level" not in trident
+
+    for flavor in ("clam", "trident"):  # auto-detected on import
+        import_h5(tmp_path / f"{flavor}.h5", tmp_path / f"{flavor}.zarr", "test_resnet", dtype="float32")
+        again, again_coords, again_attrs = read_store(tmp_path / f"{flavor}.zarr")
+        np.testing.assert_array_equal(again, feats)
+        np.testing.assert_array_equal(again_coords, coords)
+        assert again_attrs["h5_flavor"] == flavor
+        assert again_attrs["patch_size_level0"] == pytest.approx(level0)
+    clam_back = read_store(tmp_path / "clam.zarr")[2]
+    assert (clam_back["read_level"], clam_back["read_size"]) == (level, tiles["read_size"])
+    trident_back = read_store(tmp_path / "trident.zarr")[2]
+    assert trident_back["target_mpp"] == pytest.approx(tiles["target_mpp"]) and trident_back["tile_patch_size"] == 224
+
+
+def test_flavor_decides_what_patch_size_means_on_import_and_across_flavors(tmp_path):
+    """A CLAM file of a 40x slide read at level 0 (512 px = 256 at 20x) and a TRIDENT file of the same tiles."""
+    feats, coords = random_slide(30, 8, seed=5)
+    clam = {**CLAM_COORD_ATTRS, "patch_size": 512}
+    write_h5(tmp_path / "c.h5", feats, coords, clam)
+    write_h5(tmp_path / "t.h5", feats, coords, TRIDENT_COORD_ATTRS)
+    import_h5(tmp_path / "c.h5", tmp_path / "c.zarr", "uni", dtype="float32")
+    import_h5(tmp_path / "t.h5", tmp_path / "t.zarr", "uni", dtype="float32")
+    c, t = read_store(tmp_path / "c.zarr")[2], read_store(tmp_path / "t.zarr")[2]
+    assert c["patch_size_level0"] == t["patch_size_level0"] == 512
+    assert (c["read_level"], c["read_size"]) == (0, 512) and t["tile_patch_size"] == 256
+    # a TRIDENT file read as CLAM is taken at its word: 256 px at level 0
+    import_h5(tmp_path / "t.h5", tmp_path / "t_as_clam.zarr", "uni", dtype="float32", flavor="clam")
+    assert read_store(tmp_path / "t_as_clam.zarr")[2]["patch_size_level0"] == 256
+    # the other flavor is derived from the geometry: TRIDENT's store as CLAM reads 512 px at level 0
+    export_h5(tmp_path / "t.zarr", tmp_path / "t_clam.h5", "clam")
+    as_clam = h5_coord_attrs(tmp_path / "t_clam.h5")
+    assert (as_clam["patch_size"], as_clam["patch_level"], as_clam["downsample"]) == (512, 0, [1.0, 1.0])
+    export_h5(tmp_path / "c.zarr", tmp_path / "c_trident.h5", "trident")
+    assert h5_coord_attrs(tmp_path / "c_trident.h5")["patch_size_level0"] == 512
+    with pytest.raises(ValueError, match="flavor must be clam or trident"):
+        export_h5(tmp_path / "c.zarr", tmp_path / "x.h5", "auto")
 
 
 def test_cli_imports_a_folder_and_exports_it_back(tmp_path):
@@ -171,6 +230,10 @@ def test_cli_imports_a_folder_and_exports_it_back(tmp_path):
     assert [s.name for s in stores] == ["slide0.zarr", "slide1.zarr", "slide2.zarr"]
     proc = subprocess.run([*run, "export-h5", "--store", *map(str, stores), "--out-dir", str(tmp_path / "back")],
                           capture_output=True, text=True)
+    assert proc.returncode == 2 and "--flavor" in proc.stderr  # no default: the tools disagree on patch_size
+    proc = subprocess.run([*run, "export-h5", "--store", *map(str, stores), "--out-dir", str(tmp_path / "back"),
+                           "--flavor", "clam"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     with h5py.File(tmp_path / "back" / "slide2.h5", "r") as f:
         assert f["features"].shape == (12, 8)
+        assert f["coords"].attrs["patch_size"] == CLAM_COORD_ATTRS["patch_size"]

@@ -4,8 +4,12 @@ Both tools write one h5 per slide with a ``features`` dataset (N, D; older CLAM 
 ``coords`` dataset (N, 2; level-0 x, y of each patch's top-left corner) whose attrs describe the patching:
 CLAM writes ``patch_level``, ``patch_size``, ``downsample``, ``level_dim``, ``downsampled_level_dim``,
 ``name``; TRIDENT adds ``patch_size_level0``, ``level0_magnification``, ``target_magnification``,
-``overlap``. Importing keeps every h5 attr (under ``h5_attrs``) so an export writes the same file back;
-exporting a store we extracted fills both conventions from our tile geometry.
+``overlap``. The two disagree on what ``patch_size`` means, so files are read and written in one
+*flavor*: CLAM reads ``patch_size`` pixels **at** ``patch_level`` (``patch_size * downsample`` level-0
+pixels), TRIDENT's ``patch_size`` is the size at the target magnification and ``patch_size_level0`` the
+level-0 side. A 40x slide tiled at 20x and read at level 0 is ``patch_size`` 448 for CLAM but 224 for
+TRIDENT. Importing keeps every h5 attr (under ``h5_attrs``) so an export in the same flavor writes the same
+file back; exporting a store we extracted derives the flavor's attrs from our tile geometry.
 
 Features are copied in row blocks, so memory stays flat however many patches a slide has.
 """
@@ -93,25 +97,45 @@ def _coords(f: h5py.File, path: Path, n: int) -> np.ndarray:
     return coords.astype(np.int64)
 
 
-def _geometry_from_h5(coord_attrs: dict[str, Any]) -> dict[str, Any]:
+FLAVORS = ("clam", "trident")
+
+
+def detect_flavor(coord_attrs: dict[str, Any]) -> str:
+    """TRIDENT writes ``patch_size_level0`` and magnifications; CLAM writes ``patch_level``/``downsample``."""
+    if "patch_size_level0" in coord_attrs or "target_magnification" in coord_attrs:
+        return "trident"
+    return "clam"
+
+
+def _mean(value: Any) -> float:
+    return float(np.mean(value)) if np.ndim(value) else float(value)
+
+
+def _geometry_from_h5(coord_attrs: dict[str, Any], flavor: str) -> dict[str, Any]:
     """Our tile-geometry attrs from CLAM/TRIDENT coords attrs, as far as they determine them."""
     geometry: dict[str, Any] = {}
-    level0 = coord_attrs.get("patch_size_level0")
-    if level0 is None and "patch_size" in coord_attrs:
-        downsample = coord_attrs.get("downsample", [1.0, 1.0])
-        factor = float(np.mean(downsample)) if np.ndim(downsample) else float(downsample)
-        level0 = float(coord_attrs["patch_size"]) * factor
-    if level0 is not None:
-        geometry["patch_size_level0"] = float(level0)
-    if "patch_size" in coord_attrs:
-        geometry["tile_patch_size"] = int(coord_attrs["patch_size"])
-    if "patch_level" in coord_attrs:
-        geometry["read_level"] = int(coord_attrs["patch_level"])
-    mag0, mag = coord_attrs.get("level0_magnification"), coord_attrs.get("target_magnification")
-    if mag0 is not None and float(mag0) > 0:
-        geometry["mpp"] = MAG_TIMES_MPP / float(mag0)
-    if mag is not None and float(mag) > 0:
-        geometry["target_mpp"] = MAG_TIMES_MPP / float(mag)
+    size = coord_attrs.get("patch_size")
+    if flavor == "clam":  # patch_size pixels read at patch_level
+        downsample = _mean(coord_attrs.get("downsample", 1.0))
+        if size is not None:
+            geometry.update(read_size=int(size), tile_patch_size=int(size),
+                            patch_size_level0=float(size) * downsample)
+        if "patch_level" in coord_attrs:
+            geometry["read_level"] = int(coord_attrs["patch_level"])
+        geometry["read_downsample"] = downsample
+    else:  # patch_size pixels at the target magnification, patch_size_level0 at level 0
+        mag0, mag = coord_attrs.get("level0_magnification"), coord_attrs.get("target_magnification")
+        level0 = coord_attrs.get("patch_size_level0")
+        if level0 is None and size is not None and mag0 and mag:
+            level0 = float(size) * float(mag0) / float(mag)
+        if level0 is not None:
+            geometry["patch_size_level0"] = float(level0)
+        if size is not None:
+            geometry["tile_patch_size"] = int(size)
+        if mag0 is not None and float(mag0) > 0:
+            geometry["mpp"] = MAG_TIMES_MPP / float(mag0)
+        if mag is not None and float(mag) > 0:
+            geometry["target_mpp"] = MAG_TIMES_MPP / float(mag)
     return geometry
 
 
@@ -124,16 +148,20 @@ def _imported_current(out: Path, sha256: str, dtype: str) -> bool:
 
 
 def import_h5(h5_path: str | os.PathLike, out: str | os.PathLike, encoder: str, *, slide_id: str | None = None,
-              patient_id: str = "", dtype: str = "float16", chunk_rows: int = 4096,
+              patient_id: str = "", dtype: str = "float16", chunk_rows: int = 4096, flavor: str = "auto",
               force: bool = False) -> ImportResult:
     """Write the CLAM/TRIDENT feature file ``h5_path`` as our feature store ``out`` (atomically).
 
     ``encoder`` names what made the features (we cannot tell from the file); the h5 file's sha256 stands in
     for the weights hash, so re-importing an unchanged file is skipped. Non-finite rows are an error.
+    ``flavor`` (clam | trident | auto: trident when the file has ``patch_size_level0``) says how to read
+    the patching attrs; the two tools mean different things by ``patch_size``.
     """
     path = Path(h5_path)
     if dtype not in STORE_DTYPES:
         raise ValueError(f"dtype must be one of {STORE_DTYPES}; got {dtype!r}")
+    if flavor not in (*FLAVORS, "auto"):
+        raise ValueError(f"flavor must be clam, trident or auto; got {flavor!r}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such h5 file")
     slide_id = slide_id or path.stem
@@ -152,12 +180,13 @@ def import_h5(h5_path: str | os.PathLike, out: str | os.PathLike, encoder: str, 
         n, dim = int(feats.shape[-2]), int(feats.shape[-1])
         coords = _coords(f, path, n)
         h5_attrs = {"file": _attrs(f), "features": _attrs(feats), "coords": _attrs(f["coords"])}
+        flavor = detect_flavor(h5_attrs["coords"]) if flavor == "auto" else flavor
         attrs = {
             "slide_id": slide_id, "patient_id": patient_id, "encoder": encoder,
             "weights": {"source": "imported", "name": encoder, "sha256": digest}, "precision": "unknown",
             "dtype": dtype, "feature_dim": dim, "n_tiles": n, "status": "ok", "reason": "",
             "source_h5": str(path.resolve()), "source_dtype": str(feats.dtype), "h5_attrs": h5_attrs,
-            **_geometry_from_h5(h5_attrs["coords"]),
+            "h5_flavor": flavor, **_geometry_from_h5(h5_attrs["coords"], flavor),
         }
         with atomic_zarr(out, json_safe(attrs)) as root:
             rows = max(1, min(chunk_rows, n))
@@ -183,43 +212,68 @@ def import_h5(h5_path: str | os.PathLike, out: str | os.PathLike, encoder: str, 
     return ImportResult(slide_id, n, dim)
 
 
-def _geometry_for_h5(attrs: dict[str, Any]) -> dict[str, Any]:
-    """CLAM + TRIDENT coords attrs from one of our extracted stores (plus its tiles store, when still there)."""
+def _level_info(attrs: dict[str, Any], level: int) -> tuple[float | None, list | None]:
+    """(downsample, level dimensions) of pyramid level ``level``: from the feature store, else its tiles store."""
+    downsample = attrs.get("read_downsample")
+    dims = None
+    tiles_store = attrs.get("tiles_store")
+    if tiles_store and Path(tiles_store).exists():
+        try:
+            tiles = dict(open_store(tiles_store).attrs)
+            dims = list(tiles["level_dimensions"][level])
+            downsample = downsample or float(tiles["level_downsamples"][level])
+        except (FileNotFoundError, RuntimeError, KeyError, IndexError, ValueError):
+            pass
+    return (float(downsample) if downsample else None), dims
+
+
+def _geometry_for_h5(attrs: dict[str, Any], flavor: str) -> dict[str, Any]:
+    """The ``flavor``'s coords attrs from one of our stores (extracted, or imported in the other flavor).
+
+    CLAM: ``patch_size`` is what is read at ``patch_level``, so ``patch_size * downsample`` is the tile's
+    level-0 side; without a known read level that is level 0 with ``patch_size = patch_size_level0`` (more
+    pixels, the same area). TRIDENT: ``patch_size`` at the target magnification plus ``patch_size_level0``.
+    """
     level0 = attrs.get("patch_size_level0")
-    size = attrs.get("tile_patch_size") or attrs.get("read_size")
-    level = attrs.get("read_level")
-    out: dict[str, Any] = {"name": attrs.get("slide_id", ""), "overlap": 0}
+    out: dict[str, Any] = {"name": attrs.get("slide_id", "")}
+    if flavor == "clam":
+        level, size = attrs.get("read_level"), attrs.get("read_size")
+        downsample, dims = _level_info(attrs, int(level)) if level is not None else (None, None)
+        if level is None or size is None or downsample is None:
+            level, downsample, dims = 0, 1.0, None
+            size = round(float(level0)) if level0 is not None else None
+        if size is not None:
+            out["patch_size"] = int(size)
+        out["patch_level"] = int(level)
+        out["downsample"] = [downsample, downsample]
+        if dims is not None:
+            out["level_dim"] = dims
+            out["downsampled_level_dim"] = dims  # CLAM writes the level's size twice
+        return out
+    out["overlap"] = 0
+    size = attrs.get("tile_patch_size")
     if size is not None:
         out["patch_size"] = int(size)
     if level0 is not None:
         out["patch_size_level0"] = int(round(float(level0)))
-    if level is not None:
-        out["patch_level"] = int(level)
     mpp, target = attrs.get("mpp"), attrs.get("target_mpp")
     if mpp:
         out["level0_magnification"] = MAG_TIMES_MPP / float(mpp)
     if target:
         out["target_magnification"] = MAG_TIMES_MPP / float(target)
-    tiles_store = attrs.get("tiles_store")
-    if tiles_store and Path(tiles_store).exists() and level is not None:
-        try:
-            tiles = dict(open_store(tiles_store).attrs)
-            dims = tiles["level_dimensions"]
-            ds = float(tiles["level_downsamples"][int(level)])
-            out["level_dim"] = list(dims[int(level)])
-            out["downsample"] = [ds, ds]
-            out["downsampled_level_dim"] = list(dims[int(level)])  # CLAM writes the level's size twice
-        except (FileNotFoundError, RuntimeError, KeyError, IndexError, ValueError):
-            pass
     return out
 
 
-def export_h5(store: str | os.PathLike, h5_out: str | os.PathLike, *, block_rows: int = BLOCK_ROWS) -> int:
-    """Write our feature store ``store`` as a CLAM/TRIDENT h5 (float32 ``features``, int64 ``coords``).
+def export_h5(store: str | os.PathLike, h5_out: str | os.PathLike, flavor: str, *,
+              block_rows: int = BLOCK_ROWS) -> int:
+    """Write our feature store ``store`` as a CLAM or TRIDENT h5 (float32 ``features``, int64 ``coords``).
 
-    A store that came from an h5 gets its original attrs back; our own stores get both tools' coords attrs.
+    ``flavor`` (clam | trident) decides the coords attrs (see the module docstring). A store imported from
+    an h5 of the same flavor gets its original attrs back; otherwise they are derived from the tile geometry.
     Our attrs travel as JSON in the file attr ``wsiomics``. Returns the number of rows written.
     """
+    if flavor not in FLAVORS:
+        raise ValueError(f"flavor must be clam or trident; got {flavor!r}")
     root = open_store(store)
     attrs = dict(root.attrs)
     if "features" not in root or "coords" not in root:
@@ -227,7 +281,8 @@ def export_h5(store: str | os.PathLike, h5_out: str | os.PathLike, *, block_rows
     feats, coords = root["features"], np.asarray(root["coords"][...])
     n, dim = feats.shape
     h5_attrs = attrs.get("h5_attrs") or {}
-    coord_attrs = h5_attrs.get("coords") or _geometry_for_h5(attrs)
+    same = h5_attrs.get("coords") and attrs.get("h5_flavor", detect_flavor(h5_attrs["coords"])) == flavor
+    coord_attrs = h5_attrs["coords"] if same else _geometry_for_h5(attrs, flavor)
     ours = {k: v for k, v in attrs.items() if k != "h5_attrs"}
     with atomic_path(h5_out) as tmp, h5py.File(tmp, "w") as f:
         f.attrs.update({k: v for k, v in (h5_attrs.get("file") or {}).items() if k != "wsiomics"})
@@ -239,7 +294,7 @@ def export_h5(store: str | os.PathLike, h5_out: str | os.PathLike, *, block_rows
         out.attrs.update(_h5_safe(h5_attrs.get("features") or {}))
         c = f.create_dataset("coords", data=coords.astype(np.int64).reshape(n, 2))
         c.attrs.update(_h5_safe(coord_attrs))
-    log.info("%s: exported %d x %d features -> %s", attrs.get("slide_id", store), n, dim, h5_out)
+    log.info("%s: exported %d x %d features (%s) -> %s", attrs.get("slide_id", store), n, dim, flavor, h5_out)
     return int(n)
 
 
@@ -279,7 +334,7 @@ def _import_cli(args: argparse.Namespace) -> int:
     failed = 0
     for h5, out in _pair(args.h5, args.out, args.out_dir, ".zarr"):
         try:
-            import_h5(h5, out, args.encoder, dtype=args.dtype, force=args.force)
+            import_h5(h5, out, args.encoder, dtype=args.dtype, flavor=args.flavor, force=args.force)
         except (FeatureError, FileNotFoundError, ValueError) as e:
             log.error("%s", e)
             failed += 1
@@ -290,7 +345,7 @@ def _export_cli(args: argparse.Namespace) -> int:
     failed = 0
     for store, out in _pair(args.store, args.out, args.out_dir, ".h5"):
         try:
-            export_h5(store, out)
+            export_h5(store, out, args.flavor)
         except (FeatureError, FileNotFoundError, RuntimeError) as e:
             log.error("%s", e)
             failed += 1
@@ -306,6 +361,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     dest.add_argument("--out-dir", type=Path, help="write <h5 stem>.zarr here, e.g. results/features/uni")
     imp.add_argument("--encoder", required=True, help="what made the features (becomes the store's encoder attr)")
     imp.add_argument("--dtype", default="float16", choices=STORE_DTYPES, help="stored dtype")
+    imp.add_argument("--flavor", default="auto", choices=(*FLAVORS, "auto"),
+                     help="how to read patch_size: clam (pixels at patch_level), trident (pixels at the target "
+                          "magnification); auto: trident when the file has patch_size_level0")
     imp.add_argument("--force", action="store_true", help="re-import files already imported unchanged")
     imp.set_defaults(func=_import_cli)
     exp = sub.add_parser("export-h5", help="our zarr feature stores -> CLAM/TRIDENT h5 feature files")
@@ -313,5 +371,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     dest = exp.add_mutually_exclusive_group(required=True)
     dest.add_argument("--out", nargs="+", type=Path, help="h5 path per store")
     dest.add_argument("--out-dir", type=Path, help="write <slide>.h5 here")
+    exp.add_argument("--flavor", required=True, choices=FLAVORS,
+                     help="clam: patch_size is read at patch_level (CLAM's extract_features_fp); trident: "
+                          "patch_size at the target magnification plus patch_size_level0")
     exp.set_defaults(func=_export_cli)
 
