@@ -12,7 +12,9 @@ import time
 import pytest
 import torch
 
+from wsiomics.models.abmil import ABMIL, ABMILConfig
 from wsiomics.models.blocks import CrossAttentionBlock, SelfAttentionBlock
+from wsiomics.models.gene_gmsa import GeneGMSA, GeneGMSAConfig, group_index
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig, sincos_2d
 
 torch.set_num_threads(2)
@@ -152,3 +154,91 @@ def test_slide_transformer_memory_is_linear_in_tokens():
     assert math.isclose(float(att.sum()), 1.0, rel_tol=1e-4)
     assert grown < 800, f"peak RSS grew by {grown:.0f} MiB"
     assert seconds < 60
+
+
+# ---------------------------------------------------------------- GMSA gene encoder
+
+
+def test_contiguous_groups_are_even_and_cover_every_gene_once():
+    index, valid = group_index(GeneGMSAConfig(n_genes=10, n_groups=4))
+    groups = [index[g][valid[g]].tolist() for g in range(4)]
+    assert groups == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    index, valid = group_index(GeneGMSAConfig(n_genes=3, n_groups=5))  # fewer genes than groups
+    assert valid.sum(1).tolist() == [1, 1, 1, 0, 0]
+
+
+def test_gmsa_group_embedding_uses_per_group_weights():
+    torch.manual_seed(0)
+    cfg = GeneGMSAConfig(n_genes=10, n_groups=4, dim=8, depth=1, heads=2, dropout=0.0)
+    model = GeneGMSA(cfg).eval()
+    genes = torch.randn(3, 10)
+    tokens = model.embed(genes)  # (3, 4, 8)
+    index, valid = group_index(cfg)
+    for g in range(4):  # reference: an explicit linear per group
+        w = model.group_weight[g][valid[g]]  # (size_g, D)
+        ref = genes[:, index[g][valid[g]]] @ w + model.group_bias[g] + model.group_embed[0, g]
+        assert torch.allclose(tokens[:, g], ref, atol=ATOL)
+    genes2 = genes.clone()
+    genes2[:, 4] += 5.0  # gene 4 is in group 1 only
+    changed = (model.embed(genes2) - tokens).abs().amax(dim=(0, 2))
+    assert changed[1] > 1e-3 and torch.all(changed[[0, 2, 3]] == 0)
+
+
+def test_gmsa_gene_set_groups_drop_unassigned_genes_and_mask_empty_groups():
+    torch.manual_seed(0)
+    assign = (0, 0, 1, -1, 1, 3, 3, -1)  # group 2 is empty, genes 3 and 7 are dropped
+    model = GeneGMSA(GeneGMSAConfig(n_genes=8, n_groups=4, dim=8, depth=2, heads=2, dropout=0.0,
+                                    group_of_gene=assign)).eval()
+    assert model.group_valid.tolist() == [True, True, False, True]
+    genes = torch.randn(2, 8)
+    cls, tokens = model(genes)
+    assert cls.shape == (2, 8) and tokens.shape == (2, 4, 8)
+    genes2 = genes.clone()
+    genes2[:, [3, 7]] = 99.0
+    assert torch.equal(model(genes2)[0], cls)  # dropped genes have no effect
+    with torch.no_grad():
+        model.group_embed[0, 2] += 50.0  # the empty group's token is not a key for anyone
+    assert torch.allclose(model(genes)[0], cls, atol=ATOL)
+    genes3 = genes.clone()
+    genes3[:, 5] += 3.0
+    assert (model(genes3)[0] - cls).abs().max() > 1e-4  # a kept gene matters
+    with pytest.raises(ValueError, match="one group index per gene"):
+        GeneGMSAConfig(n_genes=8, n_groups=4, group_of_gene=(0, 1))
+
+
+def test_gmsa_patients_are_independent_in_a_batch():
+    torch.manual_seed(0)
+    model = GeneGMSA(GeneGMSAConfig(n_genes=20, n_groups=4, dim=8, depth=2, heads=2, dropout=0.0)).eval()
+    genes = torch.randn(3, 20)
+    genes[1] = 0.0  # a patient without expression: zeros, as the batch carries it
+    with torch.no_grad():
+        cls, tokens = model(genes)
+        for i in range(3):
+            c, t = model(genes[i:i + 1])
+            assert torch.allclose(cls[i], c[0], atol=ATOL) and torch.allclose(tokens[i], t[0], atol=ATOL)
+    assert torch.isfinite(cls).all()
+
+
+# ---------------------------------------------------------------- ABMIL
+
+
+def test_abmil_padding_and_empty_bags():
+    torch.manual_seed(0)
+    model = ABMIL(ABMILConfig(in_dim=12, dim=16, attn_dim=8, dropout=0.0)).eval()
+    with torch.no_grad():
+        for layer in (model.proj[0], model.attn_v[0], model.attn_u[0], model.attn_w):
+            layer.weight.normal_(0, 1.0)  # peaked attention, so the checks below are not on a uniform one
+    feats, _, mask = _pad_pair(9, 5, 12)
+    feats = torch.cat([feats, torch.randn(1, 9, 12)]).requires_grad_(True)
+    mask = torch.cat([mask, torch.zeros(1, 9, dtype=torch.bool)])  # patient 2: no tokens at all
+    pooled, att = model(feats, mask)
+    alone, att_alone = model(feats[1:2, :5].detach(), None)
+    assert torch.allclose(pooled[1], alone[0], atol=ATOL) and torch.allclose(att[1, :5], att_alone[0], atol=ATOL)
+    assert torch.allclose(att[:2].sum(1), torch.ones(2), atol=1e-6)
+    assert torch.all(att[~mask] == 0) and att[0].max() > 0.2
+    assert torch.all(pooled[2] == 0) and torch.all(att[2] == 0)
+    # pooled is the attention-weighted mean of the projected tokens
+    h = model.proj(feats[0])
+    assert torch.allclose(pooled[0], att[0] @ h, atol=ATOL)
+    pooled.sum().backward()
+    assert torch.isfinite(feats.grad).all() and torch.all(feats.grad[2] == 0)

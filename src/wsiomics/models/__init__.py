@@ -4,13 +4,19 @@ Every patient-level model takes a :class:`~wsiomics.models.batch.Batch` and retu
 :class:`~wsiomics.models.batch.ModelOutput`.
 """
 
+from wsiomics.models.abmil import ABMIL, ABMILConfig
 from wsiomics.models.batch import Batch, ModelOutput
 from wsiomics.models.blocks import CrossAttentionBlock, SelfAttentionBlock
+from wsiomics.models.gene_gmsa import GeneGMSA, GeneGMSAConfig
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig, sincos_2d
 
 __all__ = [
+    "ABMIL",
+    "ABMILConfig",
     "Batch",
     "CrossAttentionBlock",
+    "GeneGMSA",
+    "GeneGMSAConfig",
     "ModelOutput",
     "SelfAttentionBlock",
     "SlideTransformer",
