@@ -1,0 +1,201 @@
+"""The chunked selective scan against the sequential recurrence, the kernel dispatch, and the Mamba blocks."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from wsiomics.models import mamba as mm
+from wsiomics.models.mamba import BiMamba, Mamba, MambaConfig, selective_scan, selective_scan_ref
+
+torch.set_num_threads(2)
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _inputs(seed: int, batch: int = 2, dim: int = 8, n: int = 4, length: int = 37, groups: int | None = None,
+            D: bool = True, z: bool = True, delta_bias: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    bc = (batch, n, length) if groups is None else (batch, groups, n, length)
+    if groups == 0:  # constant B, C per channel
+        bc = (dim, n)
+    t = {
+        "u": torch.randn(batch, dim, length, generator=g),
+        "delta": torch.randn(batch, dim, length, generator=g) * 0.5,
+        "A": -torch.rand(dim, n, generator=g) * 3,
+        "B": torch.randn(*bc, generator=g),
+        "C": torch.randn(*bc, generator=g),
+        "D": torch.randn(dim, generator=g) if D else None,
+        "z": torch.randn(batch, dim, length, generator=g) if z else None,
+        "delta_bias": torch.randn(dim, generator=g) * 0.5 if delta_bias else None,
+    }
+    return {k: (v.requires_grad_() if v is not None else None) for k, v in t.items()}
+
+
+def _run(fn, inputs: dict, softplus: bool, **kw):
+    """Output, last state, and the gradients of a loss that reads both (so the last state's gradient counts)."""
+    y, last = fn(**inputs, delta_softplus=softplus, return_last_state=True, **kw)
+    w = torch.linspace(-1, 1, y.numel()).view_as(y)
+    loss = (y * w).sum() + (last * 0.5).sum()
+    leaves = [inputs[k] for k in NAMES if inputs[k] is not None]
+    grads = torch.autograd.grad(loss, leaves)
+    return y, last, dict(zip([k for k in NAMES if inputs[k] is not None], grads, strict=True))
+
+
+CASES = [
+    # groups, D, z, delta_bias, softplus, length, chunk, segment
+    (None, True, True, True, True, 37, 4, 8),  # several segments, last one short, padded last chunk
+    (None, False, False, False, False, 37, 4, 8),
+    (None, True, False, True, False, 13, 5, 12),  # segment rounded down to whole chunks
+    (None, False, True, False, True, 64, 16, 256),  # one segment, exact chunks
+    (2, True, True, True, True, 37, 4, 8),  # grouped B/C
+    (4, False, True, True, False, 29, 3, 9),
+    (0, True, True, False, True, 21, 4, 8),  # constant (dim, d_state) B/C
+    (None, True, True, True, True, 1, 16, 256),  # a single position
+    (2, True, True, True, True, 23, None, None),  # the defaults
+]
+
+
+@pytest.mark.parametrize(("groups", "D", "z", "bias", "softplus", "length", "chunk", "segment"), CASES)
+def test_chunked_scan_matches_recurrence(groups, D, z, bias, softplus, length, chunk, segment):
+    inputs = _inputs(length, length=length, groups=groups, D=D, z=z, delta_bias=bias)
+    y0, last0, g0 = _run(selective_scan_ref, inputs, softplus)
+    y1, last1, g1 = _run(selective_scan, inputs, softplus, chunk_size=chunk, segment_size=segment)
+    assert y1.shape == y0.shape == inputs["u"].shape
+    assert last1.shape == last0.shape == (inputs["u"].shape[0], inputs["u"].shape[1], inputs["A"].shape[1])
+    assert _rel(y1, y0) <= 1e-4
+    assert _rel(last1, last0) <= 1e-4
+    assert g1.keys() == g0.keys()
+    for name in g0:
+        assert _rel(g1[name], g0[name]) <= 1e-4, name
+
+
+def test_long_sequence_forward_matches_recurrence():
+    inputs = _inputs(7, batch=1, dim=16, n=8, length=512)
+    with torch.no_grad():
+        y0, last0 = selective_scan_ref(**inputs, delta_softplus=True, return_last_state=True)
+        y1, last1 = selective_scan(**inputs, delta_softplus=True, return_last_state=True)
+    assert _rel(y1, y0) <= 1e-4 and _rel(last1, last0) <= 1e-4
+
+
+def test_strong_decay_stays_finite():
+    """Large dt * |A| (states forgotten within a step): no overflow, NaN or mismatch anywhere."""
+    inputs = _inputs(3, length=40, delta_bias=False)
+    with torch.no_grad():
+        inputs["delta"].mul_(0).add_(8.0)
+        inputs["A"].mul_(10)
+    y0, _, g0 = _run(selective_scan_ref, inputs, False)
+    y1, _, g1 = _run(selective_scan, inputs, False, chunk_size=8, segment_size=16)
+    assert torch.isfinite(y1).all() and all(torch.isfinite(g).all() for g in g1.values())
+    assert _rel(y1, y0) <= 1e-4
+    for name in g0:
+        assert _rel(g1[name], g0[name]) <= 1e-4, name
+
+
+def test_output_dtype_follows_u():
+    inputs = {k: (v.detach() if v is not None else None) for k, v in _inputs(1, length=10).items()}
+    inputs["u"] = inputs["u"].to(torch.bfloat16)
+    assert selective_scan(**inputs).dtype == torch.bfloat16
+    assert selective_scan_ref(**inputs).dtype == torch.bfloat16
+
+
+def test_shape_errors_name_the_argument():
+    inputs = {k: v for k, v in _inputs(1, length=10).items()}
+    with pytest.raises(ValueError, match="B must be"):
+        selective_scan(**{**inputs, "B": torch.zeros(2, 3, 4, 10)})  # 8 channels not divisible by 3 groups
+    with pytest.raises(ValueError, match="A must be"):
+        selective_scan(**{**inputs, "A": torch.zeros(5, 4)})
+    with pytest.raises(ValueError, match="complex"):
+        selective_scan(**{**inputs, "A": torch.zeros(8, 4, dtype=torch.complex64)})
+
+
+def test_cuda_kernel_dispatch(monkeypatch):
+    calls = []
+
+    def fake_fn(*args):
+        calls.append(args)
+        return "kernel"
+
+    fake = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
+    fake.selective_scan_fn = fake_fn
+    for name in ("mamba_ssm", "mamba_ssm.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", fake)
+    inputs = {k: (v.detach() if v is not None else None) for k, v in _inputs(2, length=9).items()}
+    # CPU tensors: the pure-PyTorch scan even though the package imports
+    assert isinstance(selective_scan(**inputs, delta_softplus=True), torch.Tensor) and not calls
+    # "CUDA" tensors: the kernel, with the arguments in selective_scan_fn's order
+    monkeypatch.setattr(mm, "_is_cuda", lambda t: True)
+    assert selective_scan(**inputs, delta_softplus=True, return_last_state=True) == "kernel"
+    expected = [inputs[k] for k in NAMES] + [True, True]
+    assert len(calls) == 1 and all(a is b for a, b in zip(calls[0], expected, strict=True))
+    # package missing: back to the pure-PyTorch scan
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", None)
+    assert isinstance(selective_scan(**inputs), torch.Tensor) and len(calls) == 1
+
+
+# ----------------------------------------------------------------------------------------------- blocks
+def test_mamba_block_reference_initialisation():
+    torch.manual_seed(0)
+    m = Mamba(64, dt_min=0.001, dt_max=0.1)
+    assert m.d_inner == 128 and m.dt_rank == 4
+    assert m.in_proj.weight.shape == (256, 64) and m.in_proj.bias is None
+    assert m.conv1d.weight.shape == (128, 1, 4) and m.conv1d.bias is not None
+    assert m.x_proj.weight.shape == (4 + 32, 128) and m.out_proj.weight.shape == (64, 128)
+    dt = torch.nn.functional.softplus(m.dt_proj.bias)
+    assert dt.min() >= 0.001 * 0.999 and dt.max() <= 0.1 * 1.001
+    assert m.dt_proj.weight.abs().max() <= 4**-0.5
+    assert torch.allclose(-torch.exp(m.A_log), -torch.arange(1, 17.0).expand(128, 16))
+    assert torch.equal(m.D, torch.ones(128))
+    assert Mamba.from_config(MambaConfig(d_model=64)).config == m.config
+
+
+def test_mamba_block_is_causal_and_trains():
+    torch.manual_seed(0)
+    m = Mamba(16, d_state=8)
+    x = torch.randn(2, 30, 16)
+    y = m(x)
+    assert y.shape == x.shape
+    x2 = x.clone()
+    x2[:, 20:] = torch.randn(2, 10, 16)
+    y2 = m(x2)
+    assert torch.allclose(y[:, :20], y2[:, :20], atol=1e-6)
+    assert not torch.allclose(y[:, 20:], y2[:, 20:], atol=1e-3)
+    y.square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+               for p in m.parameters())
+
+
+def test_mamba_block_matches_reference_scan(monkeypatch):
+    torch.manual_seed(0)
+    m = Mamba(16, d_state=8)
+    x = torch.randn(2, 21, 16)
+    y = m(x)
+    monkeypatch.setattr(mm, "selective_scan", selective_scan_ref)
+    assert _rel(y, m(x)) <= 1e-4
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_bimamba_sees_both_directions(shared):
+    torch.manual_seed(0)
+    m = BiMamba(16, d_state=8, shared=shared)
+    n_params = sum(p.numel() for p in m.parameters())
+    assert n_params == sum(p.numel() for p in Mamba(16, d_state=8).parameters()) * (1 if shared else 2)
+    x = torch.randn(1, 24, 16)
+    y = m(x)
+    x2 = x.clone()
+    x2[:, 18:] += 1.0
+    y2 = m(x2)
+    assert y.shape == x.shape
+    assert not torch.allclose(y[:, :18], y2[:, :18], atol=1e-4)  # earlier outputs see the future
+    summed = BiMamba(16, d_state=8, shared=shared, combine="sum")
+    summed.load_state_dict(m.state_dict())
+    assert torch.allclose(summed(x), 2 * y, atol=1e-6)
+    with pytest.raises(ValueError, match="combine"):
+        BiMamba(16, combine="max")
