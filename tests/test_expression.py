@@ -311,27 +311,58 @@ def folds_for(adata: ad.AnnData, n_folds=3, test_fraction=0.25) -> pd.DataFrame:
     return make_splits(pts, SplitParams(n_folds=n_folds, test_fraction=test_fraction))
 
 
-def test_normalisation_equals_scanpy(cohort):
+def test_normalisation_equals_an_independent_numpy_reference(cohort):
+    """CPM over every gene, natural log1p, z-scores with training means and (n-1) stds, written out in numpy."""
     folds = folds_for(cohort)
-    params = NormalizeParams(n_top_genes=60)
-    out = normalize_fold(cohort, folds, 1, params)
-    train = out.obs_names[out.obs["role"] == "train"]
-    ref = ad.AnnData(X=cohort.layers["counts"].astype(np.float64), obs=cohort.obs[[]], var=cohort.var[[]])
-    ref.layers["counts"] = ref.X.copy()
-    sc.pp.normalize_total(ref, target_sum=1e6)
-    sc.pp.log1p(ref)
-    tr = ref[train].copy()
-    sc.pp.highly_variable_genes(tr, flavor="seurat_v3", n_top_genes=60, layer="counts")
-    genes = tr.var_names[tr.var["highly_variable"]]
-    assert list(out.var_names) == list(genes)
-    tr = tr[:, genes].copy()
-    sc.pp.scale(tr)
-    np.testing.assert_allclose(out[train].X, tr.X, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out.var["mean"], tr.var["mean"])
-    expected_all = (ref[:, genes].X - tr.var["mean"].to_numpy()) / tr.var["std"].to_numpy()
-    np.testing.assert_allclose(out.X, expected_all, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(out.layers["lognorm"], ref[:, genes].X, rtol=1e-6)
-    assert out.uns["normalization"]["train_patients"] == list(train)
+    out = normalize_fold(cohort, folds, 1, NormalizeParams(n_top_genes=60))
+    train = (out.obs["role"] == "train").to_numpy()
+    assert list(out.obs_names) == list(cohort.obs_names) and 2 <= train.sum() < len(train)
+    counts = np.asarray(cohort.layers["counts"], dtype=np.float64)
+    lognorm = np.log(1.0 + counts / counts.sum(axis=1, keepdims=True) * 1e6)
+    cols = cohort.var_names.get_indexer(out.var_names)
+    mean = lognorm[train][:, cols].mean(axis=0)
+    std = lognorm[train][:, cols].std(axis=0, ddof=1)
+    std[std < 1e-6] = 1.0
+    np.testing.assert_allclose(out.layers["lognorm"], lognorm[:, cols], rtol=1e-6)
+    np.testing.assert_allclose(out.var["mean"], mean, rtol=1e-9)
+    np.testing.assert_allclose(out.var["std"], std, rtol=1e-9)
+    np.testing.assert_allclose(out.X, (lognorm[:, cols] - mean) / std, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out[train].X.mean(axis=0), 0, atol=1e-5)
+    # gene selection: seurat_v3 (a loess fit, no short numpy twin) on the training patients' raw counts only
+    hvg = ad.AnnData(X=counts[train], var=pd.DataFrame(index=cohort.var_names))
+    sc.pp.highly_variable_genes(hvg, flavor="seurat_v3", n_top_genes=60)
+    assert list(out.var_names) == list(hvg.var_names[hvg.var["highly_variable"]])
+    assert out.uns["normalization"]["train_patients"] == list(out.obs_names[train])
+
+
+def test_hvg_on_log2_values_picks_the_genes_of_the_same_counts(cohort_dir, cohort, tmp_path):
+    """The cohort's own CPM given as a Xena-style log2(x+1) matrix: scanpy's seurat flavour must undo log2, not
+    ln, or every dispersion is skewed (before expression.log_base only ~60-70% of the genes agreed)."""
+    counts = np.asarray(cohort.layers["counts"], dtype=np.float64)
+    cpm = counts / counts.sum(axis=1, keepdims=True) * 1e6
+    matrix = pd.DataFrame(np.log2(cpm + 1).T, index=pd.Index(cohort.var_names, name="sample"),
+                          columns=cohort.obs_names)
+    matrix.to_csv(tmp_path / "HiSeqV2", sep="\t")
+    sheet = pd.read_csv(cohort_dir / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
+    sheet.assign(expression_path="", slide_id=[f"s{i}" for i in range(len(sheet))], slide_path="s.svs").to_csv(
+        tmp_path / "samples.tsv", sep="\t", index=False)
+    (tmp_path / "s.svs").write_bytes(b"")
+    logged = build_cohort(load_sample_sheet(tmp_path / "samples.tsv"),
+                          CohortParams(matrix=str(tmp_path / "HiSeqV2"), matrix_values="log"))
+    assert list(logged.obs_names) == list(cohort.obs_names)
+    folds = folds_for(cohort)
+    for n_top in (30, 60):
+        from_counts = normalize_fold(cohort, folds, 0, NormalizeParams(n_top_genes=n_top, hvg_flavor="seurat"))
+        from_log2 = normalize_fold(logged, folds, 0, NormalizeParams(n_top_genes=n_top))  # auto: none + seurat
+        assert from_log2.uns["normalization"]["log_base"] == 2.0
+        assert from_counts.uns["normalization"]["log_base"] is None  # our own log1p is natural
+        shared = set(from_counts.var_names) & set(from_log2.var_names)
+        assert len(shared) >= 0.95 * n_top, (n_top, len(shared))
+    genes = [g for g in from_log2.var_names if g in shared]
+    in_log2, in_ln = from_log2[:, genes].layers["lognorm"], from_counts[:, genes].layers["lognorm"]
+    np.testing.assert_allclose(in_log2, in_ln / np.log(2), rtol=1e-4, atol=1e-4)  # the same values, base 2
+    with pytest.raises(ValueError, match="log_base must be > 1"):
+        NormalizeParams(log_base=1.0)
 
 
 def test_no_leakage_from_validation_and_test_patients(cohort):

@@ -8,7 +8,9 @@ Steps (scanpy does the computing):
    re-close TPM over the kept genes, use ``cpm_log1p`` for that); ``none`` (values already normalised,
    e.g. Xena log2(x+1)). ``auto`` picks ``cpm_log1p`` for counts, ``log1p`` for TPM/FPKM, ``none`` for log.
 2. gene selection on the **training patients**: ``sc.pp.highly_variable_genes`` (``seurat_v3`` on raw
-   counts, or ``seurat``/``cell_ranger`` on the log values), a user gene list, or all genes;
+   counts, or ``seurat``/``cell_ranger`` on the log values), a user gene list, or all genes. ``seurat``
+   undoes the log with ``expm1`` and so must know its base: natural for our ``log1p``, ``log_base`` (2 for
+   Xena's log2(x+1)) for values that came in already logged;
 3. z-scoring with means and standard deviations from ``sc.pp.scale`` on the **training patients**, then
    applied to every patient (train, val and test). A gene constant in training (std 0, or below 1e-6
    from rounding) gets std 1, as in scanpy.
@@ -55,6 +57,7 @@ class NormalizeParams:
     max_value: float = 0.0  # clip z-scores to +-max_value; 0 = no clipping
     gene_order: str = "given"
     gene_sets: str = ""
+    log_base: float = 2.0  # base of already-logged input (matrix_values: log; Xena HiSeqV2 is log2(x+1))
 
     def __post_init__(self) -> None:
         for name, allowed in (("normalization", NORMALIZATIONS), ("gene_selection", SELECTIONS),
@@ -63,6 +66,9 @@ class NormalizeParams:
                 raise ValueError(f"expression.{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         if self.gene_selection == "list" and not self.gene_list:
             raise ValueError("expression.gene_selection is 'list' but expression.gene_list is empty")
+        if not float(self.log_base) > 1:
+            raise ValueError(f"expression.log_base must be > 1 (2 for log2(x+1), 2.718281828 for natural log), "
+                             f"not {self.log_base!r}")
 
 
 def resolve(params: NormalizeParams, value_kind: str) -> tuple[str, str]:
@@ -134,8 +140,13 @@ def _gene_list(path: str, var: pd.DataFrame) -> list[str]:
 
 
 def select_genes(train_lognorm: np.ndarray, train_raw: np.ndarray, var: pd.DataFrame, params: NormalizeParams,
-                 flavor: str) -> tuple[list[str], pd.DataFrame]:
-    """Selected gene IDs (cohort order, or list order) and per-gene selection statistics; training data only."""
+                 flavor: str, log_base: float | None = None) -> tuple[list[str], pd.DataFrame]:
+    """Selected gene IDs (cohort order, or list order) and per-gene selection statistics; training data only.
+
+    ``log_base``: the base of ``train_lognorm`` when it is not natural (scanpy's ``seurat`` flavour reads it
+    from ``uns['log1p']['base']``; without it log2 values are exponentiated as if natural, which skews every
+    dispersion and so the gene set).
+    """
     import scanpy as sc
 
     stats = pd.DataFrame(index=var.index)
@@ -148,6 +159,7 @@ def select_genes(train_lognorm: np.ndarray, train_raw: np.ndarray, var: pd.DataF
         log.warning("n_top_genes %d >= %d genes: every gene is kept", n_top, var.shape[0])
         return list(var.index), stats
     train = ad.AnnData(X=train_lognorm, layers={"counts": train_raw}, var=pd.DataFrame(index=var.index))
+    train.uns["log1p"] = {"base": log_base}  # None: natural log, as sc.pp.log1p writes it
     if flavor == "seurat_v3":
         sc.pp.highly_variable_genes(train, flavor="seurat_v3", n_top_genes=n_top, layer="counts")
     else:
@@ -238,7 +250,8 @@ def fit(cohort: ad.AnnData, train: list[str], params: NormalizeParams) -> dict[s
     rows = cohort.obs_names.get_indexer(train)
     raw = np.asarray(cohort.layers[layer][rows], dtype=np.float64)
     lognorm = lognormalize(raw, norm, params.target_sum)
-    genes, stats = select_genes(lognorm, raw, cohort.var, params, flavor)
+    log_base = float(params.log_base) if kind == "log" else None  # our own log1p is natural
+    genes, stats = select_genes(lognorm, raw, cohort.var, params, flavor, log_base)
     frame = pd.DataFrame(lognorm, columns=cohort.var_names)
     genes = order_genes(genes, cohort.var, frame, params.gene_order, params.gene_selection == "list")
 
@@ -259,6 +272,7 @@ def fit(cohort: ad.AnnData, train: list[str], params: NormalizeParams) -> dict[s
         "raw_layer": layer,
         "gene_selection": params.gene_selection,
         "hvg_flavor": flavor if params.gene_selection == "hvg" else "",
+        "log_base": log_base,
         "n_top_genes": int(params.n_top_genes),
         "gene_order": params.gene_order,
         "scale": bool(params.scale),
