@@ -321,9 +321,10 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     S = int(segment_size or SEGMENT_SIZE)
     if T < 1 or S < 1:
         raise ValueError(f"chunk_size and segment_size must be >= 1; got {T} and {S}")
-    S = max(T, S // T * T)  # a segment is whole chunks
     dtype = u.dtype
     batch, dim, length = u.shape
+    T = max(1, min(T, length))  # a short sequence is one chunk
+    S = max(T, S // T * T)  # a segment is whole chunks
     uf = u.float()
     dt = _prepare_delta(delta, delta_bias, delta_softplus)  # (B, D, L)
     Bg, Cg = _grouped(B, batch, length), _grouped(C, batch, length)  # (B, G, N, L)
