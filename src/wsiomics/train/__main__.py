@@ -1,0 +1,84 @@
+"""``python -m wsiomics.train {pretrain,finetune,methods}``: the training stages' command line.
+
+The method's resolved configuration arrives as one JSON document (``--config``, built by the workflow
+from ``config.yaml``'s ``train:`` section); it is parsed with ``json.loads``, never evaluated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from wsiomics.cli import configure_logging
+
+log = logging.getLogger("wsiomics.train")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", required=True, help="method name (python -m wsiomics.train methods)")
+    p.add_argument("--fold", type=int, required=True, help="fold number of the folds table")
+    p.add_argument("--folds", required=True, help="results/splits/folds.tsv")
+    p.add_argument("--samples", default="", help="the sample sheet (maps slides to patients)")
+    p.add_argument("--features", default="", help="folder of per-slide feature stores (results/features/<encoder>)")
+    p.add_argument("--expression", default="", help="the fold's expression store (results/expression/fold<k>.zarr)")
+    p.add_argument("--config", required=True, help="the method's resolved configuration as JSON (or @file.json)")
+    p.add_argument("--out-dir", required=True, help="results/models/<method>/fold<k>")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (overrides the config's)")
+
+
+def _config(text: str) -> dict:
+    if text.startswith("@"):
+        with open(text[1:]) as f:
+            text = f.read()
+    return json.loads(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wsiomics.train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    pre = sub.add_parser("pretrain", help="pretrain a method's encoders on the fold's training patients")
+    _common(pre)
+    ft = sub.add_parser("finetune", help="fine-tune (or fit) and evaluate on the fold's test patients")
+    _common(ft)
+    ft.add_argument("--pretrained", default="", help="the fold's pretrain/model.pt (methods with pretraining)")
+    sub.add_parser("methods", help="list the methods")
+    sm = sub.add_parser("summarize", help="method x metric table (mean, std over folds) from metrics.json files")
+    sm.add_argument("metrics", nargs="+", help="results/models/<method>/fold<k>/metrics.json")
+    sm.add_argument("--out", required=True, help="results/models/summary.tsv")
+    args = parser.parse_args(argv)
+    configure_logging()
+
+    from wsiomics.train.methods import METHODS, get_method
+
+    if args.command == "methods":
+        for name, m in METHODS.items():
+            print(f"{name:24s} {'pretrain+' if m.pretrain else ''}{m.task:10s} {m.description}")
+        return 0
+    if args.command == "summarize":
+        from wsiomics.train.evaluate import summarize, write_summary
+
+        table = summarize(args.metrics)
+        write_summary(args.out, table)
+        print(table.to_string())
+        return 0
+    from wsiomics.train.run import finetune, load_inputs, pretrain
+
+    cfg = _config(args.config)
+    if args.threads:
+        cfg["threads"] = args.threads
+    method = get_method(args.method)
+    data = load_inputs(args.folds, args.samples or None, args.features or None, args.expression or None, args.fold,
+                       method)
+    if args.command == "pretrain":
+        info = pretrain(args.method, cfg, data, args.out_dir)
+    else:
+        info = finetune(args.method, cfg, data, args.out_dir, args.pretrained or None)
+    log.info("done: %s", info)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The one evaluation: per-patient predictions, scikit-learn metrics, embeddings and per-tile attention.
+
+Test patients are run one at a time with every token (no crop, no padding). Outputs follow the contract
+of ``results/models/<method>/fold<k>/`` (README "Training and evaluation").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import zarr
+from sklearn import metrics as skm
+
+from wsiomics.datasets import DatasetParams, FoldData, PatientRecord
+from wsiomics.io import atomic_path, atomic_zarr, json_safe, write_text
+from wsiomics.train.loop import autocast
+
+EMBEDDINGS = ("image", "gene", "fused")
+
+
+@dataclass
+class PatientResult:
+    patient: PatientRecord
+    probs: np.ndarray | None = None  # (C,)
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
+    attention: list[np.ndarray] = field(default_factory=list)  # per slide, raster order
+    tile_scores: list[np.ndarray] = field(default_factory=list)  # per slide, raster order
+
+
+@torch.no_grad()
+def run_model(model: torch.nn.Module, data: FoldData, roles: tuple[str, ...], device: torch.device,
+              params: DatasetParams) -> list[PatientResult]:
+    """Every patient of ``roles`` through the model, alone and with all of its tokens."""
+    dataset = data.dataset(roles, params, train=False)
+    loader = data.loader(dataset, batch_size=1, shuffle=False)
+    model.to(device).eval()
+    results = []
+    for batch, patient in zip(loader, dataset.patients, strict=True):
+        with autocast(device):
+            out = model(batch.to(device))
+        res = PatientResult(patient)
+        if out.logits is not None:
+            res.probs = torch.softmax(out.logits.float(), dim=-1)[0].cpu().numpy()
+        for name in EMBEDDINGS:
+            value = getattr(out, name)
+            if value is not None:
+                res.embeddings[name] = value.float()[0].cpu().numpy()
+        sidx = batch.slide_index[0].numpy()
+        for attr, dest in (("attention", res.attention), ("tile_logits", res.tile_scores)):
+            value = getattr(out, attr)
+            if value is not None and patient.slides:
+                v = value.float()[0].cpu().numpy()
+                dest.extend(v[sidx == k] for k in range(len(patient.slides)))
+        results.append(res)
+    return results
+
+
+def classification_metrics(labels: list[str], probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """accuracy, balanced accuracy, macro one-vs-rest AUC and macro F1 (scikit-learn) over labelled patients."""
+    keep = [i for i, y in enumerate(labels) if y in classes]
+    out: dict[str, Any] = {"n_test": len(keep)}
+    if not keep:
+        return {**out, "accuracy": None, "balanced_accuracy": None, "auc_macro": None, "f1_macro": None}
+    y = np.array([classes.index(labels[i]) for i in keep])
+    p = probs[keep]
+    pred = p.argmax(1)
+    out["accuracy"] = float(skm.accuracy_score(y, pred))
+    out["balanced_accuracy"] = float(skm.balanced_accuracy_score(y, pred))
+    out["f1_macro"] = float(skm.f1_score(y, pred, average="macro", labels=np.unique(y), zero_division=0))
+    present = np.unique(y)
+    if len(present) < 2:
+        out["auc_macro"] = None  # undefined with one class among the test patients
+    elif len(classes) == 2:
+        out["auc_macro"] = float(skm.roc_auc_score(y, p[:, 1]))
+    else:
+        # One-vs-rest over the classes present among the test patients, renormalised over them.
+        sub = p[:, present] / np.clip(p[:, present].sum(1, keepdims=True), 1e-12, None)
+        yy = np.searchsorted(present, y)
+        out["auc_macro"] = float(skm.roc_auc_score(yy, sub, multi_class="ovr", average="macro")) if len(
+            present) > 2 else float(skm.roc_auc_score(yy, sub[:, 1]))
+    return out
+
+
+def predictions_table(results: list[PatientResult], fold: int, classes: list[str]) -> pd.DataFrame:
+    rows = []
+    for r in results:
+        if r.probs is None:
+            continue
+        row = {"patient_id": r.patient.patient_id, "fold": fold, "role": r.patient.role, "label": r.patient.label,
+               "predicted": classes[int(np.argmax(r.probs))]}
+        row.update({f"prob_{c}": float(p) for c, p in zip(classes, r.probs, strict=True)})
+        rows.append(row)
+    columns = ["patient_id", "fold", "role", "label", "predicted", *[f"prob_{c}" for c in classes]]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def metrics_by_role(table: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
+    """Metrics of the fold's ``test`` patients at the top level, the fixed ``heldout`` set on its own."""
+    def of(role: str) -> dict[str, Any]:
+        part = table[table["role"] == role]
+        probs = part[[f"prob_{c}" for c in classes]].to_numpy() if len(part) else np.zeros((0, len(classes)))
+        return classification_metrics(part["label"].tolist(), probs, classes)
+
+    out = of("test")
+    if (table["role"] == "heldout").any():
+        out["heldout"] = of("heldout")
+    return out
+
+
+def write_predictions(path: str | Path, table: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+
+
+def write_json(path: str | Path, value: dict[str, Any]) -> None:
+    def clean(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    write_text(path, json.dumps(clean(json_safe(value)), indent=1) + "\n")
+
+
+def write_embeddings(path: str | Path, results: list[PatientResult], attrs: dict[str, Any]) -> None:
+    """``patient_id`` plus each embedding every patient has, one row per patient."""
+    with atomic_zarr(path, attrs=json_safe(attrs)) as root:
+        ids = np.array([r.patient.patient_id for r in results], dtype=str)
+        root.create_array("patient_id", data=ids)
+        root.create_array("role", data=np.array([r.patient.role for r in results], dtype=str))
+        for name in EMBEDDINGS:
+            if results and all(name in r.embeddings for r in results):
+                root.create_array(name, data=np.stack([r.embeddings[name] for r in results]).astype(np.float32))
+
+
+def _stored_order(slide, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tile values from raster order back to the store's row order, with the store's coords."""
+    coords = zarr.open_array(f"{slide.store}/coords", mode="r")[:]
+    out = np.empty(slide.n_tokens, dtype=np.float32)
+    out[slide.order] = values
+    return coords, out
+
+
+def write_tile_maps(out_dir: str | Path, results: list[PatientResult], kind: str, array: str,
+                    attrs: dict[str, Any]) -> list[str]:
+    """One store per slide, ``coords`` exactly as in the tiles store plus ``array`` per tile."""
+    written = []
+    for r in results:
+        values = r.attention if kind == "attention" else r.tile_scores
+        for slide, v in zip(r.patient.slides, values, strict=False):
+            coords, ordered = _stored_order(slide, v)
+            with atomic_zarr(Path(out_dir) / f"{slide.slide_id}.zarr",
+                             attrs=json_safe({**attrs, "slide_id": slide.slide_id,
+                                              "patient_id": r.patient.patient_id})) as root:
+                root.create_array("coords", data=coords.astype(np.int64))
+                root.create_array(array, data=ordered)
+            written.append(slide.slide_id)
+    return written
+
+
+SUMMARY_METRICS = ("balanced_accuracy", "accuracy", "auc_macro", "f1_macro", "recall_i2g@1", "recall_i2g@5",
+                   "recall_g2i@1", "recall_g2i@5", "dice_mean", "dice_pooled")
+
+
+def summarize(paths: list[str]) -> pd.DataFrame:
+    """One row per method: mean and std over folds of each metric the method reports."""
+    records = []
+    for path in paths:
+        with open(path) as f:
+            m = json.load(f)
+        records.append({"method": m["method"], "fold": m["fold"],
+                        **{k: m.get(k) for k in SUMMARY_METRICS if m.get(k) is not None}})
+    frame = pd.DataFrame(records)
+    rows = []
+    for method, part in frame.groupby("method", sort=False):
+        row: dict[str, Any] = {"method": method, "n_folds": len(part)}
+        for k in SUMMARY_METRICS:
+            if k in part and part[k].notna().any():
+                values = part[k].dropna().astype(float)
+                row[f"{k}_mean"] = values.mean()
+                row[f"{k}_std"] = values.std(ddof=0)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_summary(path: str | Path, table: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, sep="\t", index=False, float_format="%.4f")

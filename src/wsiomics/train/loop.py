@@ -1,0 +1,214 @@
+"""The one training loop: AdamW, warm-up + cosine, clipping, early stopping on ``val``, atomic resumable checkpoints.
+
+Every method trains through :func:`fit` with its own objective (a function of model, batch and a
+torch generator returning named loss tensors, ``loss`` first). After each epoch the whole state
+(model, optimiser, schedule, RNG states, early-stopping bookkeeping, history) is written atomically, so a
+killed job resumes from its last finished epoch and, on CPU, continues bit-identically: data order and
+crops are drawn from (seed, epoch), masks from a generator whose state is checkpointed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from wsiomics.io import atomic_path
+from wsiomics.models.batch import Batch
+
+log = logging.getLogger(__name__)
+
+Objective = Callable[[torch.nn.Module, Batch, torch.Generator], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class OptimParams:
+    epochs: int = 30
+    lr: float = 1e-3
+    encoder_lr_scale: float = 1.0  # encoders' learning rate = lr * this (fine-tuning: < 1)
+    weight_decay: float = 0.05
+    warmup_epochs: float = 2.0
+    min_lr_ratio: float = 0.01  # cosine floor, as a share of lr
+    grad_clip: float = 1.0  # max gradient norm (0: off)
+    patience: int = 10  # epochs without val improvement before stopping (0: never stop early)
+    min_epochs: int = 5  # no early stop before this many epochs
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device is '{spec}' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return device
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; plain fp32 on CPU (deterministic, and small models gain nothing there)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def config_digest(config: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _param_groups(model: torch.nn.Module, params: OptimParams) -> list[dict]:
+    encoder_ids = set()
+    if hasattr(model, "encoder_parameters"):
+        encoder_ids = {id(p) for p in model.encoder_parameters()}
+    enc, head = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (enc if id(p) in encoder_ids else head).append(p)
+    groups = [{"params": head, "lr": params.lr}]
+    if enc:
+        groups.append({"params": enc, "lr": params.lr * params.encoder_lr_scale})
+    return groups
+
+
+def _schedule(optimizer: torch.optim.Optimizer, params: OptimParams, steps_per_epoch: int):
+    total = max(1, params.epochs * steps_per_epoch)
+    warmup = int(round(params.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return params.min_lr_ratio + (1 - params.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]]
+    best_epoch: int
+    stopped_early: bool
+
+
+def _mean_losses(model: torch.nn.Module, objective: Objective, loader: Iterable[Batch], device: torch.device,
+                 seed: int) -> dict[str, float]:
+    """Mean of each named loss over a loader, in eval mode, with fixed masks (same every epoch)."""
+    model.eval()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    sums: dict[str, float] = {}
+    n = 0
+    with torch.no_grad(), autocast(device):
+        for batch in loader:
+            losses = objective(model, batch.to(device), gen)
+            k = len(batch)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + float(value) * k
+            n += k
+    return {name: s / max(1, n) for name, s in sums.items()}
+
+
+def fit(model: torch.nn.Module, objective: Objective, train_loader, val_loader, params: OptimParams,
+        state_path: str | Path, config: dict[str, Any], device: torch.device, seed: int,
+        desc: str = "train") -> FitResult:
+    """Train ``model`` in place; on return it holds the best-on-val weights (or the last, without val)."""
+    state_path = Path(state_path)
+    model.to(device)
+    optimizer = torch.optim.AdamW(_param_groups(model, params), weight_decay=params.weight_decay)
+    scheduler = _schedule(optimizer, params, len(train_loader))
+    digest = config_digest({"config": config, "optim": asdict(params)})
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    history: list[dict[str, float]] = []
+    best = {"epoch": -1, "value": math.inf, "state": None}
+    bad_epochs, start_epoch, stopped = 0, 0, False
+
+    if state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if state.get("digest") == digest:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+            gen.set_state(state["mask_rng"])
+            history = [dict(h) for h in state["history"]]
+            best = {"epoch": int(state["best_epoch"]), "value": float(state["best_value"]),
+                    "state": state["best_model"]}
+            bad_epochs, start_epoch, stopped = int(state["bad_epochs"]), int(state["epoch"]) + 1, bool(state["stopped"])
+            log.info("%s: resuming after epoch %d from %s", desc, start_epoch - 1, state_path)
+        else:
+            log.info("%s: %s was written for another configuration; starting afresh", desc, state_path)
+    else:
+        torch.manual_seed(seed)
+
+    has_val = val_loader is not None and len(val_loader.batch_sampler) > 0
+    for epoch in range(start_epoch, params.epochs):
+        if stopped:
+            break
+        model.train()
+        train_loader.batch_sampler.set_epoch(epoch)
+        sums: dict[str, float] = {}
+        n, t0 = 0, time.perf_counter()
+        for batch in tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{params.epochs}", mininterval=10,
+                          leave=False):
+            batch = batch.to(device)
+            with autocast(device):
+                losses = objective(model, batch, gen)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            if params.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            k = len(batch)
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + float(value.detach()) * k
+            n += k
+        row = {"epoch": epoch + 1, **{f"train_{k}": v / max(1, n) for k, v in sums.items()},
+               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
+        if has_val:
+            val = _mean_losses(model, objective, val_loader, device, seed + 1)
+            row.update({f"val_{k}": v for k, v in val.items()})
+            if val["loss"] < best["value"] - 1e-6:
+                best = {"epoch": epoch + 1, "value": val["loss"],
+                        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+            stopped = (params.patience > 0 and bad_epochs >= params.patience and epoch + 1 >= params.min_epochs)
+        history.append(row)
+        log.info("%s epoch %d: %s", desc, epoch + 1,
+                 " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        _save_state(state_path, {
+            "digest": digest, "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(), "mask_rng": gen.get_state(),
+            "history": history, "best_epoch": best["epoch"], "best_value": best["value"],
+            "best_model": best["state"], "bad_epochs": bad_epochs, "stopped": stopped,
+        })
+        if stopped:
+            log.info("%s: early stop after epoch %d (best val loss %.4g at epoch %d)", desc, epoch + 1,
+                     best["value"], best["epoch"])
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    return FitResult(history=history, best_epoch=best["epoch"] if has_val else len(history), stopped_early=stopped)
+
+
+def _save_state(path: Path, state: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def save_model(path: str | Path, model: torch.nn.Module, metadata: dict[str, Any]) -> None:
+    """The final weights plus everything needed to rebuild and apply the model (loads with weights_only)."""
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "metadata": json.loads(json.dumps(metadata, default=str))}, tmp)
+
+
+def load_model_state(path: str | Path) -> dict[str, Any]:
+    return torch.load(Path(path), map_location="cpu", weights_only=True)

@@ -1,0 +1,93 @@
+"""Methods: a name plus a configuration, never a copy of the training code.
+
+Each method names a model builder, whether it has a pretraining stage (``model.pretrain_loss``), what it
+is fine-tuned for, and fixed overrides of the shared ``train:`` configuration (``gimp_no_mpm`` is
+``gimp`` with ``use_mpm: false``). The user's ``train.methods`` overrides merge on top, so any choice of
+any method is configurable without code.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    model: str  # key of MODEL_BUILDERS, or "sklearn_*" for the scikit-learn baselines
+    pretrain: bool = False  # has a pretraining stage before fine-tuning
+    task: str = "classify"  # classify | segment
+    modalities: tuple[str, ...] = ("image", "gene")
+    overrides: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def is_sklearn(self) -> bool:
+        return self.model.startswith("sklearn_")
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+for _m in (
+    Method("gimp", "gimp", pretrain=True, description="GiMP: GMSA genes + slide transformer, MPM + triplet "
+           "pretraining, classification fine-tune"),
+    Method("gimp_no_mpm", "gimp", pretrain=True, overrides={"model": {"use_mpm": False}},
+           description="GiMP pretrained with the triplet loss only"),
+    Method("gimp_no_triplet", "gimp", pretrain=True, overrides={"model": {"use_triplet": False}},
+           description="GiMP pretrained with masked patch modelling only"),
+    Method("gimp_no_pretrain", "gimp", description="the GiMP network fine-tuned from random initialisation"),
+    Method("late_fusion", "late_fusion", description="slide transformer and GMSA, one head each, predictions "
+           "averaged; no pretraining"),
+    Method("gene_only", "gene_only", modalities=("gene",), description="GMSA gene encoder + head"),
+    Method("image_only", "image_only", modalities=("image",), description="gated attention MIL (ABMIL) + head"),
+    Method("linear", "sklearn_logistic", description="logistic regression on mean-pooled patch features + genes"),
+):
+    register(_m)
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise KeyError(f"unknown method {name!r}; known: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in (update or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def method_config(train_config: dict[str, Any], name: str) -> dict[str, Any]:
+    """The resolved configuration of one method: shared ``train:`` settings, then the method's fixed
+    overrides, then the user's ``train.methods.<name>`` overrides."""
+    method = get_method(name)
+    shared = {k: v for k, v in train_config.items() if k not in ("methods", "run")}
+    resolved = deep_merge(shared, method.overrides)
+    resolved = deep_merge(resolved, (train_config.get("methods") or {}).get(name) or {})
+    resolved["method"] = name
+    return resolved
+
+
+ModelBuilder = Callable[..., Any]
+MODEL_BUILDERS: dict[str, ModelBuilder] = {}
+
+
+def model_builder(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+    def wrap(fn: ModelBuilder) -> ModelBuilder:
+        MODEL_BUILDERS[name] = fn
+        return fn
+
+    return wrap

@@ -1,0 +1,114 @@
+"""The shared training loop: resumes bit-identically, is seeded, stops early on val, checkpoints safely."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_datasets import _cohort
+
+from wsiomics.datasets import DatasetParams, load_fold
+from wsiomics.models.batch import ModelOutput
+from wsiomics.train import loop
+from wsiomics.train.loop import OptimParams, fit
+from wsiomics.train.run import classify_objective
+
+
+class TinyMIL(torch.nn.Module):
+    """Mean-pooled tokens + genes -> logits, with dropout so the RNG state matters on resume."""
+
+    def __init__(self, in_dim: int, n_genes: int, n_classes: int) -> None:
+        super().__init__()
+        self.enc = torch.nn.Sequential(torch.nn.Linear(in_dim, 16), torch.nn.GELU(), torch.nn.Dropout(0.3))
+        self.gene = torch.nn.Linear(n_genes, 16)
+        self.head = torch.nn.Linear(32, n_classes)
+
+    def encoder_parameters(self):
+        return list(self.enc.parameters()) + list(self.gene.parameters())
+
+    def forward(self, batch):
+        m = batch.token_mask.unsqueeze(-1).float()
+        pooled = (self.enc(batch.features) * m).sum(1) / m.sum(1).clamp(min=1)
+        return ModelOutput(logits=self.head(torch.cat([pooled, self.gene(batch.genes)], -1)))
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    folds, slides, stores, expr, _ = _cohort(tmp_path_factory.mktemp("cohort"))
+    return load_fold(folds, 0, slides, stores, expr)
+
+
+@pytest.fixture
+def tmp_path(tmp_path, cohort):  # every test here also gets the module's cohort through _setup
+    _DATA["fold"] = cohort
+    return tmp_path
+
+
+_DATA: dict = {}
+
+
+def _setup(tmp_path):
+    data = _DATA["fold"]
+    params = DatasetParams(max_tokens=9, crop="sample", seed=0)
+    train = data.loader(data.dataset(("train",), params, train=True), 2, shuffle=True, seed=0)
+    val = data.loader(data.dataset(("val",), params, train=False), 2, shuffle=False)
+    return data, train, val
+
+
+def _run(tmp_path, state, epochs=6, **kw):
+    data, train, val = _setup(tmp_path)
+    torch.manual_seed(0)
+    model = TinyMIL(data.feature_dim, len(data.genes), len(data.classes))
+    params = OptimParams(epochs=epochs, lr=3e-3, warmup_epochs=1, patience=0, **kw)
+    result = fit(model, classify_objective(0.0), train, val, params, state, {"x": 1}, torch.device("cpu"), seed=0)
+    return model, result
+
+
+def test_same_seed_same_weights(tmp_path):
+    a, ra = _run(tmp_path, tmp_path / "a.pt")
+    b, rb = _run(tmp_path, tmp_path / "b.pt")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    assert [h["train_loss"] for h in ra.history] == [h["train_loss"] for h in rb.history]
+
+
+def test_killed_run_resumes_bit_identically(tmp_path, monkeypatch):
+    straight, _ = _run(tmp_path, tmp_path / "straight.pt")
+    saves = []
+    real = loop._save_state
+
+    def killed_after_three(path, state):
+        real(path, state)
+        saves.append(state["epoch"])
+        if len(saves) == 3:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(loop, "_save_state", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, tmp_path / "resumed.pt")
+    monkeypatch.setattr(loop, "_save_state", real)
+    state = torch.load(tmp_path / "resumed.pt", weights_only=True)  # safe loading works on our checkpoints
+    assert state["epoch"] == 2
+    resumed, result = _run(tmp_path, tmp_path / "resumed.pt")
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5, 6]
+    for (k, va), vb in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+
+
+def test_other_config_starts_afresh(tmp_path):
+    _run(tmp_path, tmp_path / "s.pt", epochs=2)
+    _, result = _run(tmp_path, tmp_path / "s.pt", epochs=3)  # different optimiser settings: digest differs
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+
+
+def test_early_stopping_keeps_the_best_val_weights(tmp_path):
+    model, result = _run(tmp_path, tmp_path / "e.pt", epochs=10, min_epochs=1)
+    vals = [h["val_loss"] for h in result.history]
+    assert result.best_epoch == 1 + vals.index(min(vals))
+    # fit with patience: stops before the epoch budget once val stops improving
+    data, train, val = _setup(tmp_path)
+    torch.manual_seed(0)
+    m = TinyMIL(data.feature_dim, len(data.genes), len(data.classes))
+    r = fit(m, classify_objective(0.0), train, val, OptimParams(epochs=60, lr=3e-2, patience=2, min_epochs=1),
+            tmp_path / "p.pt", {}, torch.device("cpu"), seed=0)
+    assert r.stopped_early and len(r.history) < 60
+    assert len(r.history) - r.best_epoch == 2
