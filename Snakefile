@@ -13,6 +13,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/synth.smk"
 include: "workflow/rules/tiling.smk"
 include: "workflow/rules/features.smk"
+include: "workflow/rules/splits.smk"
 include: "workflow/rules/expression.smk"
 
 

@@ -1,4 +1,4 @@
-"""Expression stage: readers and their errors, the cohort table, splits, leakage-free normalisation, the rules.
+"""Expression stage: readers and their errors, the cohort table, leakage-free normalisation, the rules.
 
 Fixtures are small files written into tmp_path (GDC files by the synthetic generator, in GDC's exact layout).
 One integration test runs the three rules through Snakemake on an expression-only cohort.
@@ -22,22 +22,19 @@ from wsiomics.expression import (
     CohortParams,
     ExpressionInputError,
     NormalizeParams,
-    SplitError,
-    SplitParams,
     apply_fitted,
     build_cohort,
     choose_samples,
     fit,
-    make_splits,
     normalize_fold,
     patient_of,
     read_gdc_star,
     write_anndata,
 )
 from wsiomics.expression.readers import plan_genes
-from wsiomics.expression.splits import check_splits
 from wsiomics.samples import load_sample_sheet
 from wsiomics.samples import patients as patient_table
+from wsiomics.splits import SplitParams, make_splits
 from wsiomics.synth.expression import gene_model, sample_counts, write_gdc_counts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,55 +257,11 @@ def test_h5ad_input_and_two_sources(tmp_path, cohort_dir):
         build_cohort(load_sample_sheet(cohort_dir / "samples.tsv"), CohortParams(matrix=str(tmp_path / "c.h5ad")))
 
 
-# ------------------------------------------------------------------------------------------------ splits
-
-
-def patients(n: int, labels: list[str]) -> pd.DataFrame:
-    return pd.DataFrame({"label": [labels[i % len(labels)] for i in range(n)], "has_slide": [i % 5 != 0 for i in
-                         range(n)], "has_expression": [i % 7 != 0 for i in range(n)]},
-                        index=[f"P{i:03d}" for i in range(n)])
-
-
-def test_splits_are_patient_disjoint_stratified_and_deterministic():
-    pts = patients(53, ["a", "b", "b", "c"])
-    table = make_splits(pts, SplitParams(n_folds=5, seed=1, test_fraction=0.2))
-    check_splits(table)
-    assert table.groupby("fold").size().eq(53).all() and not table.duplicated(["patient_id", "fold"]).any()
-    test = table[table.role == "test"]
-    assert test.groupby("fold")["patient_id"].apply(frozenset).nunique() == 1 and test.patient_id.nunique() == 11
-    val = table[table.role == "val"]
-    assert val.patient_id.is_unique and set(val.patient_id) | set(test.patient_id) == set(pts.index)
-    per_label = val.groupby(["fold", "label"]).size().unstack()
-    assert (per_label.max() - per_label.min()).le(1).all()  # each label spread evenly over folds
-    labels = test.drop_duplicates("patient_id").label.value_counts()
-    assert abs(labels["b"] / 11 - 0.5) < 0.1
-    flags = table.drop_duplicates("patient_id").set_index("patient_id")
-    assert (flags.has_expression == pts.has_expression).all()  # patients lacking a modality are kept, flagged
-    again = make_splits(pts.sample(frac=1, random_state=3), SplitParams(n_folds=5, seed=1, test_fraction=0.2))
-    key = ["patient_id", "fold"]
-    pd.testing.assert_frame_equal(table.sort_values(key).reset_index(drop=True),
-                                  again.sort_values(key).reset_index(drop=True))
-    assert not make_splits(pts, SplitParams(n_folds=5, seed=2)).equals(make_splits(pts, SplitParams(n_folds=5)))
-
-
-def test_split_label_rules():
-    pts = patients(10, ["a", "b"])
-    pts.loc["P003", "label"] = ""
-    with pytest.raises(SplitError, match=r"1 of 10 patients have no label \(P003\)"):
-        make_splits(pts, SplitParams(n_folds=2))
-    assert len(make_splits(pts, SplitParams(n_folds=2, stratify=False))) == 20
-    pts["label"] = ""
-    assert len(make_splits(pts, SplitParams(n_folds=2))) == 20  # no labels at all: unstratified
-    with pytest.raises(SplitError, match="n_folds is 11"):
-        make_splits(pts, SplitParams(n_folds=11))
-
-
 # ------------------------------------------------------------------------------------------------ normalize
 
 
 def folds_for(adata: ad.AnnData, n_folds=3, test_fraction=0.25) -> pd.DataFrame:
-    pts = adata.obs[["label"]].assign(has_slide=False, has_expression=True)
-    return make_splits(pts, SplitParams(n_folds=n_folds, test_fraction=test_fraction))
+    return make_splits(adata.obs[["label"]], SplitParams(n_folds=n_folds, test_fraction=test_fraction))
 
 
 def test_normalisation_equals_an_independent_numpy_reference(cohort):
@@ -448,9 +401,6 @@ def test_config_schema_and_code_defaults_agree():
     for key, value in code.items():
         default = props[key]["default"]
         assert (list(value) if isinstance(value, tuple) else value) == default, key
-    assert set(schema["splits"]["properties"]) == set(asdict(SplitParams())) == set(config["splits"])
-    for key, value in asdict(SplitParams()).items():
-        assert schema["splits"]["properties"][key]["default"] == value, key
 
 
 # ------------------------------------------------------------------------------------------------ workflow
@@ -478,8 +428,7 @@ def test_rules_run_and_outputs_read_back(tmp_path, model):
     table = ad.read_zarr(work / "results" / "expression" / "cohort.zarr")
     assert table.n_obs == 8 and set(table.var["gene_type"]) == {"protein_coding"}
     folds = pd.read_csv(work / "results" / "splits" / "folds.tsv", sep="\t", keep_default_na=False)
-    assert list(folds.columns[:3]) == ["patient_id", "fold", "role"] and folds.patient_id.nunique() == 9
-    assert not folds.set_index("patient_id").loc["TCGA-AA-0008", "has_expression"].any()
+    assert list(folds.columns) == ["patient_id", "fold", "role", "label"] and folds.patient_id.nunique() == 9
     for k in range(3):
         fold = ad.read_zarr(work / "results" / "expression" / f"fold{k}.zarr")
         assert fold.n_vars == 50 and fold.n_obs == 8 and "provenance" in fold.uns

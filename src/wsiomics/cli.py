@@ -15,11 +15,14 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls, prefix: str = ""
         if f.name in skip:
             continue
         flag = "--" + (prefix + f.name).replace("_", "-")
+        help_text = f.metadata.get("help")
         if f.type in (bool, "bool"):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, dest=prefix + f.name)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, dest=prefix + f.name,
+                                help=help_text)
         else:
             kind = _TYPES.get(getattr(f.type, "__name__", str(f.type)), float)
-            parser.add_argument(flag, type=kind, default=f.default, dest=prefix + f.name, metavar=kind.__name__.upper())
+            parser.add_argument(flag, type=kind, default=f.default, dest=prefix + f.name, metavar=kind.__name__.upper(),
+                                help=f"{help_text} (default: {f.default})" if help_text else None)
 
 
 def dataclass_from_args(cls, args: argparse.Namespace, prefix: str = "", **extra):

@@ -1,5 +1,6 @@
-# Config and sample-sheet validation, the input functions every stage uses, and the CLI flags built
-# from the config.
+# Config and sample sheet: validation, the sheet and its per-stage views, and the targets registry. Each
+# stage's input functions and command-line options live in workflow/rules/inputs/<stage>.smk, included by
+# the stage's rule file.
 import math
 import os
 import re
@@ -14,9 +15,10 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.utils import validate
 
+from wsiomics.io import write_text
 from wsiomics.samples import SampleSheetError, load_sample_sheet, slide_mpp_override
+from wsiomics.samples import patients as patient_rows
 from wsiomics.samples import slides as slide_rows
-from wsiomics.tiling import MaskParams, TilingParams
 
 
 # Absolute, so validation also works from input functions evaluated after the demo checkpoint.
@@ -92,11 +94,37 @@ def uses_demo_cohort():
     return os.path.abspath(config["samples"]) == os.path.abspath(DEMO_SHEET)
 
 
+# Views of the sheet that later stages depend on instead of the sheet itself: each holds only the columns
+# its consumers read and is rewritten only when that content changes, so editing one slide's mpp re-tiles
+# that slide and nothing else. The main Snakemake process writes them as soon as it has the sheet: while
+# parsing (before the DAG, whose file-existence cache must not see them appear), or for the demo right
+# after checkpoint synth_cohort (the cache is off by then). Job steps on a cluster only read them.
+SHEET_VIEWS = {
+    "patients": "results/sheet/patients.tsv",  # patient_id, label, sorted by patient_id: the folds' input
+    "expression": "results/sheet/expression_patients.tsv",  # what the expression cohort reads, sheet order
+}
+
+
+def _write_views(sheet):
+    if not workflow.is_main_process:
+        return
+    pts = patient_rows(sheet).reset_index()
+    frames = {
+        "patients": pts[["patient_id", "label"]].sort_values("patient_id", kind="stable"),
+        "expression": pts[["patient_id", "label", "n_slides", "expression_path"]],
+    }
+    for name, frame in frames.items():
+        path, text = SHEET_VIEWS[name], frame.to_csv(sep="\t", index=False)
+        if not (os.path.isfile(path) and Path(path).read_text() == text):
+            write_text(path, text)
+
+
 # A user's sheet is checked now, while parsing, so its problems stop the run before any job. The demo
 # sheet is checked as soon as it exists; while it does not, the checkpoint synth_cohort writes it first.
 _SHEET = None
 if not (uses_demo_cohort() and not os.path.exists(DEMO_SHEET)):
     _SHEET = _load_sheet(config["samples"])
+    _write_views(_SHEET)
 
 
 def sample_sheet():
@@ -105,6 +133,7 @@ def sample_sheet():
     if _SHEET is None:
         checkpoints.synth_cohort.get()  # raises until the cohort exists; Snakemake then re-evaluates
         _SHEET = _load_sheet(DEMO_SHEET)
+        _write_views(_SHEET)
     return _SHEET
 
 
@@ -119,6 +148,16 @@ def slide_table():
     return _SLIDES
 
 
+def sheet_view(name):
+    """Input function for one of SHEET_VIEWS (after the demo checkpoint when the demo sheet is generated)."""
+
+    def view(wildcards):
+        sample_sheet()
+        return SHEET_VIEWS[name]
+
+    return view
+
+
 def _slide(wildcards):
     table = slide_table()
     if wildcards.slide_id not in table.index:
@@ -126,191 +165,21 @@ def _slide(wildcards):
     return table.loc[wildcards.slide_id]
 
 
-##### input functions and params #####
+# Each stage's rule file registers the function that lists its default targets (@stage_targets); rule
+# `all` asks for all of them. A stage that only feeds others (splits) registers none: its consumers pull it.
+STAGE_TARGETS = []
 
 
-def slide_path(wildcards):
-    return _slide(wildcards)["slide_path"]
-
-
-def patient_of(wildcards):
-    return _slide(wildcards)["patient_id"]
-
-
-def mpp_option(wildcards):
-    """`--mpp X` when the sheet overrides the slide's resolution, else nothing (use the metadata)."""
-    mpp = slide_mpp_override(_slide(wildcards))
-    return "" if mpp is None else f"--mpp {mpp!r}"
-
-
-def tile_stores(wildcards):
-    return expand("results/tiles/{slide_id}.zarr", slide_id=slide_table().index)
+def stage_targets(func):
+    STAGE_TARGETS.append(func)
+    return func
 
 
 def all_targets(wildcards):
-    ids = slide_table().index
-    return [
-        "results/qc/slide_status.tsv",
-        *expand("results/qc/tiles/{slide_id}.png", slide_id=ids),
-        *feature_stores(wildcards),
-        *expression_targets(wildcards),
-    ]
+    return [target for func in STAGE_TARGETS for target in func(wildcards)]
 
 
 ##### config -> command-line flags #####
-
-# config key -> (flag, type) for `python -m wsiomics.tiling tile`, derived from the same dataclasses the
-# command line is built from. A fixed whitelist: values are formatted from schema-validated numbers and
-# booleans, never evaluated or passed through as text.
-_TYPES = {"int": int, "float": float, "bool": bool}
-
-
-def _whitelist(cls, prefix=""):
-    return {
-        f.name: (f"--{prefix}{f.name.replace('_', '-')}", _TYPES[str(f.type)])
-        for f in dataclass_fields(cls)
-        if str(f.type) in _TYPES
-    }
-
-
-TILING_FLAGS = _whitelist(TilingParams)
-TILING_MASK_FLAGS = _whitelist(MaskParams, prefix="mask-")
-
-
-def _flags(section, values, whitelist):
-    out = []
-    for key, value in values.items():
-        if key not in whitelist:
-            raise WorkflowError(f"config {section}.{key}: unknown key (allowed: {', '.join(whitelist)})")
-        flag, kind = whitelist[key]
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise WorkflowError(f"config {section}.{key}: {value!r} is not true/false")
-            out.append(flag if value else flag.replace("--", "--no-", 1))
-        else:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise WorkflowError(f"config {section}.{key}: {value!r} is not a number")
-            out.append(f"{flag} {kind(value)!r}")
-    return out
-
-
-def tiling_options():
-    """The `tiling:` config section as flags for `python -m wsiomics.tiling tile`."""
-    tiling = dict(config["tiling"])
-    mask = tiling.pop("mask", {})
-    flags = _flags("tiling", tiling, TILING_FLAGS) + _flags("tiling.mask", mask, TILING_MASK_FLAGS)
-    return " ".join(flags)
-
-
-def synth_options():
-    """The `synth:` config section as flags for `python -m wsiomics.synth` (workers go as threads)."""
-    synth = config["synth"]
-    flags = [
-        f"--n-patients {int(synth['n_patients'])}",
-        f"--seed {int(synth['seed'])}",
-        f"--signal {shlex.quote(synth['signal'])}",
-        f"--slide-width-um {float(synth['slide_width_um'])!r}",
-        f"--slide-height-um {float(synth['slide_height_um'])!r}",
-        f"--n-genes {int(synth['n_genes'])}",
-        f"--fraction-40x {float(synth['fraction_40x'])!r}",
-        f"--fraction-pen {float(synth['fraction_pen'])!r}",
-    ]
-    if not synth["faults"]:
-        flags.append("--no-faults")
-    return " ".join(flags)
-
-
-
-##### features #####
-
-ENCODER = config["features"]["encoder"]
-
-# Feature stores are named by the configured encoder only: the command line takes its options from config.
-wildcard_constraints:
-    encoder=re.escape(ENCODER),
-
-
-def feature_stores(wildcards):
-    return expand("results/features/{encoder}/{slide_id}.zarr", encoder=ENCODER, slide_id=slide_table().index)
-
-
-def features_options():
-    """The `features:` config section as flags for `python -m wsiomics.features extract` (threads go apart)."""
-    f = config["features"]
-    flags = [
-        "--pretrained" if f["pretrained"] else "--no-pretrained",
-        f"--seed {int(f['seed'])}",
-        f"--batch-size {shlex.quote(str(f['batch_size']))}",
-        f"--num-workers {shlex.quote(str(f['num_workers']))}",
-        f"--chunk-rows {int(f['chunk_rows'])}",
-        "--channels-last" if f["channels_last"] else "--no-channels-last",
-    ]
-    # Enumerated or pattern-checked by the schema; quoted anyway since they reach a shell.
-    flags += [f"--{key} {shlex.quote(str(f[key]).lower())}" for key in ("precision", "device", "dtype", "compile")]
-    if f["weights"]:
-        flags.append(f"--weights {shlex.quote(f['weights'])}")
-    return " ".join(flags)
-
-
-if not config["features"]["pretrained"]:
-    logger.warning(
-        f"features.pretrained is false: {ENCODER} runs with RANDOM weights. Fine for the demo and tests; "
-        "for real results set features.pretrained: true (and features.weights on an offline machine)."
-    )
-
-
-##### expression #####
-
-from wsiomics.expression import CohortParams, NormalizeParams, SplitParams
-
-# Config keys that name files: they become rule inputs (tracked, checked to exist) and are passed from there.
-EXPRESSION_PATH_KEYS = ("matrix", "gene_annotation", "gene_list", "gene_sets")
-N_FOLDS = int(config["splits"]["n_folds"])
-
-
-def expression_enabled():
-    """Expression rules join the default targets when the cohort has expression (sheet column or matrix)."""
-    return bool(config["expression"]["matrix"]) or bool((sample_sheet()["expression_path"] != "").any())
-
-
-def expression_targets(wildcards):
-    if not expression_enabled():
-        return []
-    return [
-        "results/expression/cohort.zarr",
-        "results/splits/folds.tsv",
-        *expand("results/expression/fold{fold}.zarr", fold=range(N_FOLDS)),
-    ]
-
-
-def expression_cohort_inputs(wildcards):
-    """The sheet, every expression file it names (or the matrix), and the gene annotation if configured."""
-    cfg = config["expression"]
-    inputs = {"sheet": config["samples"]}
-    if cfg["matrix"]:
-        inputs["matrix"] = cfg["matrix"]
-    else:
-        paths = sample_sheet()["expression_path"]
-        inputs["files"] = sorted(set(paths[paths != ""]))
-    if cfg["gene_annotation"]:
-        inputs["annotation"] = cfg["gene_annotation"]
-    return inputs
-
-
-def splits_inputs(wildcards):
-    inputs = {"sheet": config["samples"]}
-    if expression_enabled():  # which patients have expression is known once the cohort table exists
-        inputs["cohort"] = "results/expression/cohort.zarr"
-    return inputs
-
-
-def normalize_inputs(wildcards):
-    cfg = config["expression"]
-    inputs = {"cohort": "results/expression/cohort.zarr", "folds": "results/splits/folds.tsv"}
-    for key in ("gene_list", "gene_sets"):
-        if cfg[key]:
-            inputs[key] = cfg[key]
-    return inputs
 
 
 def _expression_flags(section, values, cls, skip=()):
@@ -332,21 +201,3 @@ def _expression_flags(section, values, cls, skip=()):
         else:
             out.append(f"{flag} {shlex.quote(str(value))}")
     return " ".join(out)
-
-
-def expression_cohort_options():
-    return _expression_flags("expression", config["expression"], CohortParams, skip=EXPRESSION_PATH_KEYS)
-
-
-def expression_path_option(key, flag):
-    """`--flag <path>` for a configured file (already a rule input), else nothing."""
-    value = config["expression"][key]
-    return f"{flag} {shlex.quote(value)}" if value else ""
-
-
-def normalize_options():
-    return _expression_flags("expression", config["expression"], NormalizeParams, skip=EXPRESSION_PATH_KEYS)
-
-
-def splits_options():
-    return _expression_flags("splits", config["splits"], SplitParams)

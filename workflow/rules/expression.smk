@@ -1,6 +1,8 @@
-# Gene expression: the cohort table (patients x genes, raw values), patient-level folds, and one
-# normalised table per fold whose gene selection and z-scores are fitted on that fold's training patients.
-# Outputs are AnnData zarr stores (anndata.read_zarr) and a TSV; see README "Expression stage".
+# Gene expression: the cohort table (patients x genes, raw values) and one normalised table per fold whose
+# gene selection and z-scores are fitted on that fold's training patients (folds: splits.smk). Outputs are
+# AnnData zarr stores (anndata.read_zarr); see README "Expression stage".
+
+include: "inputs/expression.smk"
 
 
 rule expression_cohort:
@@ -25,28 +27,6 @@ rule expression_cohort:
     shell:
         "python -m wsiomics.expression cohort --samples {input.sheet:q} --out {output:q} --threads {threads}"
         " {params.matrix} {params.annotation} {params.options} > {log:q} 2>&1"
-
-
-rule splits:
-    input:
-        unpack(splits_inputs),
-    output:
-        "results/splits/folds.tsv",
-    params:
-        cohort=lambda wildcards, input: f"--cohort {shlex.quote(input.cohort)}" if "cohort" in input.keys() else "",
-        options=splits_options(),
-    log:
-        "logs/splits.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    localrule: True
-    conda:
-        "../../envs/expression.yaml"
-    shell:
-        "python -m wsiomics.expression splits --samples {input.sheet:q} {params.cohort} --out {output:q}"
-        " {params.options} > {log:q} 2>&1"
 
 
 rule normalize_expression:

@@ -3,6 +3,9 @@
 # slide. The job asks for one GPU; without one it runs on the CPU.
 
 
+include: "inputs/features.smk"
+
+
 rule extract_features:
     input:
         tiles="results/tiles/{slide_id}.zarr",

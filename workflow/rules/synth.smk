@@ -3,6 +3,9 @@
 # config["samples"] is the demo sheet and it does not exist yet; otherwise this rule is not in the DAG.
 
 
+include: "inputs/synth.smk"
+
+
 checkpoint synth_cohort:
     output:
         sheet=DEMO_SHEET,

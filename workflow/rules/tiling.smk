@@ -2,6 +2,9 @@
 # An unusable slide still gets a store (status + reason, no tiles) unless config strict is true.
 
 
+include: "inputs/tiling.smk"
+
+
 rule tile:
     input:
         slide=slide_path,

@@ -2,13 +2,11 @@
 
 ``python -m wsiomics.expression cohort --samples SHEET --out cohort.zarr [options]``
     read the expression inputs into one patients x genes AnnData of raw values;
-``python -m wsiomics.expression splits --samples SHEET [--cohort cohort.zarr] --out folds.tsv [options]``
-    patient-level stratified folds (+ optional fixed test set);
 ``python -m wsiomics.expression normalize --cohort cohort.zarr --folds folds.tsv --fold K --out foldK.zarr``
     normalise, select genes and z-score, fitted on fold K's training patients.
 
-Options mirror the ``expression:`` and ``splits:`` config keys (``--gene-types`` and ``--sample-types``
-take comma-separated lists).
+The folds come from ``python -m wsiomics.splits`` (rule ``splits``). Options mirror the ``expression:``
+config keys (``--gene-types`` and ``--sample-types`` take comma-separated lists).
 """
 
 from __future__ import annotations
@@ -19,15 +17,11 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-import pandas as pd
-
 from wsiomics.expression.cohort import CohortParams, build_cohort, write_anndata
 from wsiomics.expression.normalize import NormalizeParams, normalize_fold
 from wsiomics.expression.readers import ExpressionInputError
-from wsiomics.expression.splits import SplitError, SplitParams, make_splits, read_splits, summary
-from wsiomics.io import atomic_path
 from wsiomics.samples import SampleSheetError, load_sample_sheet
-from wsiomics.samples import patients as patient_table
+from wsiomics.splits import SplitError, read_splits
 
 log = logging.getLogger("wsiomics.expression")
 
@@ -54,14 +48,6 @@ def params_from(args: argparse.Namespace, cls):
     return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
-def _cohort_obs(path: Path) -> pd.DataFrame:
-    """obs of a cohort store without loading its matrices."""
-    import zarr
-    from anndata.io import read_elem
-
-    return read_elem(zarr.open_group(str(path), mode="r")["obs"])
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m wsiomics.expression", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,11 +57,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cohort.add_argument("--out", required=True, type=Path)
     cohort.add_argument("--threads", type=int, default=1, help="processes reading expression files")
     add_options(cohort, CohortParams)
-    splits = sub.add_parser("splits", help="patient-level folds (folds.tsv)")
-    splits.add_argument("--samples", required=True, type=Path)
-    splits.add_argument("--cohort", type=Path, default=None, help="cohort.zarr: which patients have expression")
-    splits.add_argument("--out", required=True, type=Path)
-    add_options(splits, SplitParams)
     norm = sub.add_parser("normalize", help="normalise one fold (fold<k>.zarr)")
     norm.add_argument("--cohort", required=True, type=Path)
     norm.add_argument("--folds", required=True, type=Path)
@@ -92,15 +73,6 @@ def run(args: argparse.Namespace) -> None:
         sheet = load_sample_sheet(args.samples)
         adata = build_cohort(sheet, params_from(args, CohortParams), threads=args.threads)
         write_anndata(adata, args.out)
-    elif args.command == "splits":
-        sheet = load_sample_sheet(args.samples)
-        pts = patient_table(sheet)
-        if args.cohort is not None:  # with a cohort-wide matrix, expression is known only after reading it
-            pts["has_expression"] = pts.index.isin(_cohort_obs(args.cohort).index)
-        table = make_splits(pts, params_from(args, SplitParams))
-        with atomic_path(args.out) as tmp:
-            table.to_csv(tmp, sep="\t", index=False)
-        log.info("folds (patients per role):\n%s", summary(table))
     else:
         cohort = ad.read_zarr(args.cohort)
         out = normalize_fold(cohort, read_splits(args.folds), args.fold, params_from(args, NormalizeParams))
