@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from wsiomics.models.abmil import ABMIL, ABMILConfig
+from wsiomics.models.batch import Batch
 from wsiomics.models.blocks import CrossAttentionBlock, SelfAttentionBlock
 from wsiomics.models.gene_gmsa import GeneGMSA, GeneGMSAConfig, group_index
+from wsiomics.models.gimp import GiMP, GiMPConfig, batch_hard_triplet_loss, mpm_loss, span_mask
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig, sincos_2d
 
 torch.set_num_threads(2)
@@ -31,6 +33,45 @@ def _pad_pair(long_n: int, short_n: int, din: int, seed: int = 0):
     feats[1, short_n:] = 123.0  # garbage at padding must not leak
     pos[1, short_n:] = -7.0
     return feats, pos, mask
+
+
+def make_batch(slides: list[list[int]], din: int = 12, n_genes: int = 20, has_gene: list[bool] | None = None,
+               labels: list[int] | None = None, seed: int = 0, pad_to: int | None = None) -> Batch:
+    """A padded batch laid out as wsiomics.datasets does: per patient, its slides one after another.
+
+    ``slides[i]`` lists the token counts of patient i's slides ([] = no image). Positions are a raster
+    grid per slide (8 columns). Padding carries garbage features so that a leak would show.
+    """
+    g = torch.Generator().manual_seed(seed)
+    b = len(slides)
+    n_max = max([sum(s) for s in slides] + [1, pad_to or 0])
+    features = torch.full((b, n_max, din), 77.0)
+    positions = torch.full((b, n_max, 2), -3.0)
+    slide_index = torch.full((b, n_max), -1, dtype=torch.long)
+    for i, lens in enumerate(slides):
+        k = 0
+        for j, n in enumerate(lens):
+            features[i, k:k + n] = torch.randn(n, din, generator=g) + i  # patients differ
+            r = torch.arange(n)
+            positions[i, k:k + n] = torch.stack([r % 8, r // 8], -1).float()
+            slide_index[i, k:k + n] = j
+            k += n
+    has_gene_t = torch.ones(b, dtype=torch.bool) if has_gene is None else torch.tensor(has_gene)
+    genes = torch.randn(b, n_genes, generator=g) * has_gene_t[:, None]
+    return Batch(features=features, positions=positions, slide_index=slide_index, token_mask=slide_index >= 0,
+                 genes=genes, has_image=torch.tensor([sum(s) > 0 for s in slides]), has_gene=has_gene_t,
+                 labels=torch.tensor(labels if labels is not None else [i % 2 for i in range(b)]),
+                 patient_index=torch.arange(b))
+
+
+def select(batch: Batch, i: int) -> Batch:
+    """Patient i alone, unpadded (as a batch of one)."""
+    n = int(batch.token_mask[i].sum())
+    sl = slice(0, max(n, 1))
+    return Batch(features=batch.features[i:i + 1, sl], positions=batch.positions[i:i + 1, sl],
+                 slide_index=batch.slide_index[i:i + 1, sl], token_mask=batch.token_mask[i:i + 1, sl],
+                 genes=batch.genes[i:i + 1], has_image=batch.has_image[i:i + 1], has_gene=batch.has_gene[i:i + 1],
+                 labels=batch.labels[i:i + 1], patient_index=batch.patient_index[i:i + 1])
 
 
 # ---------------------------------------------------------------- blocks
@@ -242,3 +283,194 @@ def test_abmil_padding_and_empty_bags():
     assert torch.allclose(pooled[0], att[0] @ h, atol=ATOL)
     pooled.sum().backward()
     assert torch.isfinite(feats.grad).all() and torch.all(feats.grad[2] == 0)
+
+
+# ---------------------------------------------------------------- GiMP: masking and losses
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """(start, length) of each run of True."""
+    runs, start = [], None
+    for k, f in enumerate([*flags, False]):
+        if f and start is None:
+            start = k
+        elif not f and start is not None:
+            runs.append((start, k - start))
+            start = None
+    return runs
+
+
+def test_span_mask_one_contiguous_span_per_slide_clipped_never_padding():
+    # patient 0: slides of 10 and 3 tokens; 1: one slide of 20; 2: slides of 1 and 5 tokens; 3: no slide
+    batch = make_batch([[10, 3], [20], [1, 5], []])
+    mask_length = 4
+    starts: dict[tuple[int, int], set[int]] = {}
+    for seed in range(60):
+        masked = span_mask(batch.slide_index, batch.token_mask, mask_length, torch.Generator().manual_seed(seed))
+        assert masked.shape == batch.token_mask.shape and masked.dtype == torch.bool
+        assert not (masked & ~batch.token_mask).any()  # never padding
+        for i in range(4):
+            for j in range(int(batch.slide_index[i].max()) + 1):
+                in_slide = batch.slide_index[i] == j
+                n = int(in_slide.sum())
+                runs = _runs(masked[i][in_slide].tolist())
+                expected = min(mask_length, n - 1)  # clipped so one token stays visible
+                if expected == 0:
+                    assert runs == []
+                    continue
+                assert len(runs) == 1, (i, j, runs)  # one contiguous span per slide
+                start, length = runs[0]
+                assert length == expected and start + length <= n
+                starts.setdefault((i, j), set()).add(start)
+        again = span_mask(batch.slide_index, batch.token_mask, mask_length, torch.Generator().manual_seed(seed))
+        assert torch.equal(masked, again)  # deterministic given the generator
+    assert starts[(0, 0)] == set(range(0, 10 - 4 + 1))  # every admissible start is drawn
+    assert starts[(0, 1)] == {0, 1}  # 3 tokens: span of 2, start 0 or 1
+    assert starts[(2, 1)] == {0, 1}  # 5 tokens: span of 4, start 0 or 1
+    assert starts[(1, 0)] == set(range(0, 17))
+
+
+def test_mpm_loss_counts_masked_positions_only():
+    pred = torch.zeros(1, 4, 2, requires_grad=True)
+    target = torch.tensor([[[1.0, 1.0], [2.0, 0.0], [5.0, 5.0], [9.0, 9.0]]])
+    masked = torch.tensor([[True, True, False, False]])
+    loss = mpm_loss(pred, target, masked)
+    assert math.isclose(loss.item(), (1 + 1 + 4 + 0) / 4)  # mean over 2 masked tokens x 2 features
+    other = pred.detach().clone()
+    other[0, 2:] = 1e6  # changing unmasked predictions does not change the loss
+    assert float(mpm_loss(other, target, masked)) == float(loss)
+    none = mpm_loss(pred, target, torch.zeros(1, 4, dtype=torch.bool))
+    assert float(none) == 0.0 and none.requires_grad
+    none.backward()
+    assert torch.all(pred.grad == 0)
+
+
+def test_batch_hard_triplet_matches_hand_computed_value():
+    # unit directions at 0, 60, 90 and 180 degrees, scaled (the loss normalises); ids 0, 0, 1, 1.
+    deg = torch.tensor([0.0, 60.0, 90.0, 180.0]) * math.pi / 180
+    scale = torch.tensor([2.0, 1.0, 3.0, 0.5])
+    emb = (torch.stack([deg.cos(), deg.sin()], 1) * scale[:, None]).requires_grad_(True)
+    ids = torch.tensor([0, 0, 1, 1])
+    # chord distances 2 sin(dtheta/2): d01 = 1, d02 = sqrt2, d03 = 2, d12 = 2 sin15, d13 = sqrt3, d23 = sqrt2
+    # anchor 0: ap 1,     an min(sqrt2, 2)      = sqrt2  -> relu(1 - 1.41421 + 0.3) = 0
+    # anchor 1: ap 1,     an min(2 sin15, sqrt3) = 0.51764 -> 1.3 - 0.51764 = 0.78236
+    # anchor 2: ap sqrt2, an min(sqrt2, 2 sin15) = 0.51764 -> 1.71421 - 0.51764 = 1.19658
+    # anchor 3: ap sqrt2, an min(2, sqrt3)      = sqrt3  -> relu(1.71421 - 1.73205) = 0
+    expected = (0.7823619098 + 1.1965754722) / 4  # = 0.4947343455
+    loss = batch_hard_triplet_loss(emb, ids, margin=0.3)
+    assert math.isclose(float(loss), expected, abs_tol=1e-5)
+    loss.backward()
+    assert torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
+    # anchors 0 and 1 only (2 and 3 invalid, e.g. unlabelled): no negatives left -> 0, with grad
+    zero = batch_hard_triplet_loss(emb, ids, 0.3, valid=torch.tensor([True, True, False, False]))
+    assert float(zero) == 0.0 and zero.requires_grad
+    # anchors 0, 1, 2 valid: anchor 2 has no positive; anchor 1's nearest negative is 2 -> mean(0, 0.78236)
+    part = batch_hard_triplet_loss(emb, ids, 0.3, valid=torch.tensor([True, True, True, False]))
+    assert math.isclose(float(part), 0.7823619098 / 2, abs_tol=1e-5)
+
+
+# ---------------------------------------------------------------- GiMP model
+
+
+def _gimp(seed: int = 0, **kw) -> GiMP:
+    torch.manual_seed(seed)
+    cfg = GiMPConfig(image=dict(in_dim=12, dim=16, depth=2, heads=2, dropout=0.0),
+                     gene=dict(n_genes=20, n_groups=4, dim=16, depth=1, heads=2, dropout=0.0),
+                     n_classes=3, fusion_dim=16, mask_length=3, dropout=0.0, **kw)
+    return GiMP(cfg)
+
+
+def test_gimp_padding_does_not_change_a_patient():
+    model = _gimp().eval()
+    batch = make_batch([[9, 6], [4], [], [3, 2]], has_gene=[True, False, True, True], labels=[0, 1, 2, 0])
+    with torch.no_grad():
+        out = model(batch)
+        for i in range(4):
+            alone = model(select(batch, i))
+            n = int(batch.token_mask[i].sum())
+            for name in ("logits", "image", "gene", "fused"):
+                assert torch.allclose(getattr(out, name)[i], getattr(alone, name)[0], atol=ATOL), (i, name)
+            assert torch.allclose(out.attention[i, :n], alone.attention[0, :n], atol=ATOL)
+            assert torch.all(out.attention[i, n:] == 0)
+    assert out.logits.shape == (4, 3) and out.fused.shape == (4, 16) and out.attention.shape == (4, 15)
+    assert torch.allclose(out.image[2], model.image_missing) and torch.allclose(out.gene[1], model.gene_missing)
+
+
+def test_gimp_missing_modalities_give_finite_outputs_and_gradients():
+    model = _gimp(positives="instance").train()
+    batch = make_batch([[5, 3], [], [6], []], has_gene=[True, True, False, False], labels=[0, 1, -1, 2])
+    out = model(batch)
+    assert all(torch.isfinite(t).all() for t in (out.logits, out.image, out.gene, out.fused, out.attention))
+    loss = torch.nn.functional.cross_entropy(out.logits, batch.labels.clamp(min=0))
+    parts = model.pretrain_loss(batch, torch.Generator().manual_seed(0))
+    (loss + parts["loss"]).backward()
+    assert all(torch.isfinite(v) for v in parts.values()) and float(parts["mpm"]) > 0
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name
+    assert model.image_missing.grad.abs().sum() > 0 and model.gene_missing.grad.abs().sum() > 0
+    assert model.mask_token.grad.abs().sum() > 0
+
+
+def test_gimp_decoder_is_gene_induced():
+    model = _gimp(use_triplet=False).eval()
+    with torch.no_grad():  # a decoder that is not near-silent at init, so the gene effect is measurable
+        for p in model.decoder.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.5)
+    batch = make_batch([[8], [8]], has_gene=[True, False])
+    base = float(model.pretrain_loss(batch, torch.Generator().manual_seed(1))["mpm"])
+    genes = batch.genes.clone()
+    batch.genes[0] += 2.0
+    changed = float(model.pretrain_loss(batch, torch.Generator().manual_seed(1))["mpm"])
+    assert abs(changed - base) > 1e-3  # the reconstruction looks at the gene tokens
+    batch.genes = genes
+    batch.genes[1] = 5.0  # a patient marked without expression: its genes are never read
+    assert float(model.pretrain_loss(batch, torch.Generator().manual_seed(1))["mpm"]) == base
+
+
+def test_gimp_parameter_groups_partition_the_model():
+    model = _gimp(head="mlp")
+    enc, head = list(model.encoder_parameters()), list(model.head_parameters())
+    ids = [id(p) for p in enc + head]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+    assert {id(p) for p in head} == {id(p) for p in model.head.parameters()}
+
+
+def test_gimp_pretrain_loss_switches():
+    batch = make_batch([[6], [7], [5], [6]], labels=[0, 0, 1, 1])
+    g = torch.Generator
+    full = _gimp().pretrain_loss(batch, g().manual_seed(0))
+    assert float(full["mpm"]) > 0 and float(full["triplet"]) > 0
+    assert math.isclose(float(full["loss"]), float(full["mpm"] + full["triplet"]), rel_tol=1e-6)
+    no_mpm = _gimp(use_mpm=False, triplet_weight=2.0).pretrain_loss(batch, g().manual_seed(0))
+    assert float(no_mpm["mpm"]) == 0 and math.isclose(float(no_mpm["loss"]), 2 * float(no_mpm["triplet"]))
+    no_tri = _gimp(use_triplet=False).pretrain_loss(batch, g().manual_seed(0))
+    assert float(no_tri["triplet"]) == 0 and float(no_tri["loss"]) == float(no_tri["mpm"])
+    assert float(no_tri["mpm"]) == float(full["mpm"])  # same generator -> same mask
+    with pytest.raises(ValueError, match="no loss"):
+        _gimp(use_mpm=False, use_triplet=False).pretrain_loss(batch, g().manual_seed(0))
+    with pytest.raises(ValueError, match="positives"):
+        _gimp(positives="patient")
+
+
+@pytest.mark.slow
+def test_small_gimp_overfits_a_tiny_batch():
+    batch = make_batch([[6, 4], [8], [5], [7, 3], [9], []], has_gene=[True, True, False, True, True, True],
+                       labels=[0, 1, 2, 0, 1, 2], seed=3)
+    model = _gimp(seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    pre = []
+    for _ in range(20):  # pre-training: the loss goes down
+        opt.zero_grad()
+        loss = model.pretrain_loss(batch, gen)["loss"]
+        loss.backward()
+        opt.step()
+        pre.append(loss.item())
+    assert sum(pre[-5:]) / 5 < 0.7 * sum(pre[:5]) / 5, pre
+    for _ in range(60):  # fine-tuning: the classifier memorises the batch
+        opt.zero_grad()
+        ce = torch.nn.functional.cross_entropy(model(batch).logits, batch.labels)
+        ce.backward()
+        opt.step()
+    assert float(ce) < 0.05

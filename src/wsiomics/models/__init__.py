@@ -8,6 +8,7 @@ from wsiomics.models.abmil import ABMIL, ABMILConfig
 from wsiomics.models.batch import Batch, ModelOutput
 from wsiomics.models.blocks import CrossAttentionBlock, SelfAttentionBlock
 from wsiomics.models.gene_gmsa import GeneGMSA, GeneGMSAConfig
+from wsiomics.models.gimp import GiMP, GiMPConfig, batch_hard_triplet_loss, mpm_loss, span_mask
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig, sincos_2d
 
 __all__ = [
@@ -17,9 +18,14 @@ __all__ = [
     "CrossAttentionBlock",
     "GeneGMSA",
     "GeneGMSAConfig",
+    "GiMP",
+    "GiMPConfig",
     "ModelOutput",
     "SelfAttentionBlock",
     "SlideTransformer",
     "SlideTransformerConfig",
+    "batch_hard_triplet_loss",
+    "mpm_loss",
     "sincos_2d",
+    "span_mask",
 ]
