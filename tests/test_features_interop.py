@@ -237,3 +237,15 @@ def test_cli_imports_a_folder_and_exports_it_back(tmp_path):
     with h5py.File(tmp_path / "back" / "slide2.h5", "r") as f:
         assert f["features"].shape == (12, 8)
         assert f["coords"].attrs["patch_size"] == CLAM_COORD_ATTRS["patch_size"]
+
+
+def test_a_missing_h5py_is_an_import_error_not_an_invalid_choice(monkeypatch):
+    """h5py is a dependency: without it the command must say so, not that import-h5 is an 'invalid choice'."""
+    import importlib
+
+    monkeypatch.setitem(sys.modules, "h5py", None)  # `import h5py` now raises ImportError
+    for name in ("wsiomics.features.interop", "wsiomics.features.__main__"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    with pytest.raises(ImportError, match="h5py"):
+        cli = importlib.import_module("wsiomics.features.__main__")
+        cli.main(["import-h5", "--h5", "x.h5", "--out-dir", "out", "--encoder", "r50"])

@@ -19,6 +19,7 @@ import torch
 from wsiomics.cli import add_dataclass_options, configure_logging, dataclass_from_args
 from wsiomics.encoders import PRESETS, WeightsError, build_encoder
 from wsiomics.features.extract import ExtractParams, FeatureError, extract_slide
+from wsiomics.features.interop import add_cli as add_interop_cli
 
 log = logging.getLogger("wsiomics.features")
 
@@ -77,12 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_options(ext, ExtractParams)
     ext.set_defaults(func=_extract)
     sub.add_parser("presets", help="list the named encoders").set_defaults(func=_presets)
-    try:
-        from wsiomics.features.interop import add_cli
-    except ImportError:  # pragma: no cover - interop is part of the package; kept optional while it lands
-        pass
-    else:
-        add_cli(sub)
+    add_interop_cli(sub)
     args = parser.parse_args(argv)
     configure_logging()
     return args.func(args)
