@@ -13,6 +13,14 @@ import pytest
 import torch
 
 from wsiomics.models.abmil import ABMIL, ABMILConfig
+from wsiomics.models.baselines import (
+    GeneOnly,
+    GeneOnlyConfig,
+    ImageOnlyMIL,
+    ImageOnlyMILConfig,
+    LateFusion,
+    LateFusionConfig,
+)
 from wsiomics.models.batch import Batch
 from wsiomics.models.blocks import CrossAttentionBlock, SelfAttentionBlock
 from wsiomics.models.gene_gmsa import GeneGMSA, GeneGMSAConfig, group_index
@@ -338,7 +346,7 @@ def test_mpm_loss_counts_masked_positions_only():
     assert math.isclose(loss.item(), (1 + 1 + 4 + 0) / 4)  # mean over 2 masked tokens x 2 features
     other = pred.detach().clone()
     other[0, 2:] = 1e6  # changing unmasked predictions does not change the loss
-    assert float(mpm_loss(other, target, masked)) == float(loss)
+    assert mpm_loss(other, target, masked).item() == loss.item()
     none = mpm_loss(pred, target, torch.zeros(1, 4, dtype=torch.bool))
     assert float(none) == 0.0 and none.requires_grad
     none.backward()
@@ -474,3 +482,73 @@ def test_small_gimp_overfits_a_tiny_batch():
         ce.backward()
         opt.step()
     assert float(ce) < 0.05
+
+
+# ---------------------------------------------------------------- baselines
+
+
+def _baselines() -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    image = dict(in_dim=12, dim=16, depth=2, heads=2, dropout=0.0)
+    gene = dict(n_genes=20, n_groups=4, dim=16, depth=1, heads=2, dropout=0.0)
+    return {
+        "image_only": ImageOnlyMIL(ImageOnlyMILConfig(mil=dict(in_dim=12, dim=16, attn_dim=8, dropout=0.0),
+                                                      n_classes=3)),
+        "gene_only": GeneOnly(GeneOnlyConfig(gene=gene, n_classes=3, head="mlp", dropout=0.0)),
+        "late_fusion": LateFusion(LateFusionConfig(image=image, gene=gene, n_classes=3)),
+    }
+
+
+def test_baselines_padding_does_not_change_a_patient_and_missing_modalities_are_finite():
+    batch = make_batch([[9, 6], [4], [], [3, 2]], has_gene=[True, False, True, False], labels=[0, 1, 2, 0])
+    for name, model in _baselines().items():
+        model.eval()
+        with torch.no_grad():
+            out = model(batch)
+            for i in range(4):
+                alone = model(select(batch, i))
+                assert torch.allclose(out.logits[i], alone.logits[0], atol=ATOL), (name, i)
+                if out.attention is not None:
+                    n = int(batch.token_mask[i].sum())
+                    assert torch.allclose(out.attention[i, :n], alone.attention[0, :n], atol=ATOL), (name, i)
+                    assert torch.all(out.attention[i, n:] == 0)
+        model.train()
+        out = model(batch)
+        assert out.logits.shape == (4, 3) and torch.isfinite(out.logits).all(), name
+        torch.nn.functional.cross_entropy(out.logits, batch.labels).backward()
+        for pname, p in model.named_parameters():
+            assert p.grad is None or torch.isfinite(p.grad).all(), (name, pname)
+        enc, head = list(model.encoder_parameters()), list(model.head_parameters())
+        assert len({id(p) for p in enc + head}) == len(enc) + len(head) == len(list(model.parameters())), name
+        assert head and enc
+
+
+def test_late_fusion_averages_the_probabilities_of_present_modalities():
+    model = _baselines()["late_fusion"].eval()
+    with torch.no_grad():  # heads that disagree, so the averaging is visible
+        model.image_head.weight.normal_(0, 3.0)
+        model.gene_head.weight.normal_(0, 3.0)
+    batch = make_batch([[5], [6], [], []], has_gene=[True, False, True, False])
+    with torch.no_grad():
+        out = model(batch)
+        enc = model.image_encoder
+        cls, _ = enc(batch.features, batch.positions, batch.token_mask)
+        p_img = model.image_head(torch.where(batch.has_image[:, None], cls, model.image_missing)).softmax(-1)
+        gcls, _ = model.gene_encoder(batch.genes)
+        p_gene = model.gene_head(torch.where(batch.has_gene[:, None], gcls, model.gene_missing)).softmax(-1)
+    probs = out.logits.exp()
+    assert torch.allclose(probs.sum(-1), torch.ones(4), atol=1e-5)  # log-probabilities
+    assert torch.allclose(probs[0], (p_img[0] + p_gene[0]) / 2, atol=1e-5)  # both present
+    assert torch.allclose(probs[1], p_img[1], atol=1e-5)  # image only
+    assert torch.allclose(probs[2], p_gene[2], atol=1e-5)  # gene only
+    assert torch.allclose(probs[3], (p_img[3] + p_gene[3]) / 2, atol=1e-5)  # neither: both missing tokens
+    assert out.fused is None and out.image.shape == (4, 16) and out.gene.shape == (4, 16)
+
+
+def test_image_only_uses_the_missing_token_for_a_patient_without_slides():
+    model = _baselines()["image_only"].eval()
+    batch = make_batch([[5], []], has_gene=[False, False])
+    with torch.no_grad():
+        out = model(batch)
+    assert torch.equal(out.image[1], model.image_missing) and torch.all(out.attention[1] == 0)
+    assert torch.allclose(out.attention[0].sum(), torch.tensor(1.0), atol=1e-6)

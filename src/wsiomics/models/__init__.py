@@ -5,6 +5,14 @@ Every patient-level model takes a :class:`~wsiomics.models.batch.Batch` and retu
 """
 
 from wsiomics.models.abmil import ABMIL, ABMILConfig
+from wsiomics.models.baselines import (
+    GeneOnly,
+    GeneOnlyConfig,
+    ImageOnlyMIL,
+    ImageOnlyMILConfig,
+    LateFusion,
+    LateFusionConfig,
+)
 from wsiomics.models.batch import Batch, ModelOutput
 from wsiomics.models.blocks import CrossAttentionBlock, SelfAttentionBlock
 from wsiomics.models.gene_gmsa import GeneGMSA, GeneGMSAConfig
@@ -18,8 +26,14 @@ __all__ = [
     "CrossAttentionBlock",
     "GeneGMSA",
     "GeneGMSAConfig",
+    "GeneOnly",
+    "GeneOnlyConfig",
     "GiMP",
     "GiMPConfig",
+    "ImageOnlyMIL",
+    "ImageOnlyMILConfig",
+    "LateFusion",
+    "LateFusionConfig",
     "ModelOutput",
     "SelfAttentionBlock",
     "SlideTransformer",

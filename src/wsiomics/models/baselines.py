@@ -1,0 +1,165 @@
+"""Baselines in the same interface as GiMP: ``forward(batch) -> ModelOutput``, encoder / head parameter split.
+
+- :class:`ImageOnlyMIL`: gated-attention MIL (ABMIL) on the patch features + linear head.
+- :class:`GeneOnly`: GMSA gene encoder + head.
+- :class:`LateFusion`: slide transformer and GMSA branches, each with its own linear head, trained
+  jointly without pre-training; the output ``logits`` are the log of the mean of the two branches'
+  class probabilities over the modalities the patient has (log-space probability averaging, so
+  ``cross_entropy(logits, y)`` is the NLL of the averaged prediction); a patient with neither
+  modality gets the mean of both branches on their missing-modality tokens.
+
+A missing modality is a learned token in place of that branch's embedding, as in GiMP, so every
+patient gets logits. (The linear baseline on mean-pooled features + genes is scikit-learn's logistic
+regression in the training code, not a torch model.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+from wsiomics.models.abmil import ABMIL, ABMILConfig
+from wsiomics.models.batch import Batch, ModelOutput
+from wsiomics.models.blocks import init_weights
+from wsiomics.models.gene_gmsa import GeneGMSA, GeneGMSAConfig
+from wsiomics.models.gimp import HEADS, build_head
+from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig
+
+
+def _check_head(n_classes: int, head: str) -> None:
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be >= 1, got {n_classes}")
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+
+
+class _HeadSplit(nn.Module):
+    """``head_parameters``: the modules listed in ``_heads``; ``encoder_parameters``: everything else."""
+
+    _heads: tuple[str, ...] = ("head",)
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        for name in self._heads:
+            yield from getattr(self, name).parameters()
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        head = {id(p) for p in self.head_parameters()}
+        return (p for p in self.parameters() if id(p) not in head)
+
+
+@dataclass
+class ImageOnlyMILConfig:
+    """``mil`` may be a dict."""
+
+    mil: ABMILConfig
+    n_classes: int
+    head: str = "linear"
+    dropout: float = 0.1  # head (mlp only)
+
+    def __post_init__(self) -> None:
+        self.mil = ABMILConfig(**self.mil) if isinstance(self.mil, dict) else self.mil
+        _check_head(self.n_classes, self.head)
+
+
+class ImageOnlyMIL(_HeadSplit):
+    """ABMIL pooled embedding -> head; attention = ABMIL's attention weights."""
+
+    def __init__(self, cfg: ImageOnlyMILConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.mil = ABMIL(cfg.mil)
+        self.image_missing = nn.Parameter(torch.zeros(cfg.mil.dim))
+        self.head = build_head(cfg.mil.dim, cfg.n_classes, cfg.head, cfg.dropout)
+        init_weights(self.head)
+        trunc_normal_(self.image_missing, std=0.02)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        pooled, attention = self.mil(batch.features, batch.token_mask)  # (B, D), (B, L)
+        image = torch.where(batch.has_image[:, None], pooled, self.image_missing.to(pooled.dtype))
+        return ModelOutput(logits=self.head(image), image=image, attention=attention)
+
+
+@dataclass
+class GeneOnlyConfig:
+    """``gene`` may be a dict."""
+
+    gene: GeneGMSAConfig
+    n_classes: int
+    head: str = "linear"
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.gene = GeneGMSAConfig(**self.gene) if isinstance(self.gene, dict) else self.gene
+        _check_head(self.n_classes, self.head)
+
+
+class GeneOnly(_HeadSplit):
+    """GMSA gene [CLS] -> head."""
+
+    def __init__(self, cfg: GeneOnlyConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.gene_encoder = GeneGMSA(cfg.gene)
+        self.gene_missing = nn.Parameter(torch.zeros(cfg.gene.dim))
+        self.head = build_head(cfg.gene.dim, cfg.n_classes, cfg.head, cfg.dropout)
+        init_weights(self.head)
+        trunc_normal_(self.gene_missing, std=0.02)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        cls, _ = self.gene_encoder(batch.genes)  # (B, D)
+        gene = torch.where(batch.has_gene[:, None], cls, self.gene_missing.to(cls.dtype))
+        return ModelOutput(logits=self.head(gene), gene=gene)
+
+
+@dataclass
+class LateFusionConfig:
+    """``image`` / ``gene`` may be dicts."""
+
+    image: SlideTransformerConfig
+    gene: GeneGMSAConfig
+    n_classes: int
+    head: str = "linear"
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        self.image = SlideTransformerConfig(**self.image) if isinstance(self.image, dict) else self.image
+        self.gene = GeneGMSAConfig(**self.gene) if isinstance(self.gene, dict) else self.gene
+        _check_head(self.n_classes, self.head)
+
+
+class LateFusion(_HeadSplit):
+    """Two unimodal classifiers whose class probabilities are averaged (log of the mean), no pre-training."""
+
+    _heads = ("image_head", "gene_head")
+
+    def __init__(self, cfg: LateFusionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.image_encoder = SlideTransformer(cfg.image)
+        self.gene_encoder = GeneGMSA(cfg.gene)
+        self.image_missing = nn.Parameter(torch.zeros(cfg.image.dim))
+        self.gene_missing = nn.Parameter(torch.zeros(cfg.gene.dim))
+        self.image_head = build_head(cfg.image.dim, cfg.n_classes, cfg.head, cfg.dropout)
+        self.gene_head = build_head(cfg.gene.dim, cfg.n_classes, cfg.head, cfg.dropout)
+        init_weights(self.image_head)
+        init_weights(self.gene_head)
+        trunc_normal_(self.image_missing, std=0.02)
+        trunc_normal_(self.gene_missing, std=0.02)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        enc = self.image_encoder
+        cls, _, attention = enc.encode_with_attention(enc.embed(batch.features), batch.positions, batch.token_mask)
+        image = torch.where(batch.has_image[:, None], cls, self.image_missing.to(cls.dtype))  # (B, Di)
+        gcls, _ = self.gene_encoder(batch.genes)
+        gene = torch.where(batch.has_gene[:, None], gcls, self.gene_missing.to(gcls.dtype))  # (B, Dg)
+        logp = torch.stack([self.image_head(image).float().log_softmax(-1),
+                            self.gene_head(gene).float().log_softmax(-1)], dim=1)  # (B, 2, C)
+        present = torch.stack([batch.has_image, batch.has_gene], dim=1)  # (B, 2)
+        present = present | ~present.any(dim=1, keepdim=True)  # neither: average both missing-token branches
+        weight = present.float().log() - present.float().sum(1, keepdim=True).log()  # log(1/k) or -inf
+        logits = torch.logsumexp(logp + weight[..., None], dim=1)  # (B, C): log mean of the present branches
+        return ModelOutput(logits=logits, image=image, gene=gene, attention=attention)
