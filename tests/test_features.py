@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,19 +27,25 @@ from wsiomics.features import ExtractParams, FeatureError, extract_slide, resolv
 from wsiomics.features import extract as extract_mod
 from wsiomics.features.extract import resolve_batch_size, resolve_workers
 from wsiomics.io import open_store
-from wsiomics.tiling import tile_slide
+from wsiomics.slide import SlideError
+from wsiomics.tiling import TilingParams, tile_slide
 
+REPO = Path(__file__).resolve().parents[1]
 ENCODER = "test_resnet"  # a tiny timm CNN (96-d, 160 px input): every code path, a fraction of the time
 FP32 = ExtractParams(batch_size=16, num_workers=0, precision="fp32", dtype="float32", chunk_rows=64)
 
 
 @pytest.fixture(scope="module")
-def tiled(slides, tmp_path_factory) -> dict[str, Path]:
-    """Tiles stores of a 20x slide, the same layout at 40x (read at level 0 and resized) and a blank slide."""
+def tiled(slides, slide_dir, slide_factory, tmp_path_factory) -> dict[str, Path]:
+    """Tiles stores of a 20x slide, the same layout at 40x (read at level 0 and resized), a blank slide, and a
+    40x TIFF with 2x steps (read at level 1; the same file as test_tiling's)."""
     out = tmp_path_factory.mktemp("tiles")
+    tiff40 = slide_dir / "tiff40.tiff"
+    if not tiff40.exists():
+        slide_factory(slide_dir, "tiff40", seed=11, mpp=0.25, fmt="tiff", size_um=(1400.0, 1050.0))
     stores = {}
-    for name in ("pen20", "same40", "blank"):
-        tile_slide(slides[name], name, out / f"{name}.zarr", out / f"{name}.png")
+    for name, path in ({name: slides[name] for name in ("pen20", "same40", "blank")} | {"tiff40": tiff40}).items():
+        tile_slide(path, name, out / f"{name}.zarr", out / f"{name}.png")
         stores[name] = out / f"{name}.zarr"
     return stores
 
@@ -73,13 +82,14 @@ def read(store: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     return root["features"][...], root["coords"][...], dict(root.attrs)
 
 
-@pytest.mark.parametrize("name", ["pen20", "same40"])
-def test_features_equal_a_direct_computation_in_coords_order(tiled, encoder, tmp_path, name):
+@pytest.mark.parametrize(("name", "level"), [("pen20", 0), ("same40", 0), ("tiff40", 1)])
+def test_features_equal_a_direct_computation_in_coords_order(tiled, encoder, tmp_path, name, level):
     out = tmp_path / f"{name}.zarr"
     result = extract_slide(tiled[name], out, encoder, ExtractParams(**{**FP32.__dict__, "num_workers": 2}))
     feats, coords, attrs = read(out)
     expected, expected_coords = direct_features(tiled[name], encoder)
-    assert result.status == "ok" and result.n_tiles == len(expected) > 50
+    assert attrs["read_level"] == level and attrs["read_downsample"] == [1.0, 2.0][level]
+    assert result.status == "ok" and result.n_tiles == len(expected) > (5 if name == "tiff40" else 50)
     np.testing.assert_array_equal(coords, expected_coords)
     np.testing.assert_allclose(feats, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     assert feats.dtype == np.float32 and feats.shape == (len(coords), encoder.feature_dim)
@@ -268,16 +278,80 @@ def test_slide_without_tiles_gets_an_empty_store_with_its_status(tiled, encoder,
     assert feats.shape == (0, 96) and coords.shape == (0, 2)
 
 
-def test_unreadable_tiles_are_recorded_or_fatal_in_strict_mode(slides, encoder, tmp_path):
-    slide = tmp_path / "damaged.svs"
+@pytest.fixture(scope="module")
+def destroyed(slides, tmp_path_factory) -> Path:
+    """A tiles store whose slide file was emptied after tiling."""
+    folder = tmp_path_factory.mktemp("destroyed")
+    slide = folder / "damaged.svs"
     slide.write_bytes(slides["pen20"].read_bytes())
-    tile_slide(slide, "damaged", tmp_path / "t.zarr", tmp_path / "t.png")
-    slide.write_bytes(b"")  # the file is destroyed after tiling
-    result = extract_slide(tmp_path / "t.zarr", tmp_path / "f.zarr", encoder, FP32)
+    tile_slide(slide, "damaged", folder / "t.zarr", folder / "t.png")
+    slide.write_bytes(b"")
+    return folder / "t.zarr"
+
+
+# num_workers >= 1 is the GPU path: the slide fails inside a DataLoader worker and torch re-raises it as type(e)(msg)
+@pytest.mark.parametrize("workers", [0, 1])
+def test_unreadable_tiles_are_recorded_or_fatal_in_strict_mode(destroyed, encoder, tmp_path, workers):
+    params = ExtractParams(**{**FP32.__dict__, "num_workers": workers})
+    result = extract_slide(destroyed, tmp_path / "f.zarr", encoder, params)
     attrs = read(tmp_path / "f.zarr")[2]
     assert result.status == attrs["status"] == "unreadable" and "damaged" in attrs["reason"]
+    assert "not a slide format OpenSlide supports" in attrs["reason"] and "Traceback" not in attrs["reason"]
     with pytest.raises(FeatureError, match="damaged: reading tiles"):
-        extract_slide(tmp_path / "t.zarr", tmp_path / "g.zarr", encoder, FP32, strict=True)
+        extract_slide(destroyed, tmp_path / "g.zarr", encoder, params, strict=True)
+
+
+def test_slide_error_survives_pickling_and_rebuilding_from_its_message():
+    error = pickle.loads(pickle.dumps(SlideError("no_mpp", "slide X: no mpp")))
+    assert (type(error), error.status, str(error)) == (SlideError, "no_mpp", "slide X: no mpp")
+    assert SlideError("x.svs: truncated").status == "unreadable"
+    report = ("Caught SlideError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+              '  File "tiles.py", line 62\nwsiomics.slide.SlideError: x.svs: truncated. Fix: re-download\n')
+    rebuilt = SlideError(report)  # how torch re-raises a worker's error in the main process
+    assert (rebuilt.status, str(rebuilt)) == ("unreadable", "x.svs: truncated. Fix: re-download")
+
+
+def test_float16_overflow_is_an_error_naming_the_fix(tiled, tmp_path):
+    class Huge(torch.nn.Module):
+        """Finite features too large for float16 (|x| > 65504) from tile 30 on."""
+
+        def __init__(self, model):
+            super().__init__()
+            self.model, self.seen = model, 0
+
+        def forward(self, x):
+            out = self.model(x)
+            rows = torch.arange(self.seen, self.seen + len(x)) >= 30
+            out[rows, 2] = 1e5
+            self.seen += len(x)
+            return out
+
+    big = build_encoder(ENCODER, pretrained=False)
+    big.model = Huge(big.model)
+    coords = open_store(tiled["pen20"])["coords"][30]
+    f16 = ExtractParams(**{**FP32.__dict__, "dtype": "float16"})
+    with pytest.raises(FeatureError, match=rf"pen20: .* exceed the float16 range .*tile 30 \(level-0 x={coords[0]}, "
+                                           rf"y={coords[1]}\)\. Fix: .*features.dtype: float32"):
+        extract_slide(tiled["pen20"], tmp_path / "f16.zarr", big, f16)
+    assert not (tmp_path / "f16.zarr").exists()
+    big.model.seen = 0
+    extract_slide(tiled["pen20"], tmp_path / "f32.zarr", big, FP32)
+    assert read(tmp_path / "f32.zarr")[0][30:, 2].min() == 1e5
+
+
+def test_tile_size_unlike_the_encoder_input_is_warned_and_recorded(slides, tiled, encoder, tmp_path, caplog):
+    """224 px tiles at 0.5 um/px into a 160 px encoder: it sees 0.7 um/px; 160 px tiles keep 0.5."""
+    with caplog.at_level(logging.WARNING, logger="wsiomics.features"):
+        extract_slide(tiled["pen20"], tmp_path / "resized.zarr", encoder, FP32)
+    attrs = read(tmp_path / "resized.zarr")[2]
+    assert attrs["effective_mpp"] == pytest.approx(0.5 * 224 / 160) and attrs["target_mpp"] == 0.5
+    assert "encoder sees 0.700 um/px" in caplog.text and "tiling.patch_size: 160" in caplog.text
+    caplog.clear()
+    tile_slide(slides["pen20"], "pen20", tmp_path / "t160.zarr", tmp_path / "t160.png", TilingParams(patch_size=160))
+    with caplog.at_level(logging.WARNING, logger="wsiomics.features"):
+        extract_slide(tmp_path / "t160.zarr", tmp_path / "exact.zarr", encoder, FP32)
+    assert read(tmp_path / "exact.zarr")[2]["effective_mpp"] == pytest.approx(0.5)
+    assert "encoder sees" not in caplog.text
 
 
 def test_batchnorm_folding_is_exact_and_optional():
@@ -308,9 +382,12 @@ def test_batchnorm_folding_is_exact_and_optional():
     assert fold_batchnorm(plain) == (plain, False)
 
 
-def test_auto_batch_size_and_workers_follow_the_device():
+def test_auto_batch_size_and_workers_follow_the_device(monkeypatch):
     assert resolve_workers("auto", torch.device("cpu")) == 0
-    assert 1 <= resolve_workers("auto", torch.device("cuda")) <= 8
+    for cpus, workers in ((1, 1), (2, 1), (4, 3), (9, 8), (64, 8)):  # one CPU left to the main process, at most 8
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _, n=cpus: set(range(n)))
+        assert resolve_workers("auto", torch.device("cuda")) == workers, cpus
+        assert resolve_workers("auto", torch.device("cpu")) == 0
     assert resolve_workers("3", torch.device("cpu")) == 3
     with pytest.raises(ValueError, match="num_workers must be 'auto' or a whole number >= 0"):
         resolve_workers("many", torch.device("cpu"))
@@ -318,6 +395,22 @@ def test_auto_batch_size_and_workers_follow_the_device():
     assert resolve_batch_size("auto", torch.device("cuda")) == 128
     with pytest.raises(ValueError, match="batch_size must be 'auto' or a whole number >= 1"):
         resolve_batch_size("0", torch.device("cpu"))
+
+
+def test_features_schema_and_config_defaults_equal_extract_params():
+    """Every ExtractParams field is a `features:` key with the same default (fold_batchnorm: command line only)."""
+    import yaml
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    props = schema["properties"]["features"]["properties"]
+    config = yaml.safe_load((REPO / "config.yaml").read_text())["features"]
+    cli_only = {"fold_batchnorm"}  # an escape hatch for models fx cannot fold; not a workflow setting
+    code = {k: v for k, v in asdict(ExtractParams()).items() if k not in cli_only}
+    assert set(code) <= set(props), f"not in the schema: {set(code) - set(props)}"
+    for key, value in code.items():
+        assert str(props[key]["default"]).lower() == str(value).lower(), key  # compile: auto, bool or str
+    assert set(config) == set(props)
+    assert {k for k in config if k in code and str(config[k]).lower() != str(code[k]).lower()} == set()
 
 
 def test_precision_auto_follows_the_device_and_cpu(monkeypatch):
@@ -393,8 +486,27 @@ def test_offline_hub_weights_fail_fast_with_the_fix(tiled, tmp_path):
                         "--encoder", "uni"], tmp_path / "hf")
     assert proc.returncode == 1 and time.time() - started < 60
     assert "'MahmoodLab/UNI' are not in the local Hugging Face cache" in proc.stderr
-    assert "huggingface-cli download MahmoodLab/UNI" in proc.stderr and "pretrained: false" in proc.stderr
+    assert "`hf download MahmoodLab/UNI`" in proc.stderr and "`hf auth login`" in proc.stderr
+    assert "huggingface-cli" not in proc.stderr and "pretrained: false" in proc.stderr  # gone from huggingface_hub
     assert not (tmp_path / "f.zarr").exists()
+
+
+def test_gated_hub_weights_name_the_login_command(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    from wsiomics.encoders import weights as weights_mod
+
+    def gated(*args, **kwargs):
+        error = GatedRepoError.__new__(GatedRepoError)  # its constructor wants a live HTTP response
+        Exception.__init__(error, "401 gated")
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    monkeypatch.setattr(weights_mod, "hub_reachable", lambda: True)
+    with pytest.raises(WeightsError, match=r"'MahmoodLab/UNI' is gated: .*HF_TOKEN \(or run `hf auth login`\)"):
+        weights_mod.hub_file("MahmoodLab/UNI")
 
 
 def test_offline_hub_weights_load_from_a_populated_cache(tiled, tmp_path):

@@ -21,11 +21,29 @@ _TIFF_UNITS_UM = {"centimeter": 1e4, "inch": 25400.0}
 
 
 class SlideError(RuntimeError):
-    """A slide that cannot be used; ``status`` is the short code written to the status table."""
+    """A slide that cannot be used; ``status`` is the short code written to the status table.
 
-    def __init__(self, status: str, message: str):
+    It survives process boundaries: pickling keeps the status, and it can be rebuilt from its message
+    alone (status ``unreadable``), which is how torch re-raises an error from a DataLoader worker
+    (``type(e)(message)``); otherwise a bad slide read in a worker would surface as a bare RuntimeError.
+    """
+
+    def __init__(self, status: str, message: str | None = None):
+        if message is None:  # rebuilt from the message alone
+            status, message = "unreadable", _original_message(status)
         super().__init__(message)
         self.status = status
+
+    def __reduce__(self):
+        return type(self), (self.status, str(self))
+
+
+def _original_message(text: str) -> str:
+    """The message inside torch's worker report ('Caught SlideError in DataLoader worker process 0.
+    Original Traceback ... SlideError: <message>'), so a recorded reason is not a traceback."""
+    marker = "SlideError: "
+    at = text.rfind(marker)
+    return text[at + len(marker):].strip() if text.startswith("Caught ") and at >= 0 else text
 
 
 @dataclass(frozen=True)

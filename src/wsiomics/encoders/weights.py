@@ -112,9 +112,10 @@ def hub_file(repo: str) -> Path:
         raise WeightsError(
             f"encoder weights '{repo}' are not in the local Hugging Face cache and the hub cannot be reached "
             "(offline machine or HF_HUB_OFFLINE=1). Fix one of: (1) on a machine with internet run "
-            f"`huggingface-cli download {repo}` and copy the cache (~/.cache/huggingface) here, or set HF_HOME "
-            "to a shared copy; (2) download the weights file and set features.weights to its local path; "
-            "(3) for a test run without weights set features.pretrained: false.")
+            f"`hf download {repo}` (after `hf auth login` for gated models) and copy the cache "
+            "(~/.cache/huggingface) here, or set HF_HOME to a shared copy; (2) download the weights file and "
+            "set features.weights to its local path; (3) for a test run without weights set "
+            "features.pretrained: false.")
     for filename in HUB_FILES:
         try:
             return Path(hf_hub_download(repo, filename))
@@ -122,7 +123,7 @@ def hub_file(repo: str) -> Path:
             continue
         except GatedRepoError as e:
             raise WeightsError(f"'{repo}' is gated: accept its licence on huggingface.co and set HF_TOKEN "
-                               "(or `huggingface-cli login`), then re-run") from e
+                               "(or run `hf auth login`), then re-run") from e
         except RepositoryNotFoundError as e:
             raise WeightsError(f"hub repository '{repo}' does not exist (or needs HF_TOKEN); check the name") from e
     raise WeightsError(f"hub repository '{repo}' has none of {', '.join(HUB_FILES)}; download its weights and "

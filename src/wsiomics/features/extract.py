@@ -296,6 +296,20 @@ def _finite_or_raise(features: torch.Tensor, offset: int, coords: np.ndarray, sl
             "the weights (features.weights) for NaNs.")
 
 
+def _storable_or_raise(rows: np.ndarray, offset: int, coords: np.ndarray, slide_id: str, dtype: str) -> None:
+    """Finite features that overflow the storage dtype (float16 tops out at 65504) become inf in the cast:
+    checked after it, so the store never holds inf."""
+    if dtype == "float32":
+        return
+    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+    if len(bad):
+        i = offset + int(bad[0])
+        raise FeatureError(
+            f"{slide_id}: {len(bad)} feature row(s) in rows {offset}..{offset + len(rows) - 1} exceed the {dtype} "
+            f"range (|x| > {float(np.finfo(dtype).max):g}), first at tile {i} (level-0 x={coords[i][0]}, "
+            f"y={coords[i][1]}). Fix: store them as float32 (features.dtype: float32).")
+
+
 def _identity(encoder: Encoder, precision: str, params: ExtractParams, tiles_attrs: dict[str, Any]) -> dict[str, Any]:
     """The attrs that decide whether an existing store is still valid for this run."""
     return {"encoder": encoder.name, "weights": encoder.weights.as_attrs(), "precision": precision,
@@ -309,6 +323,18 @@ def is_current(out: str | os.PathLike, identity: dict[str, Any]) -> bool:
     except (FileNotFoundError, RuntimeError, ValueError):
         return False
     return all(json_safe(attrs.get(k)) == json_safe(v) for k, v in identity.items())
+
+
+def effective_mpp(tiles_attrs: dict[str, Any], input_size: int) -> float | None:
+    """µm per pixel the encoder actually sees: the tile's physical side over the encoder's input size.
+
+    Equals ``target_mpp`` only when ``tiling.patch_size`` is the encoder's input size; a 256 px tile fed to a
+    224 px encoder is shrunk, so the encoder sees 0.571 µm/px instead of 0.5. None for an untiled slide.
+    """
+    level0, mpp = tiles_attrs.get("patch_size_level0"), tiles_attrs.get("mpp")
+    if not level0 or not mpp:
+        return None
+    return float(level0) * float(mpp) / int(input_size)
 
 
 def extract_slide(tiles_store: str | os.PathLike, out: str | os.PathLike, encoder: Encoder,
@@ -342,13 +368,20 @@ def extract_slide(tiles_store: str | os.PathLike, out: str | os.PathLike, encode
     geometry = None if status != OK else TileGeometry(
         level=int(tattrs["read_level"]), read_size=int(tattrs["read_size"]),
         out_size=encoder.preset.input_size, interpolation=encoder.preset.interpolation)
+    effective = effective_mpp(tattrs, encoder.preset.input_size)
+    if status == OK and effective is not None and tattrs.get("patch_size") != encoder.preset.input_size:
+        log.warning("%s: tiles are %s px at %s um/px but %s takes %d px, so each tile is resized and the encoder "
+                    "sees %.3f um/px, not %s (recorded as effective_mpp). Fix: tiling.patch_size: %d keeps the "
+                    "target resolution", slide_id, tattrs["patch_size"], tattrs.get("target_mpp"), encoder.name,
+                    encoder.preset.input_size, effective, tattrs.get("target_mpp"), encoder.preset.input_size)
     attrs = {
         "slide_id": slide_id, "patient_id": tattrs.get("patient_id", ""), **identity,
         "feature_dim": encoder.feature_dim, "n_tiles": int(len(coords)), "transforms": encoder.transforms(),
         "encoder_preset": preset_attrs(encoder.preset), "weights_path": encoder.weights.path, "device": str(device),
         "patch_size": encoder.preset.input_size, "tile_patch_size": tattrs.get("patch_size"),
         "patch_size_level0": tattrs.get("patch_size_level0"), "target_mpp": tattrs.get("target_mpp"),
-        "mpp": tattrs.get("mpp"), "read_level": tattrs.get("read_level"), "read_size": tattrs.get("read_size"),
+        "effective_mpp": effective, "mpp": tattrs.get("mpp"), "read_level": tattrs.get("read_level"),
+        "read_size": tattrs.get("read_size"), "read_downsample": tattrs.get("read_downsample"),
         "tiles_store": str(Path(tiles_store).resolve()), "slide_path": tattrs.get("slide_path"),
         "extract_params": asdict(params), "status": status, "reason": reason,
     }
@@ -412,7 +445,10 @@ def _encode_into(feats, coords, geometry, slide_path, slide_id, encoder, device,
             t1 = time.perf_counter()
             out = encoding(batch)
             _finite_or_raise(out, done, coords, slide_id)
-            writer.append(out.numpy().astype(params.dtype))
+            with np.errstate(over="ignore"):  # an overflow is checked, and named, right after the cast
+                rows = out.numpy().astype(params.dtype)
+            _storable_or_raise(rows, done, coords, slide_id, params.dtype)
+            writer.append(rows)
             t2 = time.perf_counter()
             wait, compute = wait + t1 - t0, compute + t2 - t1
             done += len(out)
