@@ -20,8 +20,7 @@ import timm
 import torch
 from PIL import Image
 
-from wsiomics.encoders import PRESETS, TileEncoder, WeightsError, build_backbone, build_encoder
-from wsiomics.encoders.build import _truncate
+from wsiomics.encoders import WeightsError, build_encoder
 from wsiomics.encoders.fusion import fold_batchnorm
 from wsiomics.features import ExtractParams, FeatureError, extract_slide, resolve_precision
 from wsiomics.features import extract as extract_mod
@@ -527,19 +526,7 @@ def test_offline_hub_weights_load_from_a_populated_cache(tiled, tmp_path):
 # ---- presets ----
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
-def test_presets_build_the_published_architecture(name):
-    preset = PRESETS[name]
-    with torch.device("meta"):
-        backbone = build_backbone(preset)
-        if preset.truncate_after:
-            _truncate(backbone, preset.truncate_after)
-        out = TileEncoder(backbone, preset.pooling)(torch.empty(2, 3, preset.input_size, preset.input_size))
-    assert tuple(out.shape) == (2, preset.feature_dim)
-    params = sum(p.numel() for p in backbone.parameters()) / 1e6
-    expected = {"resnet50_trunc": 8.5, "vit_small": 21.7, "uni": 303.4, "uni2_h": 681.4, "gigapath": 1135.0,
-                "virchow2": 631.2, "hoptimus0": 1134.8}[name]
-    assert abs(params - expected) / expected < 0.01
+# The presets' architectures (state_dict keys and shapes, output dimension): tests/test_encoders.py.
 
 
 def test_resnet50_trunc_is_layer3_average_pooled():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -79,6 +78,49 @@ def test_40x_and_20x_scans_give_the_same_physical_grid(slides, tmp_path):
     um20 = {tuple(c) for c in (s20["coords"][:] * 0.5).round().astype(int)}
     um40 = {tuple(c) for c in (s40["coords"][:] * 0.25).round().astype(int)}
     assert len(um20 & um40) / len(um20 | um40) >= 0.95
+
+
+def tiff40_slide(slide_dir: Path, slide_factory) -> Path:
+    """A generic TIFF at 40x with 2x pyramid steps, so 20x tiles are read from level 1 (shared with the
+    feature tests, which find it already written)."""
+    path = slide_dir / "tiff40.tiff"
+    if not path.exists():
+        slide_factory(slide_dir, "tiff40", seed=11, mpp=0.25, fmt="tiff", size_um=(1400.0, 1050.0))
+    return path
+
+
+def test_40x_tiff_with_2x_steps_is_read_from_level_1_like_a_resized_level_0_read(slide_dir, slide_factory,
+                                                                                  tmp_path):
+    """The read level is the coarsest at or below the target downsample; its pixels match level 0 resized.
+
+    Levels are rendered independently (nuclei fall differently), so tiles are compared as 4 x 4 block means
+    over all tiles; reading the wrong area (level 1 at the level-0 size, or half the side at level 0) is far off.
+    """
+    slide_path = tiff40_slide(slide_dir, slide_factory)
+    _, store = tile(slide_path, tmp_path)
+    a = store.attrs
+    assert a["level_downsamples"][:3] == [1.0, 2.0, 4.0]
+    assert (a["read_level"], a["read_downsample"], a["read_size"]) == (1, 2.0, 224)
+    assert a["patch_size_level0"] == pytest.approx(448)
+    slide = open_slide(slide_path)
+
+    def blocks(x: int, y: int, level: int, size: int) -> np.ndarray:
+        img = Image.fromarray(read_rgb(slide, (int(x), int(y)), level, (size, size)))
+        img = np.asarray(img.resize((224, 224), Image.Resampling.BOX), dtype=np.float64)
+        return img.reshape(4, 56, 4, 56, 3).mean(axis=(1, 3))
+
+    coords = store["coords"][:]
+    assert len(coords) >= 5
+    level0 = np.array([blocks(x, y, 0, 448) for x, y in coords])
+    reads = {"level1": (1, 224), "level1_wrong_size": (1, 448), "level0_half_side": (0, 224)}
+    mad, corr = {}, {}
+    for name, (level, size) in reads.items():
+        got = np.array([blocks(x, y, level, size) for x, y in coords])
+        mad[name] = np.abs(got - level0).mean()
+        corr[name] = np.corrcoef(got.ravel(), level0.ravel())[0, 1]
+    assert mad["level1"] < 12 and corr["level1"] > 0.9, (mad, corr)
+    for wrong in ("level1_wrong_size", "level0_half_side"):
+        assert mad[wrong] > 1.5 * mad["level1"] and corr[wrong] < 0.85, (mad, corr)
 
 
 def test_coords_are_raster_order_and_patch_reads_back(slides, tmp_path):
@@ -281,7 +323,6 @@ def test_mask_params_are_physical():
         cv2.circle(img, (150, 150), r_small, (220, 140, 190), -1)
         mask = detect_tissue(img, um_per_px, params).tissue
         assert mask[60, 60] and not mask[150, 150], um_per_px
-    os.environ.pop("UNUSED", None)
 
 
 def test_damaged_level0_data_is_caught_by_read_back(slide_factory, slide_dir, tmp_path):
