@@ -15,6 +15,7 @@ include: "workflow/rules/tiling.smk"
 include: "workflow/rules/features.smk"
 include: "workflow/rules/splits.smk"
 include: "workflow/rules/expression.smk"
+include: "workflow/rules/train.smk"
 
 
 localrules:

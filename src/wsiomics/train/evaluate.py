@@ -135,9 +135,11 @@ def write_json(path: str | Path, value: dict[str, Any]) -> None:
 def write_embeddings(path: str | Path, results: list[PatientResult], attrs: dict[str, Any]) -> None:
     """``patient_id`` plus each embedding every patient has, one row per patient."""
     with atomic_zarr(path, attrs=json_safe(attrs)) as root:
-        ids = np.array([r.patient.patient_id for r in results], dtype=str)
-        root.create_array("patient_id", data=ids)
-        root.create_array("role", data=np.array([r.patient.role for r in results], dtype=str))
+        for name, values in (("patient_id", [r.patient.patient_id for r in results]),
+                             ("role", [r.patient.role for r in results])):
+            arr = root.create_array(name, shape=(len(values),), dtype=str)  # variable-length UTF-8
+            if values:
+                arr[:] = np.array(values, dtype=object)
         for name in EMBEDDINGS:
             if results and all(name in r.embeddings for r in results):
                 root.create_array(name, data=np.stack([r.embeddings[name] for r in results]).astype(np.float32))

@@ -72,7 +72,8 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, seed: int, c_grid: tuple[float, .
     n_splits = int(min(3, counts.min()))
     if n_splits >= 2:
         model = LogisticRegressionCV(Cs=list(c_grid), cv=StratifiedKFold(n_splits, shuffle=True, random_state=seed),
-                                     max_iter=2000, scoring="balanced_accuracy")
+                                     max_iter=2000, scoring="balanced_accuracy", l1_ratios=(0.0,),
+                                     use_legacy_attributes=False)
     else:
         model = LogisticRegression(C=c_grid[-1], max_iter=2000)
     return make_pipeline(StandardScaler(), model).fit(x, y)

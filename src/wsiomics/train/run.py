@@ -224,7 +224,7 @@ def _fit_sklearn(method: Method, cfg: dict[str, Any], data: FoldData, out: Path,
         probs[:, model.classes_] = model.predict_proba(x_eval)
     results = [ev.PatientResult(p, probs=probs[i]) for i, p in enumerate(eval_patients)]
     estimator = model[-1]
-    c = float(np.atleast_1d(getattr(estimator, "C_", [estimator.C]))[0])
+    c = float(np.atleast_1d(estimator.C_)[0]) if hasattr(estimator, "C_") else float(estimator.C)
     history = [{"epoch": 1, "C": c, "n_features": x.shape[1], "n_fit_patients": len(fit_patients)}]
     write_history(out / "history.tsv", history, f"{method.name} fold {data.fold}")
     info = {"seconds": time.perf_counter() - t0, "C": c, "fit_patients": len(fit_patients)}

@@ -1,0 +1,82 @@
+# Training: per method and fold, an optional pretraining stage and the fine-tune + evaluation on the
+# fold's test patients. A method is a name plus a configuration (python -m wsiomics.train methods);
+# `train.run` lists those the workflow runs. Outputs: README "Training and evaluation".
+
+
+include: "inputs/train.smk"
+
+
+rule pretrain:
+    input:
+        unpack(train_inputs),
+    output:
+        model="results/models/{method}/fold{fold}/pretrain/model.pt",
+        history="results/models/{method}/fold{fold}/pretrain/history.tsv",
+        curve="results/models/{method}/fold{fold}/pretrain/loss_curve.png",
+    params:
+        options=train_options,
+        config=lambda wildcards: method_config(TRAIN, wildcards.method),
+        out_dir=lambda wildcards: f"results/models/{wildcards.method}/fold{wildcards.fold}",
+    log:
+        "logs/train/{method}/fold{fold}/pretrain.log",
+    benchmark:
+        "benchmarks/train/{method}/fold{fold}/pretrain.tsv"
+    threads: TRAIN["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m wsiomics.train pretrain --method {wildcards.method} --fold {wildcards.fold}"
+        " --folds {input.folds:q} --out-dir {params.out_dir:q} --threads {threads} {params.options} > {log:q} 2>&1"
+
+
+rule finetune:
+    input:
+        unpack(finetune_inputs),
+    output:
+        metrics="results/models/{method}/fold{fold}/metrics.json",
+        predictions="results/models/{method}/fold{fold}/predictions.tsv",
+        embeddings=directory("results/models/{method}/fold{fold}/embeddings.zarr"),
+        attention=directory("results/models/{method}/fold{fold}/attention"),
+        history="results/models/{method}/fold{fold}/history.tsv",
+    params:
+        options=train_options,
+        config=lambda wildcards: method_config(TRAIN, wildcards.method),
+        out_dir=lambda wildcards: f"results/models/{wildcards.method}/fold{wildcards.fold}",
+    log:
+        "logs/train/{method}/fold{fold}/finetune.log",
+    benchmark:
+        "benchmarks/train/{method}/fold{fold}/finetune.tsv"
+    threads: TRAIN["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m wsiomics.train finetune --method {wildcards.method} --fold {wildcards.fold}"
+        " --folds {input.folds:q} --out-dir {params.out_dir:q} --threads {threads} {params.options} > {log:q} 2>&1"
+
+
+rule summarize_models:
+    input:
+        model_metrics,
+    output:
+        "results/models/summary.tsv",
+    log:
+        "logs/train/summary.log",
+    benchmark:
+        "benchmarks/train/summary.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    localrule: True
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m wsiomics.train summarize --out {output:q} {input:q} > {log:q} 2>&1"
