@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -20,6 +21,9 @@ SNAKEMAKE = str(BIN / "snakemake")
 FAULTS = {"no_mpp": 1, "no_tissue": 1, "unreadable": 1}  # what the generator's faults give
 # A tiny timm CNN instead of the demo's ResNet-50, so feature extraction costs seconds, not minutes.
 FAST_FEATURES = "features={encoder: test_resnet, num_workers: 0, batch_size: 32}"
+# These tests are about tiling, features, expression and re-runs; training has its own tests.
+_SCHEMA = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())["properties"]
+NO_TRAINING = ["train={run: []}"] if "train" in _SCHEMA else []
 
 pytestmark = pytest.mark.integration
 
@@ -28,9 +32,9 @@ def snakemake(*args: str, cwd: Path = REPO, timeout: int = 240) -> subprocess.Co
     """The repo's Snakefile on 2 cores with FAST_FEATURES; ``args`` usually carry --config ... and --directory ..."""
     args = list(args)
     if "--config" in args:
-        args.insert(args.index("--config") + 1, FAST_FEATURES)
+        args[args.index("--config") + 1:args.index("--config") + 1] = [FAST_FEATURES, *NO_TRAINING]
     else:
-        args = ["--config", FAST_FEATURES, *args]
+        args = ["--config", FAST_FEATURES, *NO_TRAINING, *args]
     cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--cores", "2", *args]
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
@@ -214,26 +218,50 @@ def test_demo_checkpoint_generates_the_cohort_then_tiles_it(tmp_path):
     assert proc.returncode == 0 and "Nothing to be done" in proc.stdout + proc.stderr
 
 
-def test_adding_mpp_to_the_sheet_retiles_the_slide(cohort, sheet, tmp_path):
+def planned(*args: str) -> set[str]:
+    """Rules of the jobs a dry run would start (its 'Job stats' table), without the target rule `all`."""
+    proc = snakemake(*args, "-n")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    if "Nothing to be done" in out:
+        return set()
+    table = out.split("Job stats:")[1].split("total")[0].splitlines()[3:]
+    return {line.split()[0] for line in table if line.strip()} - {"all"}
+
+
+@pytest.mark.slow
+def test_adding_mpp_to_the_sheet_retiles_the_slide_and_nothing_patient_level(cohort, sheet, tmp_path):
+    """The README's promise, on a sheet with expression: only that slide's tiles and features are redone."""
     no_mpp = sheet[sheet.slide_id.str.endswith("DX8")].iloc[0]  # the generator's slide without MPP metadata
-    row = {"patient_id": "P1", "slide_id": "nompp", "slide_path": str(cohort / no_mpp.slide_path), "mpp": ""}
-    args = ("--config", f"samples={tmp_path / 'samples.tsv'}", "--directory", str(tmp_path / "work"))
-    pd.DataFrame([row]).to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
-    assert snakemake(*args).returncode == 0
-    status = pd.read_csv(tmp_path / "work" / "results" / "qc" / "slide_status.tsv", sep="\t")
+    files = sorted({p for p in sheet.expression_path if p})
+    rows = [{"patient_id": "P1", "slide_id": "nompp", "slide_path": str(cohort / no_mpp.slide_path), "mpp": "",
+             "label": "a", "expression_path": str(cohort / files[0])}]
+    rows += [{"patient_id": f"P{i}", "slide_id": "", "slide_path": "", "mpp": "", "label": "ab"[(i - 1) % 2],
+              "expression_path": str(cohort / files[(i - 1) % len(files)])} for i in range(2, 7)]
+    args = ("--config", f"samples={tmp_path / 'samples.tsv'}", "splits={n_folds: 2}", "expression={n_top_genes: 20}",
+            "--directory", str(tmp_path / "work"))
+    write_sheet(tmp_path / "samples.tsv", rows)
+    proc = snakemake(*args)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    status = read_status(tmp_path / "work")
     assert status.status.tolist() == ["no_mpp"] and "'mpp' column" in status.reason[0]
-    pd.DataFrame([{**row, "mpp": "0.5"}]).to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
+    results = tmp_path / "work" / "results"
+    patient_level = [results / "splits" / "folds.tsv", results / "expression" / "cohort.zarr" / "zarr.json",
+                     results / "expression" / "fold0.zarr" / "zarr.json"]
+    before = [p.stat().st_mtime_ns for p in patient_level]
+    rows[0]["mpp"] = "0.5"
+    write_sheet(tmp_path / "samples.tsv", rows)
+    assert planned(*args) == {"tile", "extract_features", "slide_status"}
     proc = snakemake(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    status = pd.read_csv(tmp_path / "work" / "results" / "qc" / "slide_status.tsv", sep="\t")
+    status = read_status(tmp_path / "work")
     assert status.status.tolist() == ["ok"] and status.mpp_source[0] == "sample_sheet"
+    assert [p.stat().st_mtime_ns for p in patient_level] == before
 
 
 def test_config_and_schema_defaults_match_the_code():
     """config.yaml's tiling section, the schema's defaults and TilingParams must not drift apart."""
     from dataclasses import asdict
-
-    import yaml
 
     from wsiomics.tiling import TilingParams
 
