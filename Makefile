@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	touch $(STAMP)
 
+# profiles/default (keep-going, rerun-incomplete, greedy scheduler, ...) applies by itself.
 demo: venv
-	$(BIN)/snakemake --cores $(CORES) --workflow-profile workflow/profiles/default
+	$(BIN)/snakemake --cores $(CORES)
 
 # pytest exits 5 when it collects no tests; make treats that as a failure, as it should.
 test: venv

@@ -276,3 +276,20 @@ def test_config_and_schema_defaults_match_the_code():
                 assert tiling["mask"]["properties"][mkey]["default"] == mvalue, mkey
         else:
             assert tiling[key]["default"] == value, key
+
+
+def test_a_plain_snakemake_call_gets_the_default_profile(cohort, tmp_path):
+    """README "Running on your cohort": no --workflow-profile, run from elsewhere, still keep-going and co."""
+    profile = yaml.safe_load((REPO / "profiles" / "default" / "config.yaml").read_text())
+    assert profile["keep-going"] and profile["rerun-incomplete"] and profile["scheduler"] == "greedy"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = snakemake("--config", f"samples={cohort / 'samples.tsv'}", "--directory", str(tmp_path / "work"), "-n",
+                     cwd=elsewhere)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    assert f"workflow specific profile {REPO / 'profiles' / 'default'}" in out
+    assert "python -m wsiomics.tiling tile" in out  # printshellcmds, which this call did not ask for
+    proc = snakemake("--config", f"samples={cohort / 'samples.tsv'}", "--directory", str(tmp_path / "work"), "-n",
+                     "--workflow-profile", "none", cwd=elsewhere)
+    assert "workflow specific profile" not in proc.stdout + proc.stderr
