@@ -27,8 +27,16 @@ from wsiomics.models.gene_gmsa import GeneGMSA, GeneGMSAConfig, group_index
 from wsiomics.models.gimp import GiMP, GiMPConfig, batch_hard_triplet_loss, mpm_loss, span_mask
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig, sincos_2d
 
-torch.set_num_threads(2)
 ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run much faster on one thread (no OpenMP hand-off per op on a busy 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _pad_pair(long_n: int, short_n: int, din: int, seed: int = 0):
@@ -188,6 +196,7 @@ def test_cls_attention_sums_to_one_over_valid_tokens():
 @pytest.mark.slow
 def test_slide_transformer_memory_is_linear_in_tokens():
     """L=20,000 tokens: a (L, L) fp32 score matrix per head would be 1.6 GB; SDPA never builds one."""
+    torch.set_num_threads(2)  # one long attention: worth both cores
     torch.manual_seed(0)
     model = SlideTransformer(SlideTransformerConfig(in_dim=32, dim=32, depth=1, heads=1, dropout=0.0)).eval()
     n = 20_000
@@ -195,11 +204,13 @@ def test_slide_transformer_memory_is_linear_in_tokens():
     pos = torch.stack([torch.arange(n) % 200, torch.arange(n) // 200], -1).float()[None]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
     start = time.perf_counter()
+    mask = torch.ones(1, n, dtype=torch.bool)
+    mask[0, -1] = False  # one padded token: the key-padding-mask path, the one that could fall back to (L, L)
     with torch.no_grad():
-        cls, tok, att = model.encode_with_attention(model.embed(feats), pos, None)
+        cls, tok, att = model.encode_with_attention(model.embed(feats), pos, mask)
     seconds = time.perf_counter() - start
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
-    assert torch.isfinite(cls).all() and tok.shape == (1, n, 32)
+    assert torch.isfinite(cls).all() and tok.shape == (1, n, 32) and att[0, -1] == 0
     assert math.isclose(float(att.sum()), 1.0, rel_tol=1e-4)
     assert grown < 800, f"peak RSS grew by {grown:.0f} MiB"
     assert seconds < 60
@@ -348,7 +359,7 @@ def test_mpm_loss_counts_masked_positions_only():
     other[0, 2:] = 1e6  # changing unmasked predictions does not change the loss
     assert mpm_loss(other, target, masked).item() == loss.item()
     none = mpm_loss(pred, target, torch.zeros(1, 4, dtype=torch.bool))
-    assert float(none) == 0.0 and none.requires_grad
+    assert none.item() == 0.0 and none.requires_grad
     none.backward()
     assert torch.all(pred.grad == 0)
 
@@ -366,15 +377,15 @@ def test_batch_hard_triplet_matches_hand_computed_value():
     # anchor 3: ap sqrt2, an min(2, sqrt3)      = sqrt3  -> relu(1.71421 - 1.73205) = 0
     expected = (0.7823619098 + 1.1965754722) / 4  # = 0.4947343455
     loss = batch_hard_triplet_loss(emb, ids, margin=0.3)
-    assert math.isclose(float(loss), expected, abs_tol=1e-5)
+    assert math.isclose(loss.item(), expected, abs_tol=1e-5)
     loss.backward()
     assert torch.isfinite(emb.grad).all() and emb.grad.abs().sum() > 0
     # anchors 0 and 1 only (2 and 3 invalid, e.g. unlabelled): no negatives left -> 0, with grad
     zero = batch_hard_triplet_loss(emb, ids, 0.3, valid=torch.tensor([True, True, False, False]))
-    assert float(zero) == 0.0 and zero.requires_grad
+    assert zero.item() == 0.0 and zero.requires_grad
     # anchors 0, 1, 2 valid: anchor 2 has no positive; anchor 1's nearest negative is 2 -> mean(0, 0.78236)
     part = batch_hard_triplet_loss(emb, ids, 0.3, valid=torch.tensor([True, True, True, False]))
-    assert math.isclose(float(part), 0.7823619098 / 2, abs_tol=1e-5)
+    assert math.isclose(part.item(), 0.7823619098 / 2, abs_tol=1e-5)
 
 
 # ---------------------------------------------------------------- GiMP model
@@ -449,11 +460,11 @@ def test_gimp_pretrain_loss_switches():
     g = torch.Generator
     full = _gimp().pretrain_loss(batch, g().manual_seed(0))
     assert float(full["mpm"]) > 0 and float(full["triplet"]) > 0
-    assert math.isclose(float(full["loss"]), float(full["mpm"] + full["triplet"]), rel_tol=1e-6)
+    assert math.isclose(full["loss"].item(), float(full["mpm"] + full["triplet"]), rel_tol=1e-6)
     no_mpm = _gimp(use_mpm=False, triplet_weight=2.0).pretrain_loss(batch, g().manual_seed(0))
-    assert float(no_mpm["mpm"]) == 0 and math.isclose(float(no_mpm["loss"]), 2 * float(no_mpm["triplet"]))
+    assert float(no_mpm["mpm"]) == 0 and math.isclose(no_mpm["loss"].item(), 2 * float(no_mpm["triplet"]))
     no_tri = _gimp(use_triplet=False).pretrain_loss(batch, g().manual_seed(0))
-    assert float(no_tri["triplet"]) == 0 and float(no_tri["loss"]) == float(no_tri["mpm"])
+    assert float(no_tri["triplet"]) == 0 and no_tri["loss"].item() == float(no_tri["mpm"])
     assert float(no_tri["mpm"]) == float(full["mpm"])  # same generator -> same mask
     with pytest.raises(ValueError, match="no loss"):
         _gimp(use_mpm=False, use_triplet=False).pretrain_loss(batch, g().manual_seed(0))
@@ -461,27 +472,29 @@ def test_gimp_pretrain_loss_switches():
         _gimp(positives="patient")
 
 
-@pytest.mark.slow
 def test_small_gimp_overfits_a_tiny_batch():
     batch = make_batch([[6, 4], [8], [5], [7, 3], [9], []], has_gene=[True, True, False, True, True, True],
                        labels=[0, 1, 2, 0, 1, 2], seed=3)
-    model = _gimp(seed=1)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    torch.manual_seed(1)
+    model = GiMP(GiMPConfig(image=dict(in_dim=12, dim=16, depth=1, heads=2, dropout=0.0),
+                            gene=dict(n_genes=20, n_groups=4, dim=16, depth=1, heads=2, dropout=0.0),
+                            n_classes=3, fusion_dim=16, mask_length=3, dropout=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, foreach=True)
     gen = torch.Generator().manual_seed(0)
     pre = []
-    for _ in range(20):  # pre-training: the loss goes down
+    for _ in range(15):  # pre-training: the loss goes down
         opt.zero_grad()
         loss = model.pretrain_loss(batch, gen)["loss"]
         loss.backward()
         opt.step()
         pre.append(loss.item())
     assert sum(pre[-5:]) / 5 < 0.7 * sum(pre[:5]) / 5, pre
-    for _ in range(60):  # fine-tuning: the classifier memorises the batch
+    for _ in range(50):  # fine-tuning: the classifier memorises the batch (patients missing a modality too)
         opt.zero_grad()
         ce = torch.nn.functional.cross_entropy(model(batch).logits, batch.labels)
         ce.backward()
         opt.step()
-    assert float(ce) < 0.05
+    assert ce.item() < 0.05
 
 
 # ---------------------------------------------------------------- baselines
