@@ -1,0 +1,59 @@
+"""The training rules in the DAG: which methods pretrain, which inputs each method gets, unknown methods."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def sheet(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("trainwf") / "cohort"
+    cmd = [sys.executable, "-m", "wsiomics.synth", "--out", str(out), "--n-patients", "8", "--slide-width-um", "1500",
+           "--slide-height-um", "1000", "--n-genes", "100", "--workers", "2", "--no-faults"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out / "samples.tsv"
+
+
+def dry_run(sheet: Path, work: Path, *config: str) -> subprocess.CompletedProcess:
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--cores", "2", "-n", "-p", "--directory", str(work),
+           "--config", f"samples={sheet}", "splits={n_folds: 2}", *config]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+
+
+def test_methods_get_their_stages_and_modalities(sheet, tmp_path):
+    proc = dry_run(sheet, tmp_path, "train={run: [gimp, gene_only, image_only, linear]}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    commands = [line for line in out.splitlines() if "python -m wsiomics.train " in line]
+    pre = [c for c in commands if " pretrain " in c]
+    fine = [c for c in commands if " finetune " in c]
+    assert len(pre) == 2 and all("--method gimp " in c for c in pre)  # only gimp pretrains, once per fold
+    assert len(fine) == 8
+
+    def of(method: str) -> list[str]:
+        return [c for c in fine if f"--method {method} " in c]
+
+    assert all("--pretrained results/models/gimp/fold" in c for c in of("gimp"))
+    assert all("--features" not in c and "--expression" in c for c in of("gene_only"))
+    assert all("--features" in c and "--expression" not in c for c in of("image_only"))
+    assert all("--features" in c and "--expression" in c for c in of("linear"))
+    folds = {re.search(r"--fold (\d+)", c).group(1) for c in fine}
+    assert folds == {"0", "1"}
+    assert "summarize_models" in out
+
+
+def test_unknown_method_is_rejected_before_any_job(sheet, tmp_path):
+    proc = dry_run(sheet, tmp_path, "train={run: [gimp, gimpp]}")
+    assert proc.returncode != 0
+    assert "unknown method 'gimpp'" in proc.stdout + proc.stderr
