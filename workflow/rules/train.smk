@@ -27,7 +27,7 @@ rule pretrain:
         runtime=240,
         gpu=1,
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/train.yaml"
     shell:
         "python -m wsiomics.train pretrain --method {wildcards.method} --fold {wildcards.fold}"
         " --folds {input.folds:q} --out-dir {params.out_dir:q} --threads {threads} {params.options} > {log:q} 2>&1"
@@ -56,7 +56,7 @@ rule finetune:
         runtime=240,
         gpu=1,
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/train.yaml"
     shell:
         "python -m wsiomics.train finetune --method {wildcards.method} --fold {wildcards.fold}"
         " --folds {input.folds:q} --out-dir {params.out_dir:q} --threads {threads} {params.options} > {log:q} 2>&1"
@@ -77,6 +77,6 @@ rule summarize_models:
         runtime=5,
     localrule: True
     conda:
-        "../../envs/torch.yaml"
+        "../../envs/train.yaml"
     shell:
         "python -m wsiomics.train summarize --out {output:q} {input:q} > {log:q} 2>&1"
