@@ -58,6 +58,7 @@ CASES = [
     (4, False, True, True, False, 29, 3, 9),
     (0, True, True, False, True, 21, 4, 8),  # constant (dim, d_state) B/C
     (None, True, True, True, True, 1, 16, 256),  # a single position
+    (2, True, True, True, True, 100, 3, 60),  # 20 chunks per segment: several rounds of the chunk scan
     (2, True, True, True, True, 23, None, None),  # the defaults
 ]
 

@@ -16,15 +16,16 @@ only as a test oracle (its autograd graph grows with L and its backward is very 
 
 Why this scan is shaped the way it is: A is per (channel, state), so the decay between two positions is a
 (D, N) tensor, not the scalar per head that lets Mamba-2's SSD write the intra-chunk part as matrix
-products. The quadratic closed form inside a chunk of length T therefore costs L*D*N*T work, T times the
-recurrence itself. Instead, each segment of ``segment_size`` positions is cut into chunks of ``chunk_size``;
-the recurrence runs inside all chunks at once (one vectorised step per position in a chunk, started from
-zero), cumulative log-decays (cumsum of delta*A inside a chunk, never positive) give each position's
-decay since its chunk start, the states at chunk starts are carried chunk to chunk, and one multiply-add
-adds the carried state to every position. Work is O(L*D*N), every exponent is <= 0, and no more than one
-segment's (B, segment, D, N) states exist at a time: a custom autograd function keeps only the states at
-segment starts and recomputes a segment in the backward, where the adjoint runs the same chunked scan
-in reverse time.
+products; the quadratic closed form inside a chunk of length T would cost L*D*N*T work, T times the
+recurrence itself. Instead each segment of ``segment_size`` positions is cut into chunks of
+``chunk_size``. A first sweep over the T positions of a chunk, vectorised across all chunks of the
+segment, gives each chunk's own end state from a zero start; the states entering the chunks follow from a
+log-depth (Hillis-Steele) scan over the chunks with the chunk decays exp(sum(dt) * A) (cumulative
+log-decays, never positive); a second sweep runs the recurrence from those states and stores every
+position. Work is O(L*D*N), every exponent is <= 0 and only products of decays in [0, 1] are formed. A
+custom autograd function keeps only the inputs and the state at each segment start; its backward
+recomputes one segment at a time and runs the same scheme in reverse time for the adjoint, so at most
+one segment's (B, segment, D, N) tensors exist at once.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Measured on 2 CPU cores (bench/gene_encoders.py --tune): chunk 16 and segment 256 were fastest at 2k-16k
-# tokens for d_inner 256, d_state 16 (a segment's working set then stays in a 32 MiB L3).
+# Chosen by bench/gene_encoders.py --tune on 2 CPU cores (d_inner 256, d_state 16): chunk 16 was fastest;
+# segments of 256 and 1,024 tie on one thread, and 1,024 needs half the ops (fewer thread hand-offs).
 CHUNK_SIZE = 16
-SEGMENT_SIZE = 256
+SEGMENT_SIZE = 1024
 
 __all__ = [
     "BiMamba",
@@ -160,37 +161,61 @@ def _chunked(t: Tensor, s0: int, s1: int, T: int) -> Tensor:
     return part.reshape(part.shape[0], (s1 - s0) // T, T, *part.shape[2:]).transpose(1, 2).contiguous()
 
 
-def _unchunk(t: Tensor) -> Tensor:
-    """(B, T, k, ...) -> (B, k*T, ...), the inverse of :func:`_chunked`."""
-    return t.transpose(1, 2).reshape(t.shape[0], t.shape[1] * t.shape[2], *t.shape[3:])
+def _unchunk_into(dest: Tensor, s0: int, s1: int, t: Tensor) -> None:
+    """Write chunked ``t`` (B, T, k, ...) to positions s0:s1 of ``dest`` (B, L, ...) in one copy."""
+    batch, T, k = t.shape[:3]
+    dest[:, s0:s1].view(batch, k, T, *dest.shape[2:]).copy_(t.reshape(batch, T, k, *dest.shape[2:]).transpose(1, 2))
+
+
+def _affine_scan(decay: Tensor, add: Tensor, s0: Tensor) -> Tensor:
+    """s_j = decay_j * s_{j-1} + add_j along dim 1 with s_{-1} = s0, all j: (B, k, D, N).
+
+    Hillis-Steele: log2(k) rounds of whole-tensor ops instead of k small ones; only products of decays
+    (each in [0, 1]) are formed, never a quotient.
+    """
+    k = decay.shape[1]
+    s = add.clone()
+    s[:, 0].addcmul_(decay[:, 0], s0)
+    d = decay
+    o = 1
+    while o < k:
+        s = torch.cat([s[:, :o], torch.addcmul(s[:, o:], d[:, o:], s[:, :-o])], dim=1)
+        if 2 * o < k:
+            d = torch.cat([d[:, :o], d[:, o:] * d[:, :-o]], dim=1)
+        o *= 2
+    return s
 
 
 def _seg_states(ws: _Work, dtc: Tensor, xc: Tensor, Bc: Tensor, A: Tensor, h0: Tensor):
     """All states of one segment.
 
     dtc, xc: (B, T, k, D) chunked dt and x = dt * u; Bc: (B, T, k, G, N); A: (D, N); h0: (B, D, N) the state
-    before the segment. Returns h, a = exp(dt * A) as (B, T, k, D, N) work buffers, cum (B, T, k, D) the
-    in-chunk cumulative dt (the cumulative log-decay is cum * A) and Hin (B, k, D, N) the state entering
-    each chunk.
+    before the segment. Returns h and a = exp(dt * A) as (B, T, k, D, N) work buffers and Hin (B, k, D, N),
+    the state entering each chunk.
+
+    Two sweeps over the T positions of a chunk, each one vectorised across all k chunks: the first keeps
+    only a running state per chunk (started from zero) to get each chunk's own contribution at its end;
+    the states entering the chunks are then carried chunk to chunk with the chunk decay exp(sum(dt) * A);
+    the second sweep runs the recurrence from those true states and stores every position.
     """
     batch, T, k, dim = dtc.shape
     groups, n = Bc.shape[3], Bc.shape[4]
     hpg = dim // groups
     a = ws.get("a", batch, T, k, dim, n)
     torch.mul(dtc[..., None], A, out=a).exp_()  # exponent dt * A <= 0
-    h = ws.get("h", batch, T, k, dim, n)
+    h = ws.get("h", batch, T, k, dim, n)  # first b = x * B, then (in place) the states
     torch.mul(xc.view(batch, T, k, groups, hpg, 1), Bc[:, :, :, :, None, :], out=h.view(batch, T, k, groups, hpg, n))
-    for t in range(1, T):  # recurrence inside every chunk at once, each chunk started from a zero state
-        h[:, t].addcmul_(a[:, t], h[:, t - 1])
-    cum = dtc.cumsum(1)  # (B, T, k, D); A is per (d, n), so cumsum(dt * A) = cumsum(dt) * A
-    P = ws.get("p", batch, T, k, dim, n)  # decay from the chunk start through t
-    torch.mul(cum[..., None], A, out=P).exp_()
-    Hin = h.new_empty(batch, k, dim, n)
-    Hin[:, 0] = h0
-    for j in range(1, k):  # carry the true state from chunk to chunk
-        torch.addcmul(h[:, T - 1, j - 1], P[:, T - 1, j - 1], Hin[:, j - 1], out=Hin[:, j])
-    h.addcmul_(P, Hin[:, None])
-    return h, a, cum, Hin
+    av, hv = a.unbind(1), h.unbind(1)  # T slices (B, k, D, N)
+    local = hv[0].clone()  # each chunk's state from a zero start
+    for t in range(1, T):
+        local = torch.addcmul(hv[t], av[t], local)
+    decay = torch.exp(dtc.sum(1)[..., None] * A)  # (B, k, D, N) decay over each chunk, exponent <= 0
+    ends = _affine_scan(decay, local, h0)  # (B, k, D, N) true state at each chunk end
+    Hin = torch.cat([h0[:, None], ends[:, : k - 1]], dim=1)
+    hv[0].addcmul_(av[0], Hin)
+    for t in range(1, T):
+        hv[t].addcmul_(av[t], hv[t - 1])
+    return h, a, Hin
 
 
 class _ChunkedScan(torch.autograd.Function):
@@ -221,7 +246,7 @@ class _ChunkedScan(torch.autograd.Function):
             h, *_ = _seg_states(ws, dtc, xc, Bc, A, h0)
             k = dtc.shape[2]
             yc = torch.einsum("btkghn,btkgn->btkgh", h.view(batch, T, k, groups, hpg, n), Cc)
-            y[:, s0:s1] = _unchunk(yc.reshape(batch, T, k, dim))
+            _unchunk_into(y, s0, s1, yc)
             h0 = h[:, T - 1, k - 1].clone()
         ctx.save_for_backward(dt, u, A, Bs, Cs, Hseg)
         ctx.T, ctx.S = T, S
@@ -249,22 +274,25 @@ class _ChunkedScan(torch.autograd.Function):
             Bc, Cc = _chunked(Bs, s0, s1, T), _chunked(Cs, s0, s1, T)
             gyc = _chunked(gy, s0, s1, T)  # (B, T, k, D)
             k = dtc.shape[2]
-            h, a, cum, Hin = _seg_states(ws, dtc, xc, Bc, A, Hseg[:, i])
-            # adjoint g_t = dL/dh_t = gy_t C_t + a_{t+1} g_{t+1}: the same chunked scan in reverse time
+            h, a, Hin = _seg_states(ws, dtc, xc, Bc, A, Hseg[:, i])
+            # adjoint g_t = dL/dh_t = gy_t C_t + a_{t+1} g_{t+1}: the same two sweeps in reverse time
             g = ws.get("g", batch, T, k, dim, n)
             g6 = g.view(batch, T, k, groups, hpg, n)
             torch.mul(gyc.view(batch, T, k, groups, hpg, 1), Cc[:, :, :, :, None, :], out=g6)
+            av, gv = a.unbind(1), g.unbind(1)
+            local = gv[T - 1].clone()  # adjoint at each chunk start from a zero end
             for t in range(T - 2, -1, -1):
-                g[:, t].addcmul_(a[:, t + 1], g[:, t + 1])
-            # decay from t to the chunk end: exp((cum_end - cum_t) * A), a difference of cumulative sums (<= 0)
-            Q = ws.get("p", batch, T, k, dim, n)
-            torch.mul((cum[:, T - 1 :] - cum)[..., None], A, out=Q).exp_()
-            Gin = g.new_empty(batch, k, dim, n)  # adjoint flowing into each chunk's last position from the right
-            Gin[:, k - 1] = G_next
-            for j in range(k - 1, 0, -1):
-                torch.mul(a[:, 0, j], torch.addcmul(g[:, 0, j], Q[:, 0, j], Gin[:, j]), out=Gin[:, j - 1])
-            g.addcmul_(Q, Gin[:, None])
-            G_next = a[:, 0, 0] * g[:, 0, 0]
+                local = torch.addcmul(gv[t], av[t + 1], local)
+            # adjoint flowing into each chunk's last position from the right, Gin_{j-1} = a_{j,0} * g_{j,0}
+            # = a_{j,0} * local_j + decay_j * Gin_j with decay_j = exp(sum(dt) * A) over chunk j: a scan over
+            # the chunks in reverse order, whose last element is what flows into the previous segment
+            decay = torch.exp(dtc.sum(1)[..., None] * A)  # (B, k, D, N), exponent <= 0
+            rev = _affine_scan(decay.flip(1), (av[0] * local).flip(1), G_next)
+            Gin = torch.cat([rev[:, : k - 1].flip(1), G_next[:, None]], dim=1)  # (B, k, D, N)
+            G_next = rev[:, k - 1]
+            gv[T - 1].add_(Gin)
+            for t in range(T - 2, -1, -1):
+                gv[t].addcmul_(av[t + 1], gv[t + 1])
             h6 = h.view(batch, T, k, groups, hpg, n)
             gC = torch.matmul(gyc.view(batch, T, k, groups, 1, hpg), h6)  # (B, T, k, G, 1, N)
             gB = torch.matmul(xc.view(batch, T, k, groups, 1, hpg), g6)  # (B, T, k, G, 1, N)
@@ -273,13 +301,13 @@ class _ChunkedScan(torch.autograd.Function):
             g.mul_(a)
             g[:, 1:].mul_(h[:, : T - 1])
             g[:, 0].mul_(Hin)
-            tmp = Q  # Q is no longer needed
+            tmp = ws.get("p", batch, T, k, dim, n)
             g_dtA = torch.mul(g, A, out=tmp).sum(-1)  # (B, T, k, D)
             g_A += torch.mul(g, dtc[..., None], out=tmp).sum((0, 1, 2))
-            g_dt[:, s0:s1] = _unchunk(torch.addcmul(g_dtA, gx, uc))
-            g_u[:, s0:s1] = _unchunk(gx * dtc)
-            g_B[:, s0:s1] = _unchunk(gB.squeeze(-2))
-            g_C[:, s0:s1] = _unchunk(gC.squeeze(-2))
+            _unchunk_into(g_dt, s0, s1, torch.addcmul(g_dtA, gx, uc))
+            _unchunk_into(g_u, s0, s1, gx * dtc)
+            _unchunk_into(g_B, s0, s1, gB)
+            _unchunk_into(g_C, s0, s1, gC)
         return g_dt, g_u, g_A, g_B, g_C, None, None
 
 
