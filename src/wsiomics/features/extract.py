@@ -20,6 +20,7 @@ import openslide
 import torch
 from tqdm import tqdm
 
+from wsiomics import devices
 from wsiomics.encoders import Encoder, preset_attrs
 from wsiomics.encoders.fusion import fold_batchnorm
 from wsiomics.features.tiles import TileBatches, TileGeometry
@@ -57,12 +58,7 @@ class ExtractParams:
 
 
 def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise FeatureError(f"features.device is '{spec}' but no CUDA device is visible; use 'auto' or 'cpu'")
-    return device
+    return devices.resolve_device(spec, key="features.device", error=FeatureError)
 
 
 def _count(spec: str | int, name: str, minimum: int) -> int | None:

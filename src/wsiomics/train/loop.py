@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from wsiomics import devices
 from wsiomics.io import atomic_path
 from wsiomics.models.batch import Batch
 
@@ -45,12 +46,7 @@ class OptimParams:
 
 
 def resolve_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device is '{spec}' but no CUDA device is visible; use 'auto' or 'cpu'")
-    return device
+    return devices.resolve_device(spec, key="train.device")
 
 
 def autocast(device: torch.device):
