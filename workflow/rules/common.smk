@@ -4,7 +4,6 @@
 import math
 import os
 import re
-from dataclasses import fields as dataclass_fields
 import shlex
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.utils import validate
 
+from wsiomics.cli import ConfigFlagError, config_flags
 from wsiomics.io import write_text
 from wsiomics.samples import SampleSheetError, load_sample_sheet, slide_mpp_override
 from wsiomics.samples import patients as patient_rows
@@ -56,7 +56,8 @@ def _coerce(value, schema):
 
 
 with open(SCHEMAS / "config.schema.yaml") as f:
-    config.update(_coerce(dict(config), yaml.safe_load(f)))
+    CONFIG_SCHEMA = yaml.safe_load(f)
+config.update(_coerce(dict(config), CONFIG_SCHEMA))
 validate(config, schema=str(SCHEMAS / "config.schema.yaml"))
 
 # Rules run `python -m wsiomics.<stage>` from this checkout's sources, whatever the working directory.
@@ -182,22 +183,13 @@ def all_targets(wildcards):
 ##### config -> command-line flags #####
 
 
-def _expression_flags(section, values, cls, skip=()):
-    """Whitelisted flags from a dataclass's fields: numbers formatted, booleans as --x/--no-x, text and
-    lists shell-quoted. Keys not among the fields are ignored here (the schema rejects unknown keys)."""
-    out = []
-    for f in dataclass_fields(cls):
-        if f.name in skip or f.name not in values:
-            continue
-        value, kind, flag = values[f.name], str(f.type), f"--{f.name.replace('_', '-')}"
-        if kind == "bool":
-            out.append(flag if value else flag.replace("--", "--no-", 1))
-        elif kind in ("int", "float"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise WorkflowError(f"config {section}.{f.name}: {value!r} is not a number")
-            out.append(f"{flag} {(int if kind == 'int' else float)(value)!r}")
-        elif kind.startswith("tuple"):
-            out.append(f"{flag} {shlex.quote(','.join(str(v) for v in value))}")
-        else:
-            out.append(f"{flag} {shlex.quote(str(value))}")
-    return " ".join(out)
+def stage_options(section, command=None, skip=()):
+    """The `section:` config as flags for its stage's command line (wsiomics.cli.config_flags, typed by the
+    schema; the stage rebuilds its parameter dataclass from them with wsiomics.cli.dataclass_from_args).
+    `skip`: keys the rule passes otherwise (rule inputs, threads)."""
+    try:
+        flags = config_flags(config[section], CONFIG_SCHEMA["properties"][section], skip=skip, command=command,
+                             where=section)
+    except ConfigFlagError as e:
+        raise WorkflowError(str(e)) from None
+    return " ".join(flags)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import fields
 from pathlib import Path
 
+from wsiomics.cli import add_dataclass_options, configure_logging, dataclass_from_args
 from wsiomics.expression.cohort import CohortParams, build_cohort, write_anndata
 from wsiomics.expression.normalize import NormalizeParams, normalize_fold
 from wsiomics.expression.readers import ExpressionInputError
@@ -26,43 +26,21 @@ from wsiomics.splits import SplitError, read_splits
 log = logging.getLogger("wsiomics.expression")
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
-
-
-def add_options(parser: argparse.ArgumentParser, cls) -> None:
-    """One flag per dataclass field: --name (str/int/float), --name/--no-name (bool), comma list (tuple)."""
-    for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = str(f.type)
-        if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
-        elif kind.startswith("tuple"):
-            parser.add_argument(flag, type=_csv, default=f.default, metavar="A,B,...")
-        else:
-            conv = {"int": int, "float": float}.get(kind, str)
-            parser.add_argument(flag, type=conv, default=f.default, metavar=conv.__name__.upper())
-
-
-def params_from(args: argparse.Namespace, cls):
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m wsiomics.expression", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     cohort = sub.add_parser("cohort", help="build the cohort table (cohort.zarr)")
-    cohort.add_argument("--samples", required=True, type=Path)
-    cohort.add_argument("--out", required=True, type=Path)
+    cohort.add_argument("--samples", required=True, type=Path, help="the sample sheet")
+    cohort.add_argument("--out", required=True, type=Path, help="cohort store to write (cohort.zarr)")
     cohort.add_argument("--threads", type=int, default=1, help="processes reading expression files")
-    add_options(cohort, CohortParams)
+    add_dataclass_options(cohort, CohortParams)
     norm = sub.add_parser("normalize", help="normalise one fold (fold<k>.zarr)")
-    norm.add_argument("--cohort", required=True, type=Path)
-    norm.add_argument("--folds", required=True, type=Path)
-    norm.add_argument("--fold", required=True, type=int)
-    norm.add_argument("--out", required=True, type=Path)
-    add_options(norm, NormalizeParams)
+    norm.add_argument("--cohort", required=True, type=Path, help="the cohort store (cohort.zarr)")
+    norm.add_argument("--folds", required=True, type=Path, help="the folds table (folds.tsv)")
+    norm.add_argument("--fold", required=True, type=int, help="which fold to normalise")
+    norm.add_argument("--out", required=True, type=Path, help="normalised store to write (fold<k>.zarr)")
+    add_dataclass_options(norm, NormalizeParams)
     return parser.parse_args(argv)
 
 
@@ -71,18 +49,18 @@ def run(args: argparse.Namespace) -> None:
 
     if args.command == "cohort":
         sheet = load_sample_sheet(args.samples)
-        adata = build_cohort(sheet, params_from(args, CohortParams), threads=args.threads)
+        adata = build_cohort(sheet, dataclass_from_args(CohortParams, args), threads=args.threads)
         write_anndata(adata, args.out)
     else:
         cohort = ad.read_zarr(args.cohort)
-        out = normalize_fold(cohort, read_splits(args.folds), args.fold, params_from(args, NormalizeParams))
+        out = normalize_fold(cohort, read_splits(args.folds), args.fold, dataclass_from_args(NormalizeParams, args))
         write_anndata(out, args.out)
     log.info("wrote %s", args.out)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    configure_logging()
     try:
         run(args)
     except (ExpressionInputError, SplitError, SampleSheetError, ValueError) as exc:

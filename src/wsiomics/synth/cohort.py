@@ -42,10 +42,10 @@ class CohortConfig:
     signal: str = "both"
     slide_width_um: float = 4000.0
     slide_height_um: float = 3000.0
-    mpp_20x: float = 0.5
-    mpp_40x: float = 0.25
+    mpp_20x: float = 0.5  # microns per pixel of the 20x scans
+    mpp_40x: float = 0.25  # microns per pixel of the 40x scans
     fraction_40x: float = 0.15
-    fraction_second_slide: float = 0.25
+    fraction_second_slide: float = 0.25  # share of patients with a second slide
     fraction_pen: float = 0.3
     n_genes: int = 2000
     faults: bool = True

@@ -1,5 +1,4 @@
 # Input functions, targets and command-line options of the expression rules (expression.smk).
-from wsiomics.expression import CohortParams, NormalizeParams
 
 # Config keys that name files: they become rule inputs (tracked, checked to exist) and are passed from there.
 EXPRESSION_PATH_KEYS = ("matrix", "gene_annotation", "gene_list", "gene_sets")
@@ -48,7 +47,7 @@ def normalize_inputs(wildcards):
 
 
 def expression_cohort_options():
-    return _expression_flags("expression", config["expression"], CohortParams, skip=EXPRESSION_PATH_KEYS)
+    return stage_options("expression", command="cohort", skip=EXPRESSION_PATH_KEYS + ("threads",))
 
 
 def expression_path_option(key, flag):
@@ -58,4 +57,4 @@ def expression_path_option(key, flag):
 
 
 def normalize_options():
-    return _expression_flags("expression", config["expression"], NormalizeParams, skip=EXPRESSION_PATH_KEYS)
+    return stage_options("expression", command="normalize", skip=EXPRESSION_PATH_KEYS + ("threads",))

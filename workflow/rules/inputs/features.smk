@@ -11,21 +11,11 @@ def feature_stores(wildcards):
 
 
 def features_options():
-    """The `features:` config section as flags for `python -m wsiomics.features extract` (threads go apart)."""
-    f = config["features"]
-    flags = [
-        "--pretrained" if f["pretrained"] else "--no-pretrained",
-        f"--seed {int(f['seed'])}",
-        f"--batch-size {shlex.quote(str(f['batch_size']))}",
-        f"--num-workers {shlex.quote(str(f['num_workers']))}",
-        f"--chunk-rows {int(f['chunk_rows'])}",
-        "--channels-last" if f["channels_last"] else "--no-channels-last",
-    ]
-    # Enumerated or pattern-checked by the schema; quoted anyway since they reach a shell.
-    flags += [f"--{key} {shlex.quote(str(f[key]).lower())}" for key in ("precision", "device", "dtype", "compile")]
-    if f["weights"]:
-        flags.append(f"--weights {shlex.quote(f['weights'])}")
-    return " ".join(flags)
+    """The `features:` config section as flags for `python -m wsiomics.features extract` (the encoder is a
+    wildcard, threads are the rule's, a local weights file is an input)."""
+    options = stage_options("features", skip=("encoder", "threads", "weights"))
+    weights = config["features"]["weights"]
+    return f"{options} --weights {shlex.quote(weights)}" if weights else options
 
 
 if not config["features"]["pretrained"]:
