@@ -50,6 +50,7 @@ class SlideRecord:
     order: np.ndarray  # (N,) stored row of each token in raster order (None-like: arange when already raster)
     positions: np.ndarray  # (N, 2) float32 grid (col, row), raster order
     contiguous: bool  # stored rows already in raster order: a window is one slice of the store
+    targets: np.ndarray | None = None  # (N,) float32 per-tile target in raster order (segmentation); None = none
 
 
 @dataclass
@@ -75,6 +76,7 @@ class PatientItem:
     slide_index: np.ndarray  # (L,) int64
     genes: np.ndarray | None  # (G,)
     label: int
+    targets: np.ndarray | None = None  # (L,) float32 per-token target (NaN = none); None when no slide has targets
 
 
 class FeatureCache:
@@ -218,13 +220,15 @@ class PatientDataset(torch.utils.data.Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         patient = self.patients[index]
         rng = np.random.default_rng([self.params.seed, epoch, index])
-        feats, pos, sidx = [], [], []
+        feats, pos, sidx, targets = [], [], [], []
         for k, slide in enumerate(patient.slides):
             rows = self._crop(slide.n_tokens, rng)
             whole = len(rows) == slide.n_tokens
             feats.append(self.cache.read(slide, None if whole else rows))
             pos.append(slide.positions[rows])
             sidx.append(np.full(len(rows), k, dtype=np.int64))
+            targets.append(np.full(len(rows), np.nan, np.float32) if slide.targets is None else slide.targets[rows])
+        has_targets = any(s.targets is not None for s in patient.slides)
         dim = feats[0].shape[1] if feats else 0
         return PatientItem(
             index=index,
@@ -233,6 +237,7 @@ class PatientDataset(torch.utils.data.Dataset):
             slide_index=np.concatenate(sidx) if sidx else np.zeros(0, np.int64),
             genes=patient.genes,
             label=self.class_index.get(patient.label, -1),
+            targets=np.concatenate(targets).astype(np.float32) if has_targets else None,
         )
 
 
@@ -252,6 +257,12 @@ def collate(items: list[PatientItem], feature_dim: int, n_genes: int) -> Batch:
             slide_index[i, :n] = torch.from_numpy(it.slide_index)
         if it.genes is not None:
             genes[i] = torch.from_numpy(it.genes)
+    tile_targets = None
+    if any(it.targets is not None for it in items):
+        tile_targets = torch.full((b, length), float("nan"))
+        for i, it in enumerate(items):
+            if it.targets is not None and len(it.targets):
+                tile_targets[i, :len(it.targets)] = torch.from_numpy(it.targets)
     return Batch(
         features=features, positions=positions, slide_index=slide_index, token_mask=slide_index >= 0,
         genes=genes,
@@ -259,6 +270,7 @@ def collate(items: list[PatientItem], feature_dim: int, n_genes: int) -> Batch:
         has_gene=torch.tensor([it.genes is not None for it in items]),
         labels=torch.tensor([it.label for it in items], dtype=torch.long),
         patient_index=torch.tensor([it.index for it in items], dtype=torch.long),
+        tile_targets=tile_targets,
     )
 
 

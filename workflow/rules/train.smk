@@ -13,6 +13,8 @@ rule pretrain:
         model="results/models/{method}/fold{fold}/pretrain/model.pt",
         history="results/models/{method}/fold{fold}/pretrain/history.tsv",
         curve="results/models/{method}/fold{fold}/pretrain/loss_curve.png",
+        metrics="results/models/{method}/fold{fold}/pretrain/metrics.json",
+        embeddings=directory("results/models/{method}/fold{fold}/pretrain/embeddings.zarr"),
     params:
         options=train_options,
         config=lambda wildcards: method_config(TRAIN, wildcards.method),
@@ -34,6 +36,8 @@ rule pretrain:
 
 
 rule finetune:
+    wildcard_constraints:
+        method=CLASSIFY_METHODS,
     input:
         unpack(finetune_inputs),
     output:
@@ -41,6 +45,37 @@ rule finetune:
         predictions="results/models/{method}/fold{fold}/predictions.tsv",
         embeddings=directory("results/models/{method}/fold{fold}/embeddings.zarr"),
         attention=directory("results/models/{method}/fold{fold}/attention"),
+        history="results/models/{method}/fold{fold}/history.tsv",
+    params:
+        options=train_options,
+        config=lambda wildcards: method_config(TRAIN, wildcards.method),
+        out_dir=lambda wildcards: f"results/models/{wildcards.method}/fold{wildcards.fold}",
+    log:
+        "logs/train/{method}/fold{fold}/finetune.log",
+    benchmark:
+        "benchmarks/train/{method}/fold{fold}/finetune.tsv"
+    threads: TRAIN["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1,
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m wsiomics.train finetune --method {wildcards.method} --fold {wildcards.fold}"
+        " --folds {input.folds:q} --out-dir {params.out_dir:q} --threads {threads} {params.options} > {log:q} 2>&1"
+
+
+# Tumour segmentation (task "segment" methods): tile labels from the sheet's GeoJSON annotations; a tumour map
+# (zarr + PNG) per test slide; Dice per slide and pooled. mgi_seg starts from the fold's pretrained mgi.
+rule finetune_segmentation:
+    wildcard_constraints:
+        method=SEGMENT_METHODS,
+    input:
+        unpack(segmentation_inputs),
+    output:
+        metrics="results/models/{method}/fold{fold}/metrics.json",
+        tumour=directory("results/models/{method}/fold{fold}/tumour"),
         history="results/models/{method}/fold{fold}/history.tsv",
     params:
         options=train_options,

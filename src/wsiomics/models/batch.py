@@ -3,7 +3,9 @@
 Built by :mod:`wsiomics.datasets` (the only place that reads stores); models see nothing but this.
 Padding positions have ``token_mask`` False and ``slide_index`` -1; a patient without slides has no
 valid token at all (``has_image`` False), one without expression has zeros in ``genes``
-(``has_gene`` False). ``labels`` is -1 where a patient has no label.
+(``has_gene`` False). ``labels`` is -1 where a patient has no label. ``tile_targets`` is optional
+(None unless some slide of the dataset carries per-tile targets, e.g. tumour labels for segmentation);
+it is NaN where a token has no target (padding, unannotated slides).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ class Batch:
     has_gene: torch.Tensor  # (B,) bool: the patient has expression
     labels: torch.Tensor  # (B,) long: class index, -1 = unlabelled
     patient_index: torch.Tensor  # (B,) long: index of the patient in its dataset (instance identity)
+    tile_targets: torch.Tensor | None = None  # (B, L) float per-token target, NaN = none; None = no targets
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(
+            device, non_blocking=True) for f in fields(self)})
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])

@@ -43,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _common(pre)
     ft = sub.add_parser("finetune", help="fine-tune (or fit) and evaluate on the fold's test patients")
     _common(ft)
-    ft.add_argument("--pretrained", default="", help="the fold's pretrain/model.pt (methods with pretraining)")
+    ft.add_argument("--pretrained", default="",
+                    help="the fold's pretrain/model.pt (methods with pretraining; mgi_seg: mgi's)")
     sub.add_parser("methods", help="list the methods")
     sm = sub.add_parser("summarize", help="method x metric table (mean, std over folds) from metrics.json files")
     sm.add_argument("metrics", nargs="+", help="results/models/<method>/fold<k>/metrics.json")
@@ -75,7 +76,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "pretrain":
         info = pretrain(args.method, cfg, data, args.out_dir)
     else:
-        info = finetune(args.method, cfg, data, args.out_dir, args.pretrained or None)
+        annotations = None
+        if method.task == "segment":
+            from wsiomics.train.run import annotation_paths
+
+            if not args.samples:
+                parser.error(f"{args.method} is a segmentation method: pass --samples (its annotation_path column)")
+            annotations = annotation_paths(args.samples)
+        info = finetune(args.method, cfg, data, args.out_dir, args.pretrained or None, annotations)
     log.info("done: %s", info)
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
 import torch
 
 from wsiomics.datasets import FoldData
@@ -18,7 +19,7 @@ from wsiomics.train.methods import MODEL_BUILDERS, Method, model_builder
 def fill(cls, values: dict[str, Any], **fixed: Any):
     """``cls`` built from the keys of ``values`` it has fields for, plus ``fixed`` (which win)."""
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names}, **fixed)
+    return cls(**{**{k: v for k, v in values.items() if k in names}, **fixed})
 
 
 def gene_groups(data: FoldData, model_cfg: dict[str, Any]) -> tuple[tuple[int, ...] | None, int]:
@@ -79,6 +80,81 @@ def _image_only(cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:
 
     mil = fill(ABMILConfig, cfg["model"], in_dim=max(1, data.feature_dim))
     return ImageOnlyMIL(fill(ImageOnlyMILConfig, cfg["model"], mil=mil, n_classes=max(2, len(data.classes))))
+
+
+# train.model keys that shape MGI's encoders and projections; a segmenter initialised from an MGI checkpoint
+# takes these from the checkpoint's configuration, so its encoders fit the pretrained weights.
+MGI_ENCODER_KEYS = ("standardize_features", "dim", "depth", "heads", "mlp_ratio", "dropout", "drop_path",
+                    "pos_encoding", "gene_encoder", "genes_per_token", "d_state", "d_conv", "expand", "bidirectional",
+                    "gene_norm", "gene_hidden", "embed_dim", "projection")
+
+
+def gene_encoder_options(model_cfg: dict[str, Any], kind: str) -> dict[str, Any]:
+    """:func:`build_gene_encoder` options for ``kind`` from the shared ``train.model`` keys (the encoder's own
+    projection head stays linear at width ``dim``; MGI's projection heads map it to ``embed_dim``)."""
+    from wsiomics.models.gene_mamba import GENE_ENCODERS
+
+    _, config_cls = GENE_ENCODERS[kind]
+    names = {f.name for f in dataclasses.fields(config_cls)} - {"n_genes", "head", "out_dim", "hidden", "norm"}
+    options = {k: model_cfg[k] for k in names if k in model_cfg}
+    if kind == "mamba" and "gene_norm" in model_cfg:
+        options["norm"] = model_cfg["gene_norm"]
+    if kind == "mlp" and "gene_hidden" in model_cfg:
+        options["hidden"] = (int(model_cfg["gene_hidden"]),)
+    return options
+
+
+def feature_moments(data: FoldData, roles: tuple[str, ...] = ("train",), max_rows: int = 512
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std of patch features over the tiles of ``roles`` patients (at most
+    ``max_rows`` evenly spaced tiles per slide, float64 sums); zeros / ones without any tile."""
+    from wsiomics.datasets import FeatureCache
+
+    dim = max(1, data.feature_dim)
+    total, squares, n = np.zeros(dim), np.zeros(dim), 0
+    reader = FeatureCache(0)  # no caching: one pass
+    for patient in data.role(*roles):
+        for slide in patient.slides:
+            rows = np.unique(np.linspace(0, slide.n_tokens - 1, min(slide.n_tokens, max_rows)).astype(np.int64))
+            x = np.asarray(reader.read(slide, rows), dtype=np.float64)
+            total += x.sum(0)
+            squares += (x * x).sum(0)
+            n += len(x)
+    if n == 0:
+        return np.zeros(dim), np.ones(dim)
+    mean = total / n
+    return mean, np.sqrt(np.maximum(squares / n - mean * mean, 0.0))
+
+
+def _standardize_inputs(model: torch.nn.Module, cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:
+    if cfg["model"].get("standardize_features", True) and data.feature_dim:
+        model.feature_norm.set_statistics(*feature_moments(data))
+    return model
+
+
+@model_builder("mgi")
+def _mgi(cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:
+    from wsiomics.models.mgi import MGI, MGIConfig
+
+    m = cfg["model"]
+    kind = str(m.get("gene_encoder", "mamba"))
+    model = MGI(fill(MGIConfig, m, image=_image_cfg(cfg, data), n_genes=max(1, len(data.genes)),
+                     n_classes=max(2, len(data.classes)), gene_encoder=kind, gene=gene_encoder_options(m, kind)))
+    return _standardize_inputs(model, cfg, data)
+
+
+@model_builder("segmenter")
+def _segmenter(cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:
+    from wsiomics.models.segmentation import SegmenterConfig, TumourSegmenter
+
+    m = cfg["model"]
+    kind = str(m.get("gene_encoder", "mamba"))
+    conditioning = str(m.get("seg_conditioning", "film"))
+    use_genes = conditioning != "none" and bool(data.genes)
+    seg = fill(SegmenterConfig, m, image=_image_cfg(cfg, data), n_genes=max(1, len(data.genes)), use_genes=use_genes,
+               conditioning=conditioning if use_genes else "film", gene_encoder=kind,
+               gene=gene_encoder_options(m, kind), decoder_depth=int(m.get("seg_decoder_depth", 1)))
+    return _standardize_inputs(TumourSegmenter(seg), cfg, data)
 
 
 def build_model(method: Method, cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:

@@ -170,8 +170,84 @@ def write_tile_maps(out_dir: str | Path, results: list[PatientResult], kind: str
     return written
 
 
+def retrieval_metrics(image: np.ndarray, gene: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, Any]:
+    """Image->gene and gene->image recall@k of paired rows (row i of each is one patient), cosine similarity.
+
+    A query counts as a hit at k when fewer than k candidates score strictly higher than its true
+    partner (ties go to the query). With fewer than k candidates recall@k is 1 by construction, so
+    ``n_retrieval`` is reported beside it.
+    """
+    image, gene = np.asarray(image, np.float64), np.asarray(gene, np.float64)
+    n = len(image)
+    out: dict[str, Any] = {"n_retrieval": n}
+    if n == 0:
+        return {**out, **{f"recall_{d}@{k}": None for d in ("i2g", "g2i") for k in ks}}
+    i = image / np.clip(np.linalg.norm(image, axis=1, keepdims=True), 1e-12, None)
+    g = gene / np.clip(np.linalg.norm(gene, axis=1, keepdims=True), 1e-12, None)
+    sim = i @ g.T  # (N, N): image queries x gene candidates
+    for name, s in (("i2g", sim), ("g2i", sim.T)):
+        true = np.diag(s)[:, None]
+        rank = (s > true + 1e-12).sum(axis=1)  # candidates strictly better than the partner
+        for k in ks:
+            out[f"recall_{name}@{k}"] = float((rank < k).mean())
+    return out
+
+
+def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two binary masks, 2|P & T| / (|P| + |T|); 1.0 when both are empty."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    denom = int(pred.sum()) + int(truth.sum())
+    return 1.0 if denom == 0 else float(2 * np.logical_and(pred, truth).sum() / denom)
+
+
+def segmentation_metrics(slides: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float = 0.5) -> dict[str, Any]:
+    """Per-slide Dice (probabilities >= threshold vs tile labels) averaged over slides, and pooled over all tiles."""
+    per_slide = {sid: dice_score(p >= threshold, t >= 0.5) for sid, (p, t) in slides.items()}
+    if not slides:
+        return {"dice_mean": None, "dice_pooled": None, "dice_per_slide": {}, "n_slides": 0}
+    pred = np.concatenate([p >= threshold for p, _ in slides.values()])
+    truth = np.concatenate([t >= 0.5 for _, t in slides.values()])
+    return {"dice_mean": float(np.mean(list(per_slide.values()))), "dice_pooled": dice_score(pred, truth),
+            "dice_per_slide": per_slide, "n_slides": len(slides)}
+
+
+def write_tumour_heatmap(path: str | Path, coords: np.ndarray, probs: np.ndarray, tile_size: float,
+                         outline: list[np.ndarray], title: str) -> None:
+    """Tumour probability per tile on the slide grid (level-0 px axes), the annotation outline drawn over it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    coords = np.asarray(coords, np.int64).reshape(-1, 2)
+    step = float(tile_size)
+    grid = np.rint(coords / step).astype(np.int64)
+    lo = grid.min(0) if len(grid) else np.zeros(2, np.int64)
+    shape = (grid.max(0) - lo + 1) if len(grid) else np.ones(2, np.int64)
+    image = np.full((int(shape[1]), int(shape[0])), np.nan)
+    if len(grid):
+        image[grid[:, 1] - lo[1], grid[:, 0] - lo[0]] = probs
+    x0, y0 = lo * step
+    extent = (x0, x0 + shape[0] * step, y0 + shape[1] * step, y0)
+    aspect = shape[1] / max(1, shape[0])
+    fig, ax = plt.subplots(figsize=(5.5, max(2.5, 5.5 * aspect)), dpi=100)
+    im = ax.imshow(np.ma.masked_invalid(image), cmap="magma", vmin=0.0, vmax=1.0, extent=extent,
+                   interpolation="nearest")
+    for ring in outline:
+        ax.plot(ring[:, 0], ring[:, 1], color="cyan", linewidth=1.0)
+    ax.set_xlim(extent[0], extent[1])
+    ax.set_ylim(extent[2], extent[3])
+    ax.set_title(title, fontsize=8)
+    ax.tick_params(labelsize=6)
+    fig.colorbar(im, ax=ax, fraction=0.04, label="tumour probability")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 SUMMARY_METRICS = ("balanced_accuracy", "accuracy", "auc_macro", "f1_macro", "recall_i2g@1", "recall_i2g@5",
-                   "recall_g2i@1", "recall_g2i@5", "dice_mean", "dice_pooled")
+                   "recall_g2i@1", "recall_g2i@5", "linear_probe_balanced_accuracy", "dice_mean", "dice_pooled")
 
 
 def summarize(paths: list[str]) -> pd.DataFrame:

@@ -23,6 +23,8 @@ class Method:
     modalities: tuple[str, ...] = ("image", "gene")
     overrides: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    pretrained_from: str = ""  # fine-tunes from another method's pretraining checkpoint (mgi_seg: mgi)
+    retrieval: bool = False  # image and gene embeddings share a space: report image<->gene retrieval
 
     @property
     def is_sklearn(self) -> bool:
@@ -50,8 +52,32 @@ for _m in (
     Method("gene_only", "gene_only", modalities=("gene",), description="GMSA gene encoder + head"),
     Method("image_only", "image_only", modalities=("image",), description="gated attention MIL (ABMIL) + head"),
     Method("linear", "sklearn_logistic", description="logistic regression on mean-pooled patch features + genes"),
+    Method("mgi", "mgi", pretrain=True, retrieval=True, overrides={"model": {"gene_encoder": "mamba"}},
+           description="MGI: Mamba genes + slide transformer, image-gene InfoNCE pretraining, classification "
+           "fine-tune"),
+    Method("mgi_transformer_genes", "mgi", pretrain=True, retrieval=True,
+           overrides={"model": {"gene_encoder": "transformer"}}, description="MGI with a transformer gene encoder"),
+    Method("mgi_mlp_genes", "mgi", pretrain=True, retrieval=True, overrides={"model": {"gene_encoder": "mlp"}},
+           description="MGI with an MLP gene encoder"),
+    Method("mgi_no_pretrain", "mgi", retrieval=True, overrides={"model": {"gene_encoder": "mamba"}},
+           description="the MGI network fine-tuned from random initialisation (retrieval: the initial model)"),
+    Method("cca", "sklearn_cca", retrieval=True, description="PCA + CCA between mean-pooled patch features and "
+           "genes (retrieval); logistic regression on the CCA scores"),
+    Method("mgi_seg", "segmenter", task="segment", pretrained_from="mgi",
+           overrides={"model": {"gene_encoder": "mamba"}},
+           description="tumour segmentation: pretrained MGI encoders + gene-conditioned fusion decoder"),
+    Method("mgi_seg_no_pretrain", "segmenter", task="segment", overrides={"model": {"gene_encoder": "mamba"}},
+           description="mgi_seg from random initialisation"),
+    Method("image_seg", "segmenter", task="segment", modalities=("image",),
+           overrides={"model": {"seg_conditioning": "none"}},
+           description="tumour segmentation from the slide transformer alone (the same decoder, no genes)"),
 ):
     register(_m)
+
+
+def pretrained_source(method: Method) -> str:
+    """The method whose pretraining checkpoint this one fine-tunes from ("" = none)."""
+    return method.name if method.pretrain else method.pretrained_from
 
 
 def get_method(name: str) -> Method:

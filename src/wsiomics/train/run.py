@@ -6,9 +6,10 @@ method's resolved configuration, and write atomically into ``results/models/<met
 
 from __future__ import annotations
 
+import json
 import logging
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,17 @@ from wsiomics.train import evaluate as ev
 from wsiomics.train.build import build_model
 from wsiomics.train.linear import PatientVectors, fit_logistic
 from wsiomics.train.loop import OptimParams, fit, load_model_state, resolve_device, save_model
-from wsiomics.train.methods import Method, get_method
+from wsiomics.train.methods import Method, get_method, pretrained_source
 
 log = logging.getLogger(__name__)
 
 TRAIN_ROLES = ("train",)
 VAL_ROLES = ("val",)
 EVAL_ROLES = ("test", "heldout")
+ALL_ROLES = (*TRAIN_ROLES, *VAL_ROLES, *EVAL_ROLES)
+# What the evaluation of a pretrained model adds to the fine-tuned metrics.json (from pretrain/metrics.json).
+PRETRAIN_KEYS = ("n_retrieval", "recall_i2g@1", "recall_i2g@5", "recall_g2i@1", "recall_g2i@5",
+                 "linear_probe_balanced_accuracy", "linear_probe_accuracy", "n_linear_probe")
 
 
 def _dataclass(cls, values: dict[str, Any]):
@@ -151,29 +156,99 @@ def pretrain(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
                  out / ".state" / "pretrain.pt", cfg, device, seed, desc=f"{method.name} fold{data.fold} pretrain")
     seconds = time.perf_counter() - t0
     write_history(out / "pretrain" / "history.tsv", result.history, f"{method.name} fold {data.fold}: pretraining")
+    info = {"best_epoch": result.best_epoch, "seconds": seconds, "epochs": len(result.history)}
+    metrics, results = evaluate_pretrained(model, data, device, dparams, seed, retrieval=method.retrieval)
+    ev.write_embeddings(out / "pretrain" / "embeddings.zarr", results,
+                        {"method": method.name, "fold": data.fold, "stage": "pretrain"})
+    ev.write_json(out / "pretrain" / "metrics.json", {"method": method.name, "fold": data.fold, "stage": "pretrain",
+                                                       **metrics, "training": info})
     save_model(out / "pretrain" / "model.pt", model,
                _metadata(method, cfg, data, "pretrain", best_epoch=result.best_epoch, seconds=seconds))
-    return {"best_epoch": result.best_epoch, "seconds": seconds, "epochs": len(result.history)}
+    return info
+
+
+def evaluate_pretrained(model: torch.nn.Module, data: FoldData, device: torch.device, dparams: DatasetParams,
+                        seed: int, retrieval: bool) -> tuple[dict[str, Any], list[ev.PatientResult]]:
+    """A pretrained (or initial) model's embeddings of every patient of the fold, judged without fine-tuning.
+
+    ``retrieval``: image->gene and gene->image recall@1/@5 on the ``test`` patients that have both
+    modalities (and on ``heldout`` on its own); always: a linear probe, logistic regression on the
+    embeddings (``fused``, else image and gene side by side) of the labelled train+val patients,
+    scored on the labelled test patients.
+    """
+    results = ev.run_model(model, data, ALL_ROLES, device, dparams)
+    metrics: dict[str, Any] = {}
+    if retrieval:
+        for role in ("test", "heldout"):
+            paired = [r for r in results if r.patient.role == role and r.patient.slides and r.patient.genes is not None]
+            if role == "heldout" and not paired:
+                continue
+            img = np.stack([r.embeddings["image"] for r in paired]) if paired else np.zeros((0, 1))
+            gene = np.stack([r.embeddings["gene"] for r in paired]) if paired else np.zeros((0, 1))
+            found = ev.retrieval_metrics(img, gene)
+            if role == "test":
+                metrics.update(found)
+            else:
+                metrics["retrieval_heldout"] = found
+    metrics.update(linear_probe(results, data.classes, seed))
+    return metrics, results
+
+
+def _probe_vector(r: ev.PatientResult) -> np.ndarray | None:
+    if "fused" in r.embeddings:
+        return r.embeddings["fused"]
+    parts = [r.embeddings[k] for k in ("image", "gene") if k in r.embeddings]
+    return np.concatenate(parts) if parts else None
+
+
+def linear_probe(results: list[ev.PatientResult], classes: list[str], seed: int) -> dict[str, Any]:
+    """Logistic regression (linear.fit_logistic) on frozen embeddings: fit on train+val, score on test."""
+    fit = [r for r in results if r.patient.role in (*TRAIN_ROLES, *VAL_ROLES) and r.patient.label in classes]
+    test = [r for r in results if r.patient.role == "test" and r.patient.label in classes]
+    out: dict[str, Any] = {"n_linear_probe": len(test), "linear_probe_balanced_accuracy": None,
+                           "linear_probe_accuracy": None}
+    if not fit or not test or _probe_vector(fit[0]) is None or len({r.patient.label for r in fit}) < 2:
+        return out
+    x = np.stack([_probe_vector(r) for r in fit])
+    y = np.array([classes.index(r.patient.label) for r in fit])
+    model = fit_logistic(x, y, seed)
+    probs = np.zeros((len(test), len(classes)))
+    probs[:, model.classes_] = model.predict_proba(np.stack([_probe_vector(r) for r in test]))
+    found = ev.classification_metrics([r.patient.label for r in test], probs, classes)
+    out["linear_probe_balanced_accuracy"] = found["balanced_accuracy"]
+    out["linear_probe_accuracy"] = found["accuracy"]
+    return out
 
 
 def finetune(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str | Path,
-             pretrained: str | Path | None = None) -> dict[str, Any]:
-    """Fine-tune (or, for the scikit-learn baselines, fit) and evaluate on the fold's test patients."""
+             pretrained: str | Path | None = None, annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """Fine-tune (or, for the scikit-learn baselines, fit) and evaluate on the fold's test patients.
+
+    annotations: slide_id -> tumour GeoJSON, for segmentation methods (:func:`annotation_paths`)."""
     method = get_method(method_name)
     device = _setup(cfg)
     out = Path(out_dir)
     seed = int(cfg["seed"]) + 1000 * data.fold
     dparams = data_params(cfg, data.fold)
+    if method.model == "sklearn_cca":
+        return _fit_cca(method, cfg, data, out, dparams, seed)
     if method.is_sklearn:
         return _fit_sklearn(method, cfg, data, out, dparams, seed)
+    if method.task == "segment":
+        return finetune_segmentation(method, cfg, data, out, pretrained, annotations or {})
     torch.manual_seed(seed)
     model = build_model(method, cfg, data)
+    pre_metrics: dict[str, Any] = {}
     if method.pretrain:
         if pretrained is None:
             raise ValueError(f"method {method.name} fine-tunes from its pretrained checkpoint; pass --pretrained")
         state = load_model_state(pretrained)
         model.load_state_dict(state["model"])
         log.info("initialised from %s (pretrained %s epochs)", pretrained, state["metadata"].get("best_epoch"))
+        pre_metrics = _pretrain_metrics(pretrained)
+    elif method.retrieval:  # the same retrieval evaluation, of the randomly initialised network
+        pre_metrics, _ = evaluate_pretrained(model, data, device, dparams, seed, retrieval=True)
+        pre_metrics["stage"] = "initial (random) weights"
     ft = dict(cfg["finetune"])
     smoothing = float(ft.pop("label_smoothing", 0.0))
     if not method.pretrain:
@@ -188,15 +263,30 @@ def finetune(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
     results = ev.run_model(model, data, EVAL_ROLES, device, dparams)
     info = {"best_epoch": result.best_epoch, "epochs": len(result.history), "seconds": seconds,
             "stopped_early": result.stopped_early}
-    _write_outputs(method, data, out, results, info)
+    extra = {}
+    if pre_metrics:  # retrieval and linear probe of the model before fine-tuning, at the top level too
+        extra = {k: pre_metrics[k] for k in PRETRAIN_KEYS if k in pre_metrics}
+        extra["pretrain"] = {k: v for k, v in pre_metrics.items() if k not in ("method", "fold")}
+    _write_outputs(method, data, out, results, info, extra)
     save_model(out / "model.pt", model, _metadata(method, cfg, data, "finetune", **info))
     return info
 
 
+def _pretrain_metrics(pretrained: str | Path) -> dict[str, Any]:
+    """pretrain/metrics.json beside a pretrained checkpoint ({} when absent, e.g. a checkpoint from elsewhere)."""
+    path = Path(pretrained).with_name("metrics.json")
+    if not path.exists():
+        log.warning("%s: no metrics.json beside the pretrained checkpoint; retrieval metrics not reported", pretrained)
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def _write_outputs(method: Method, data: FoldData, out: Path, results: list[ev.PatientResult],
-                   info: dict[str, Any]) -> None:
+                   info: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
     table = ev.predictions_table(results, data.fold, data.classes)
     metrics = ev.metrics_by_role(table, data.classes)
+    metrics.update(extra or {})
     metrics.update({"method": method.name, "fold": data.fold, "classes": data.classes, "training": info})
     ev.write_predictions(out / "predictions.tsv", table)
     attrs = {"method": method.name, "fold": data.fold}
@@ -230,3 +320,229 @@ def _fit_sklearn(method: Method, cfg: dict[str, Any], data: FoldData, out: Path,
     info = {"seconds": time.perf_counter() - t0, "C": c, "fit_patients": len(fit_patients)}
     _write_outputs(method, data, out, results, info)
     return info
+
+
+# ---------------------------------------------------------------- CCA: the linear baseline for retrieval
+
+
+def _fit_cca(method: Method, cfg: dict[str, Any], data: FoldData, out: Path, dparams: DatasetParams,
+             seed: int) -> dict[str, Any]:
+    """Standardise + PCA per modality, then CCA, all fitted on the ``train`` patients with both modalities.
+
+    Retrieval compares the test patients' canonical image and gene scores (cosine, as for MGI); the
+    classification is a logistic regression on both score blocks (missing modality imputed with the
+    training mean and flagged, as the linear baseline) fitted on train+val, so cca has predictions too.
+    """
+    from sklearn.cross_decomposition import CCA
+    from sklearn.decomposition import PCA
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from wsiomics.train.linear import gene_matrix, pooled_features
+
+    t0 = time.perf_counter()
+    opts = {"pca_components": 16, "components": 4, **(cfg.get("cca") or {})}
+    everyone = data.patients
+    img = pooled_features(data, everyone, dparams)
+    gene = gene_matrix(data, everyone)
+    both = ~np.isnan(img).any(1) & ~np.isnan(gene).any(1)
+    fit = np.array([p.role in TRAIN_ROLES for p in everyone]) & both
+    n_fit = int(fit.sum())
+    if n_fit < 3 or not data.genes or not data.feature_dim:
+        raise ValueError(f"cca fold {data.fold}: needs at least 3 training patients with slides and expression "
+                         f"(has {n_fit})")
+    k_pca = int(max(1, min(opts["pca_components"], n_fit - 1, img.shape[1], gene.shape[1])))
+    k = int(max(1, min(opts["components"], k_pca)))
+    pre_img = make_pipeline(StandardScaler(), PCA(k_pca, random_state=seed)).fit(img[fit])
+    pre_gene = make_pipeline(StandardScaler(), PCA(k_pca, random_state=seed)).fit(gene[fit])
+    cca = CCA(n_components=k, max_iter=2000).fit(pre_img.transform(img[fit]), pre_gene.transform(gene[fit]))
+    u = np.full((len(everyone), k), np.nan)
+    v = np.full((len(everyone), k), np.nan)
+    has_img, has_gene = ~np.isnan(img).any(1), ~np.isnan(gene).any(1)
+    if has_img.any():
+        u[has_img] = cca.transform(pre_img.transform(img[has_img]))
+    if has_gene.any():  # the gene scores do not depend on X: a placeholder X gives them alone
+        _, v[has_gene] = cca.transform(np.zeros((int(has_gene.sum()), k_pca)), pre_gene.transform(gene[has_gene]))
+    results = [ev.PatientResult(p, embeddings={"image": u[i], "gene": v[i]}) for i, p in enumerate(everyone)]
+    test = [i for i, p in enumerate(everyone) if p.role == "test" and both[i]]
+    metrics: dict[str, Any] = ev.retrieval_metrics(u[test], v[test])
+    heldout = [i for i, p in enumerate(everyone) if p.role == "heldout" and both[i]]
+    if heldout:
+        metrics["retrieval_heldout"] = ev.retrieval_metrics(u[heldout], v[heldout])
+    # classification on the canonical scores
+    labelled = [i for i, p in enumerate(everyone) if p.role in (*TRAIN_ROLES, *VAL_ROLES) and p.label in data.classes]
+    vectors = PatientVectors(("image", "gene"))
+    blocks = {"image": u, "gene": v}
+    vectors.fit({n: b[labelled] for n, b in blocks.items()})
+    x = vectors.transform(blocks)
+    y = np.array([data.classes.index(everyone[i].label) for i in labelled])
+    eval_idx = [i for i, p in enumerate(everyone) if p.role in EVAL_ROLES]
+    probs = np.zeros((len(eval_idx), len(data.classes)))
+    if len(set(y)) >= 2:
+        clf = fit_logistic(x[labelled], y, seed)
+        if eval_idx:
+            probs[:, clf.classes_] = clf.predict_proba(x[eval_idx])
+    else:
+        probs[:] = 1.0 / max(1, len(data.classes))
+    eval_results = [ev.PatientResult(everyone[i], probs=probs[j], embeddings=results[i].embeddings)
+                    for j, i in enumerate(eval_idx)]
+    corr = [float(np.corrcoef(a, b)[0, 1]) for a, b in zip(u[fit].T, v[fit].T, strict=True)]
+    history = [{"epoch": 1, "pca_components": k_pca, "components": k, "n_fit_patients": n_fit,
+                "train_canonical_corr_1": corr[0]}]
+    write_history(out / "history.tsv", history, f"{method.name} fold {data.fold}")
+    info = {"seconds": time.perf_counter() - t0, "pca_components": k_pca, "components": k, "fit_patients": n_fit,
+            "train_canonical_correlations": corr}
+    _write_outputs(method, data, out, eval_results, info, metrics)
+    return info
+
+
+# ---------------------------------------------------------------- tumour segmentation
+
+
+def annotation_paths(samples: str | Path) -> dict[str, str]:
+    """slide_id -> annotation_path (absolute) for the sheet's slides that have one."""
+    from wsiomics.samples import load_sample_sheet
+    from wsiomics.samples import slides as slide_rows
+
+    table = slide_rows(load_sample_sheet(samples))
+    return {str(sid): str(path) for sid, path in table["annotation_path"].items() if path}
+
+
+def attach_tumour_labels(data: FoldData, annotations: dict[str, str], params=None) -> dict[str, Any]:
+    """Set each annotated slide's per-tile targets (raster order) from its GeoJSON; returns a small report.
+
+    Tiles are the feature store's ``coords`` with side ``patch_size_level0``; a slide without an
+    annotation keeps ``targets`` None (skipped by segmentation training and evaluation).
+    """
+    import zarr
+
+    from wsiomics.annotations import AnnotationParams, read_annotation, tile_labels
+
+    params = params or AnnotationParams()
+    report: dict[str, Any] = {"annotated": [], "unannotated": [], "tumour_tiles": 0, "tiles": 0, "geometry": {}}
+    for patient in data.patients:
+        for slide in patient.slides:
+            path = annotations.get(slide.slide_id)
+            if not path:
+                report["unannotated"].append(slide.slide_id)
+                continue
+            root = zarr.open_group(slide.store, mode="r")
+            coords = root["coords"][:]
+            step = float(root.attrs["patch_size_level0"])
+            tumour = read_annotation(path, params).tumour
+            labels = tile_labels(coords, step, tumour, params.min_fraction)
+            report["geometry"][slide.slide_id] = tumour
+            slide.targets = labels[slide.order]  # stored rows -> raster order
+            report["annotated"].append(slide.slide_id)
+            report["tumour_tiles"] += int(labels.sum())
+            report["tiles"] += len(labels)
+    log.info("fold %d: %d slides with tumour labels (%d of %d tiles tumour), %d without annotation", data.fold,
+             len(report["annotated"]), report["tumour_tiles"], report["tiles"], len(report["unannotated"]))
+    return report
+
+
+def segmentation_objective(model: torch.nn.Module, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    return model.segmentation_loss(batch)
+
+
+def _annotated(patient) -> bool:
+    return any(s.targets is not None for s in patient.slides)
+
+
+def finetune_segmentation(method: Method, cfg: dict[str, Any], data: FoldData, out: Path,
+                          pretrained: str | Path | None, annotations: dict[str, str]) -> dict[str, Any]:
+    """Train the tumour segmenter on annotated train slides (early stop on annotated val slides); write a
+    tumour map per test slide (``tumour/<slide_id>.zarr`` + ``.png``) and Dice in ``metrics.json``."""
+    from wsiomics.annotations import params_from_config, polygon_rings
+    from wsiomics.train.build import MGI_ENCODER_KEYS
+    from wsiomics.train.methods import deep_merge
+
+    device = _setup(cfg)
+    seed = int(cfg["seed"]) + 1000 * data.fold
+    dparams = data_params(cfg, data.fold)
+    seg = dict(cfg.get("segmentation") or {})
+    threshold = float(seg.get("threshold", 0.5))
+    geometry = attach_tumour_labels(data, annotations, params_from_config(seg))["geometry"]
+    # Train/val on patients with at least one annotated slide; unannotated slides of theirs have NaN targets.
+    fit_data = replace(data, patients=[p for p in data.patients
+                                       if p.role in EVAL_ROLES or (p.role in (*TRAIN_ROLES, *VAL_ROLES) and
+                                                                    _annotated(p))])
+    n_train = len([p for p in fit_data.role(*TRAIN_ROLES)])
+    if n_train == 0:
+        raise ValueError(f"{method.name} fold {data.fold}: no training patient has an annotated slide; segmentation "
+                         "needs tumour GeoJSON files in the sheet's annotation_path column")
+    build_cfg, state = cfg, None
+    source = pretrained_source(method)
+    if source:
+        if pretrained is None:
+            raise ValueError(f"method {method.name} fine-tunes from {source}'s pretrained checkpoint; "
+                             "pass --pretrained")
+        state = load_model_state(pretrained)
+        pre_model = state["metadata"]["config"]["model"]  # encoders as pretrained, whatever this method's config
+        build_cfg = deep_merge(cfg, {"model": {k: pre_model[k] for k in MGI_ENCODER_KEYS if k in pre_model}})
+    torch.manual_seed(seed)
+    model = build_model(method, build_cfg, data)
+    if state is not None:
+        loaded = model.load_pretrained(state["model"])
+        log.info("initialised %d encoder tensors from %s", len(loaded), pretrained)
+    ft = {k: v for k, v in cfg["finetune"].items() if k != "label_smoothing"}
+    if state is None:
+        ft["encoder_lr_scale"] = 1.0
+    train_loader, val_loader = _loaders(fit_data, build_cfg, dparams, seed)
+    t0 = time.perf_counter()
+    result = fit(model, segmentation_objective, train_loader, val_loader, _dataclass(OptimParams, ft),
+                 out / ".state" / "finetune.pt", {**build_cfg, "pretrained": str(pretrained)}, device, seed,
+                 desc=f"{method.name} fold{data.fold} segmentation")
+    seconds = time.perf_counter() - t0
+    write_history(out / "history.tsv", result.history, f"{method.name} fold {data.fold}: segmentation")
+
+    results = [r for r in ev.run_model(model, data, EVAL_ROLES, device, dparams) if r.patient.slides]
+    for r in results:
+        r.tile_scores = [1.0 / (1.0 + np.exp(-v.astype(np.float64))) for v in r.tile_scores]
+    tumour_dir = out / "tumour"
+    tumour_dir.mkdir(parents=True, exist_ok=True)
+    attrs = {"method": method.name, "fold": data.fold, "threshold": threshold}
+    ev.write_tile_maps(tumour_dir, results, "tiles", "tumour_prob", attrs)
+    by_role: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {"test": {}, "heldout": {}}
+    skipped: dict[str, list[str]] = {"test": [], "heldout": []}
+    for r in results:
+        for slide, probs in zip(r.patient.slides, r.tile_scores, strict=True):
+            if slide.targets is None:
+                skipped[r.patient.role].append(slide.slide_id)
+            else:
+                by_role[r.patient.role][slide.slide_id] = (probs, slide.targets)
+            stored = np.empty(slide.n_tokens)
+            stored[slide.order] = probs
+            coords = zarr_coords(slide.store)
+            rings = polygon_rings(geometry[slide.slide_id]) if slide.slide_id in geometry else []
+            dice = ""
+            if slide.targets is not None:
+                dice = f", Dice {ev.dice_score(probs >= threshold, slide.targets >= 0.5):.3f}"
+            ev.write_tumour_heatmap(tumour_dir / f"{slide.slide_id}.png", coords, stored,
+                                    _tile_size(slide.store), rings,
+                                    f"{method.name} fold {data.fold}: {slide.slide_id}{dice}")
+    metrics: dict[str, Any] = ev.segmentation_metrics(by_role["test"], threshold)
+    metrics["skipped_slides"] = sorted(skipped["test"])
+    if by_role["heldout"] or skipped["heldout"]:
+        metrics["heldout"] = {**ev.segmentation_metrics(by_role["heldout"], threshold),
+                              "skipped_slides": sorted(skipped["heldout"])}
+    info = {"best_epoch": result.best_epoch, "epochs": len(result.history), "seconds": seconds,
+            "stopped_early": result.stopped_early, "train_patients": n_train}
+    metrics.update({"method": method.name, "fold": data.fold, "threshold": threshold, "training": info})
+    ev.write_json(out / "metrics.json", metrics)
+    save_model(out / "model.pt", model, _metadata(method, build_cfg, data, "finetune", **info))
+    log.info("%s fold %d test: dice_mean %s, dice_pooled %s over %d slides; skipped %s", method.name, data.fold,
+             metrics["dice_mean"], metrics["dice_pooled"], metrics["n_slides"], metrics["skipped_slides"])
+    return info
+
+
+def zarr_coords(store: str) -> np.ndarray:
+    import zarr
+
+    return zarr.open_array(f"{store}/coords", mode="r")[:]
+
+
+def _tile_size(store: str) -> float:
+    import zarr
+
+    return float(zarr.open_group(store, mode="r").attrs["patch_size_level0"])

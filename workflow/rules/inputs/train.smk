@@ -1,7 +1,7 @@
 # Input functions, targets and command-line options of the training rules (train.smk).
 import json
 
-from wsiomics.train.methods import METHODS, get_method, method_config
+from wsiomics.train.methods import METHODS, get_method, method_config, pretrained_source
 
 TRAIN = config["train"]
 TRAIN_METHODS = list(TRAIN["run"])
@@ -15,17 +15,34 @@ wildcard_constraints:
     fold=r"\d+",
 
 
+# finetune and finetune_segmentation write the same metrics.json: each rule takes only its own methods.
+CLASSIFY_METHODS = "|".join(re.escape(m) for m, v in METHODS.items() if v.task != "segment")
+SEGMENT_METHODS = "|".join(re.escape(m) for m, v in METHODS.items() if v.task == "segment")
+
+
+def annotation_files():
+    """The sheet's tumour GeoJSON files (absolute paths), one per annotated slide."""
+    return sorted({p for p in slide_table()["annotation_path"] if p})
+
+
 def runnable_methods():
     """train.run minus methods whose modality the cohort lacks (logged, not silently dropped)."""
     has_genes = expression_enabled()
     has_slides = len(slide_table()) > 0
     keep = []
     for name in TRAIN_METHODS:
-        need = get_method(name).modalities
+        method = get_method(name)
+        need = method.modalities
         if ("gene" in need and not has_genes and "image" not in need) or (
             "image" in need and not has_slides and "gene" not in need
         ):
             logger.warning(f"train.run: {name} skipped, the cohort has no {'expression' if 'gene' in need else 'slides'}")
+            continue
+        if method.model == "sklearn_cca" and not (has_genes and has_slides):
+            logger.warning(f"train.run: {name} skipped, CCA needs both slides and expression")
+            continue
+        if method.task == "segment" and not (has_slides and annotation_files()):
+            logger.warning(f"train.run: {name} skipped, no slide has an annotation_path (tumour GeoJSON)")
             continue
         keep.append(name)
     return keep
@@ -53,9 +70,22 @@ def train_inputs(wildcards):
 
 
 def finetune_inputs(wildcards):
+    """train_inputs plus the pretrained checkpoint (own, or another method's: mgi_seg starts from mgi) and its
+    evaluation (retrieval, linear probe), which the fine-tuned metrics.json repeats."""
     inputs = train_inputs(wildcards)
-    if get_method(wildcards.method).pretrain:
-        inputs["pretrained"] = f"results/models/{wildcards.method}/fold{wildcards.fold}/pretrain/model.pt"
+    source = pretrained_source(get_method(wildcards.method))
+    if source:
+        inputs["pretrained"] = f"results/models/{source}/fold{wildcards.fold}/pretrain/model.pt"
+        inputs["pretrain_metrics"] = f"results/models/{source}/fold{wildcards.fold}/pretrain/metrics.json"
+    return inputs
+
+
+def segmentation_inputs(wildcards):
+    """finetune_inputs plus the sheet (always: it lists the annotations) and every annotation file."""
+    inputs = finetune_inputs(wildcards)
+    inputs["sheet"] = ancient(config["samples"])
+    inputs.setdefault("features", feature_stores(wildcards))
+    inputs["annotations"] = annotation_files()
     return inputs
 
 

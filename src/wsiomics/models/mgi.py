@@ -1,0 +1,203 @@
+"""MGI: image-gene contrastive pre-training (Zhou et al. 2024), as read in ../shared/METHODS.md.
+
+Image encoder: the :class:`SlideTransformer` (a ViT over the patient's patch-feature tokens), pooled
+by its [CLS] token. Gene encoder: :func:`build_gene_encoder` (``mamba`` by default; ``transformer`` and
+``mlp`` are the ablations), whose pooled output is its projection-head output. A projection head per
+modality maps both into one ``embed_dim`` space.
+
+Pre-training (:meth:`MGI.pretrain_loss`): symmetric InfoNCE (CLIP) between the L2-normalised
+projections of the patients of a batch that have **both** modalities (:func:`info_nce`); a patient
+missing one is neither an anchor nor anyone's negative. The temperature is learned as CLIP's
+``logit_scale = log(1 / T)`` (T initialised at 0.07); the scale used is ``exp(logit_scale)`` clamped to
+``max_logit_scale`` (100, CLIP's bound).
+
+Input standardisation: patch features from a frozen encoder vary far less between tiles than the
+slide transformer's 2-D positional encoding does (random-weight ResNet-50 features: per-dimension
+std ~0.005 around means ~0.05), so unnormalised tokens are dominated by position and every patient's
+[CLS] starts out alike, a start from which InfoNCE collapses (all embeddings equal, loss = log N).
+:class:`FeatureStandardizer` z-scores each feature dimension with the mean and std of the fold's
+*training* patients' tiles (set by the builder, stored as buffers, so checkpoints carry them).
+
+Fine-tuning: ``forward`` gives logits from a head on ``fused = [image ; gene]`` (the two projections,
+concatenated); a patient missing a modality gets that modality's learned missing token in place of its
+encoder output (as in GiMP), so everyone is classified. ``image`` / ``gene`` of the output are the
+projections (not normalised), which is what retrieval compares after normalisation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+
+from wsiomics.models.batch import Batch, ModelOutput
+from wsiomics.models.blocks import init_weights
+from wsiomics.models.gene_mamba import GENE_ENCODERS, build_gene_encoder
+from wsiomics.models.gimp import HEADS, build_head
+from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig
+
+PROJECTIONS = ("linear", "mlp")
+
+
+def info_nce(image: torch.Tensor, gene: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
+    """Symmetric InfoNCE of paired rows: ``(CE(s I G^T, diag) + CE(s G I^T, diag)) / 2``.
+
+    image, gene: (N, E) embeddings, row i of one paired with row i of the other (normalised here);
+    logit_scale: the multiplier s = 1 / temperature (already exponentiated and clamped). N = 0 gives 0.
+    """
+    if image.shape != gene.shape:
+        raise ValueError(f"paired embeddings need equal shapes, got {tuple(image.shape)} and {tuple(gene.shape)}")
+    if image.shape[0] == 0:
+        return image.sum() * 0.0 + gene.sum() * 0.0
+    i = F.normalize(image.float(), dim=-1)
+    g = F.normalize(gene.float(), dim=-1)
+    logits = logit_scale * (i @ g.T)  # (N, N): image rows, gene columns
+    target = torch.arange(i.shape[0], device=i.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+class FeatureStandardizer(nn.Module):
+    """(x - mean) / std per feature dimension, with fixed (non-learned) statistics; identity until set."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def set_statistics(self, mean, std) -> None:
+        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(self.mean.shape)
+        std = torch.as_tensor(std, dtype=torch.float32).reshape(self.std.shape)
+        self.mean.copy_(mean)
+        self.std.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))  # constant dims pass unscaled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, L, D)
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+def _projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    return nn.Sequential(nn.Linear(in_dim, in_dim), nn.GELU(), nn.Linear(in_dim, out_dim))
+
+
+@dataclass
+class MGIConfig:
+    """``image`` may be a dict; ``gene`` holds :func:`build_gene_encoder` options for ``gene_encoder``."""
+
+    image: SlideTransformerConfig
+    n_genes: int
+    n_classes: int
+    gene_encoder: str = "mamba"  # mamba | transformer | mlp
+    gene: dict[str, Any] = field(default_factory=dict)
+    embed_dim: int = 64  # the shared contrastive space
+    projection: str = "linear"  # projection heads: linear | mlp
+    temperature: float = 0.07  # initial InfoNCE temperature
+    learn_temperature: bool = True
+    max_logit_scale: float = 100.0  # clamp of 1 / temperature
+    head: str = "linear"  # classification head on the fused embedding: linear | mlp
+    dropout: float = 0.1  # classification head (mlp)
+
+    def __post_init__(self) -> None:
+        self.image = SlideTransformerConfig(**self.image) if isinstance(self.image, dict) else self.image
+        self.gene = dict(self.gene)
+        if self.gene_encoder not in GENE_ENCODERS:
+            raise ValueError(f"gene_encoder must be one of {tuple(GENE_ENCODERS)}, got {self.gene_encoder!r}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.embed_dim < 1 or self.n_classes < 1 or self.n_genes < 1:
+            raise ValueError(f"need embed_dim, n_classes, n_genes >= 1; got {self.embed_dim}, {self.n_classes}, "
+                             f"{self.n_genes}")
+        if not (self.temperature > 0 and 1.0 / self.temperature <= self.max_logit_scale):
+            raise ValueError(f"need 0 < temperature with 1 / temperature <= max_logit_scale; got {self.temperature}, "
+                             f"{self.max_logit_scale}")
+
+
+class MGI(nn.Module):
+    """Slide transformer + gene encoder, projection heads to a shared space, InfoNCE, classification head."""
+
+    contrastive = True  # image and gene embeddings live in one space: retrieval is meaningful
+
+    def __init__(self, cfg: MGIConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.feature_norm = FeatureStandardizer(cfg.image.in_dim)
+        self.image_encoder = SlideTransformer(cfg.image)
+        self.gene_encoder = build_gene_encoder(cfg.gene_encoder, cfg.n_genes, **cfg.gene)
+        di, dg, e = cfg.image.dim, self.gene_encoder.out_dim, cfg.embed_dim
+        self.image_missing = nn.Parameter(torch.zeros(di))
+        self.gene_missing = nn.Parameter(torch.zeros(dg))
+        self.image_proj = _projection(cfg.projection, di, e)
+        self.gene_proj = _projection(cfg.projection, dg, e)
+        scale = torch.tensor(math.log(1.0 / cfg.temperature))
+        if cfg.learn_temperature:
+            self.logit_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("logit_scale", scale)
+        self.head = build_head(2 * e, cfg.n_classes, cfg.head, cfg.dropout)
+        for module in (self.image_proj, self.gene_proj, self.head):
+            init_weights(module)
+        for p in (self.image_missing, self.gene_missing):
+            trunc_normal_(p, std=0.02)
+
+    # -------------------------------------------------- parameter groups (fine-tuning gives encoders a lower LR)
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        return self.head.parameters()
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        """Everything but the classification head: encoders, projections, missing tokens, temperature."""
+        head = {id(p) for p in self.head.parameters()}
+        return (p for p in self.parameters() if id(p) not in head)
+
+    # -------------------------------------------------- encoders
+
+    def scale(self) -> torch.Tensor:
+        """The InfoNCE logit multiplier, exp(logit_scale) clamped to max_logit_scale."""
+        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+
+    def encode_image(self, batch: Batch, attention: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(projected image (B, E), per-token outputs (B, L, Di), [CLS] attention (B, L) or None)."""
+        enc = self.image_encoder
+        tokens = enc.embed(self.feature_norm(batch.features))  # (B, L, Di)
+        if attention:
+            cls, out, att = enc.encode_with_attention(tokens, batch.positions, batch.token_mask)
+        else:
+            (cls, out), att = enc.encode(tokens, batch.positions, batch.token_mask), None
+        cls = torch.where(batch.has_image[:, None], cls, self.image_missing.to(cls.dtype))  # (B, Di)
+        return self.image_proj(cls), out, att
+
+    def encode_gene(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(projected gene (B, E), gene tokens (B, T, Dg_tok))."""
+        pooled, tokens = self.gene_encoder(batch.genes)  # (B, Dg), (B, T, D)
+        pooled = torch.where(batch.has_gene[:, None], pooled, self.gene_missing.to(pooled.dtype))
+        return self.gene_proj(pooled), tokens
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        image, _, attention = self.encode_image(batch, attention=True)  # (B, E), (B, L)
+        gene, _ = self.encode_gene(batch)  # (B, E)
+        fused = torch.cat([image, gene], dim=-1)  # (B, 2E)
+        return ModelOutput(logits=self.head(fused), image=image, gene=gene, fused=fused, attention=attention)
+
+    # -------------------------------------------------- pre-training
+
+    def pretrain_loss(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Symmetric InfoNCE over the batch's patients with both modalities (``generator`` unused: no masking)."""
+        image, _, _ = self.encode_image(batch)
+        gene, _ = self.encode_gene(batch)
+        paired = batch.has_image & batch.has_gene  # (B,)
+        scale = self.scale()
+        if int(paired.sum()) < 2:  # no negatives: nothing to contrast
+            loss = image.sum() * 0.0 + gene.sum() * 0.0 + scale * 0.0
+        else:
+            loss = info_nce(image[paired], gene[paired], scale)
+        return {"loss": loss, "infonce": loss.detach(), "logit_scale": scale.detach()}

@@ -1,0 +1,305 @@
+"""MGI: InfoNCE, the contrastive model, retrieval metrics, pretraining + evaluation + fine-tuning, resume, CCA."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zarr
+from test_datasets import grid_coords, write_store
+
+from wsiomics.datasets import load_fold
+from wsiomics.models.batch import Batch
+from wsiomics.models.mgi import MGI, MGIConfig, info_nce
+from wsiomics.models.slide_transformer import SlideTransformerConfig
+from wsiomics.train import loop
+from wsiomics.train.evaluate import retrieval_metrics
+from wsiomics.train.methods import METHODS, deep_merge, method_config
+from wsiomics.train.run import finetune, pretrain
+
+N_GENES = 12
+FEATURE_DIM = 32
+CFG = {
+    "seed": 0, "device": "cpu", "threads": 1, "num_workers": 0,
+    "data": {"batch_size": 8, "max_tokens": 12, "crop": "window", "cache_mb": 64},
+    "model": {"dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 2.0, "dropout": 0.0, "head": "linear",
+              "gene_encoder": "mamba", "genes_per_token": 3, "d_state": 4, "d_conv": 2, "expand": 2,
+              "bidirectional": False, "gene_hidden": 16, "embed_dim": 8, "projection": "linear",
+              "temperature": 0.07, "learn_temperature": True, "max_logit_scale": 100.0},
+    "pretrain": {"epochs": 12, "lr": 3e-3, "encoder_lr_scale": 1.0, "weight_decay": 0.0, "warmup_epochs": 1,
+                 "min_lr_ratio": 0.1, "grad_clip": 1.0, "patience": 0, "min_epochs": 1, "label_smoothing": 0.0},
+    "finetune": {"epochs": 15, "lr": 1e-2, "encoder_lr_scale": 0.5, "weight_decay": 0.0, "warmup_epochs": 1,
+                 "min_lr_ratio": 0.1, "grad_clip": 1.0, "patience": 0, "min_epochs": 1, "label_smoothing": 0.0},
+    "cca": {"pca_components": 4, "components": 2},
+    "methods": {},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is several times faster than two on a loaded machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+def test_info_nce_equals_the_hand_computed_value():
+    image = torch.tensor([[1.0, 0.0], [0.0, 3.0]])  # normalised: e0, e1
+    gene = torch.tensor([[2.0, 0.0], [1.0, 1.0]])  # normalised: e0, (e0 + e1) / sqrt 2
+    s = 2.0
+    c = 1 / math.sqrt(2)
+    # similarities: i0.g0 = 1, i0.g1 = c, i1.g0 = 0, i1.g1 = c; logits = s * sim
+    i2g = (-math.log(math.exp(s) / (math.exp(s) + math.exp(s * c)))
+           - math.log(math.exp(s * c) / (math.exp(0) + math.exp(s * c)))) / 2
+    g2i = (-math.log(math.exp(s) / (math.exp(s) + math.exp(0)))  # column g0: (1, 0), partner i0
+           - math.log(0.5)) / 2  # column g1: (c, c), partner i1
+    expected = (i2g + g2i) / 2
+    assert abs(float(info_nce(image, gene, s)) - expected) < 1e-6
+    assert float(info_nce(image[:0], gene[:0], s)) == 0.0
+
+
+def test_retrieval_metrics_from_known_embeddings():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 5))
+    perfect = retrieval_metrics(x, x * 3.0)  # identity pairing, scale-free (cosine)
+    assert perfect == {"n_retrieval": 7, "recall_i2g@1": 1.0, "recall_i2g@5": 1.0, "recall_g2i@1": 1.0,
+                       "recall_g2i@5": 1.0}
+    eye = np.eye(6)
+    shifted = retrieval_metrics(eye, np.roll(eye, 1, axis=0))  # each partner scores 0, one other scores 1
+    assert shifted["recall_i2g@1"] == 0.0 and shifted["recall_i2g@5"] == 1.0 and shifted["recall_g2i@1"] == 0.0
+    # a pairing where query 0's partner ranks 3rd of 4
+    img = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.2]])
+    gene = np.array([[-1.0, 0.1], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.2]])
+    r = retrieval_metrics(img, gene)
+    assert r["recall_i2g@1"] == 0.75  # queries 1, 2, 3 find their partner first
+    assert retrieval_metrics(np.zeros((0, 3)), np.zeros((0, 3)))["n_retrieval"] == 0
+
+
+# ---------------------------------------------------------------- model
+
+
+def _batch(b=4, length=5, d=6, genes=N_GENES, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(b, length, dtype=torch.bool)
+    mask[1, 3:] = False
+    return Batch(features=torch.randn(b, length, d, generator=g), positions=torch.rand(b, length, 2, generator=g) * 4,
+                 slide_index=torch.where(mask, 0, -1), token_mask=mask, genes=torch.randn(b, genes, generator=g),
+                 has_image=torch.ones(b, dtype=torch.bool), has_gene=torch.ones(b, dtype=torch.bool),
+                 labels=torch.tensor([0, 1, 0, 1])[:b], patient_index=torch.arange(b))
+
+
+def _model(kind="mamba", **kw):
+    gene = {"dim": 16, "depth": 1, "genes_per_token": 3}
+    if kind == "mamba":
+        gene.update(d_state=4, d_conv=2)
+    if kind == "mlp":
+        gene = {"dim": 16, "hidden": (16,)}
+    torch.manual_seed(0)
+    return MGI(MGIConfig(image=SlideTransformerConfig(in_dim=6, dim=16, depth=1, heads=2, dropout=0.0),
+                         n_genes=N_GENES, n_classes=2, gene_encoder=kind, gene=gene, embed_dim=8, **kw))
+
+
+@pytest.mark.parametrize("kind", ["mamba", "transformer", "mlp"])
+def test_mgi_outputs_and_missing_modalities_leave_the_contrastive_loss(kind):
+    model = _model(kind).eval()
+    batch = _batch()
+    out = model(batch)
+    assert out.logits.shape == (4, 2) and out.image.shape == (4, 8) and out.gene.shape == (4, 8)
+    assert out.fused.shape == (4, 16) and out.attention.shape == (4, 5)
+    assert torch.allclose(out.attention.sum(1), torch.ones(4), atol=1e-5)
+    # patient 3 without expression, patient 2 without slides: the loss is InfoNCE over patients 0 and 1 only
+    batch.has_gene[3] = False
+    batch.genes[3] = 0
+    batch.has_image[2] = False
+    batch.token_mask[2] = False
+    batch.slide_index[2] = -1
+    with torch.no_grad():
+        loss = model.pretrain_loss(batch)["loss"]
+        img, _, _ = model.encode_image(batch)
+        gene, _ = model.encode_gene(batch)
+        expected = float(info_nce(img[:2], gene[:2], model.scale()))
+    assert abs(float(loss) - expected) < 1e-5
+    batch.features[2] += 5.0  # an excluded patient is not even a negative
+    batch.genes[2] += 5.0
+    with torch.no_grad():
+        assert abs(float(model.pretrain_loss(batch)["loss"]) - float(loss)) < 1e-6
+    # fewer than two pairs: zero loss, still attached to the graph
+    batch.has_gene[1] = False
+    lone = model.pretrain_loss(batch)["loss"]
+    assert float(lone) == 0.0 and lone.requires_grad
+
+
+def test_temperature_starts_at_0_07_and_is_clamped():
+    model = _model()
+    assert abs(float(model.scale()) - 1 / 0.07) < 1e-4
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(1000.0))
+    assert float(model.scale()) == pytest.approx(100.0)
+    fixed = _model(learn_temperature=False)
+    assert "logit_scale" not in dict(fixed.named_parameters())
+    head = {id(p) for p in fixed.head_parameters()}
+    assert head and not head & {id(p) for p in fixed.encoder_parameters()}
+
+
+def test_contrastive_training_aligns_paired_embeddings():
+    """A few steps of InfoNCE on one batch lift image->gene recall@1 to 1 on that batch."""
+    model = _model()
+    batch = _batch(b=4)
+    batch.genes[:, :6] = batch.features.mean(1)  # a learnable image-gene pairing
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(80):
+        opt.zero_grad()
+        model.pretrain_loss(batch)["loss"].backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+    assert retrieval_metrics(out.image.numpy(), out.gene.numpy())["recall_i2g@1"] == 1.0
+
+
+# ---------------------------------------------------------------- end to end on a tiny on-disk cohort
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return make_cohort(tmp_path_factory.mktemp("mgi_cohort"))
+
+
+def make_cohort(root):
+    """16 patients; two continuous latent factors drive image features and genes alike; label = a shift in
+    both. P14 has expression only, P15 slides only."""
+    rng = np.random.default_rng(1)
+    mix = rng.normal(size=(3, FEATURE_DIM))  # latent factors and label spread over every feature dimension
+    slides, expr_ids, expr_rows, rows = [], [], [], []
+    roles = ["train"] * 9 + ["val"] * 3 + ["test"] * 4
+    for i in range(16):
+        pid, label = f"P{i:02d}", "ab"[i % 2]
+        shift = 1.5 if label == "b" else -1.5
+        z = rng.uniform(-2, 2, size=2)
+        rows.append({"patient_id": pid, "fold": 0, "role": roles[(i * 7) % 16], "label": label})
+        if i != 14:
+            sid = f"{pid}-S0"
+            slides.append({"patient_id": pid, "slide_id": sid})
+            coords = grid_coords(4, 3, 224)
+            feats = rng.normal(scale=0.3, size=(len(coords), FEATURE_DIM)) + np.r_[z, shift] @ mix
+            write_store(root / "features" / f"{sid}.zarr", coords, feats, 224.0)
+        if i != 15:
+            g = rng.normal(scale=0.3, size=N_GENES)
+            g[:2] += z
+            g[2:4] += shift
+            expr_ids.append(pid)
+            expr_rows.append(g)
+    adata = ad.AnnData(X=np.array(expr_rows, np.float32), obs=pd.DataFrame(index=expr_ids),
+                       var=pd.DataFrame(index=[f"G{j}" for j in range(N_GENES)]))
+    adata.write_zarr(root / "fold0.zarr")
+    return pd.DataFrame(rows), pd.DataFrame(slides), root / "features", root / "fold0.zarr"
+
+
+def _data(cohort, modalities=("image", "gene")):
+    folds, slides, features, expr = cohort
+    return load_fold(folds, 0, slides, features if "image" in modalities else None,
+                     expr if "gene" in modalities else None)
+
+
+@pytest.mark.slow
+def test_mgi_pretrain_evaluates_retrieval_then_finetunes(cohort, tmp_path):
+    cfg = method_config(CFG, "mgi")
+    assert cfg["model"]["gene_encoder"] == "mamba"
+    data = _data(cohort)
+    out = tmp_path / "mgi" / "fold0"
+    pretrain("mgi", cfg, data, out)
+    pre = json.loads((out / "pretrain" / "metrics.json").read_text())
+    paired_test = sorted(p.patient_id for p in data.role("test") if p.slides and p.genes is not None)
+    assert pre["n_retrieval"] == len(paired_test)
+    for key in ("recall_i2g@1", "recall_i2g@5", "recall_g2i@1", "recall_g2i@5", "linear_probe_balanced_accuracy"):
+        assert 0.0 <= pre[key] <= 1.0, key
+    emb = zarr.open_group(str(out / "pretrain" / "embeddings.zarr"), mode="r")
+    assert sorted(emb["patient_id"][:]) == sorted(p.patient_id for p in data.patients)
+    assert emb["image"].shape == (16, 8) and emb["gene"].shape == (16, 8)
+    # the stored embeddings are the pretrained model's: recomputing retrieval from them gives the metrics
+    ids, roles = list(emb["patient_id"][:]), list(emb["role"][:])
+    idx = [ids.index(p) for p in paired_test]
+    assert all(roles[i] == "test" for i in idx)
+    again = retrieval_metrics(emb["image"][:][idx], emb["gene"][:][idx])
+    assert again["recall_i2g@1"] == pre["recall_i2g@1"] and again["recall_g2i@5"] == pre["recall_g2i@5"]
+
+    finetune("mgi", cfg, data, out, pretrained=out / "pretrain" / "model.pt")
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("recall_i2g@1", "recall_i2g@5", "recall_g2i@1", "recall_g2i@5", "n_retrieval",
+                "linear_probe_balanced_accuracy"):
+        assert metrics[key] == pre[key], key  # retrieval is the pretrained model's, not the fine-tuned one's
+    assert metrics["balanced_accuracy"] >= 0.75, metrics
+    pred = pd.read_csv(out / "predictions.tsv", sep="\t")
+    assert len(pred) == len(data.role("test"))
+
+
+@pytest.mark.slow
+def test_killed_mgi_pretraining_resumes_bit_identically(cohort, tmp_path, monkeypatch):
+    cfg = deep_merge(method_config(CFG, "mgi"), {"pretrain": {"epochs": 4}})
+    data = _data(cohort)
+    pretrain("mgi", cfg, data, tmp_path / "straight")
+    saves = []
+    real = loop._save_state
+
+    def killed_after_two(path, state):
+        real(path, state)
+        saves.append(state["epoch"])
+        if len(saves) == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(loop, "_save_state", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain("mgi", cfg, data, tmp_path / "resumed")
+    monkeypatch.setattr(loop, "_save_state", real)
+    assert not (tmp_path / "resumed" / "pretrain" / "model.pt").exists()
+    info = pretrain("mgi", cfg, data, tmp_path / "resumed")
+    assert info["epochs"] == 4
+    a = torch.load(tmp_path / "straight" / "pretrain" / "model.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "pretrain" / "model.pt", weights_only=True)["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ha = pd.read_csv(tmp_path / "straight" / "pretrain" / "history.tsv", sep="\t")
+    hb = pd.read_csv(tmp_path / "resumed" / "pretrain" / "history.tsv", sep="\t")
+    pd.testing.assert_series_equal(ha["train_loss"], hb["train_loss"])
+
+
+@pytest.mark.parametrize("name", ["mgi_transformer_genes", "mgi_mlp_genes"])
+def test_gene_encoder_ablations_pretrain(cohort, tmp_path, name):
+    cfg = deep_merge(method_config(CFG, name), {"pretrain": {"epochs": 2}})
+    assert cfg["model"]["gene_encoder"] == METHODS[name].overrides["model"]["gene_encoder"]
+    pretrain(name, cfg, _data(cohort), tmp_path)
+    state = torch.load(tmp_path / "pretrain" / "model.pt", weights_only=True)
+    kind = cfg["model"]["gene_encoder"]
+    assert any(k.startswith("gene_encoder.blocks") for k in state["model"]) == (kind == "transformer")
+    assert json.loads((tmp_path / "pretrain" / "metrics.json").read_text())["n_retrieval"] >= 2
+
+
+def test_mgi_no_pretrain_reports_the_initial_models_retrieval(cohort, tmp_path):
+    cfg = deep_merge(method_config(CFG, "mgi_no_pretrain"), {"finetune": {"epochs": 2}})
+    finetune("mgi_no_pretrain", cfg, _data(cohort), tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["pretrain"]["stage"].startswith("initial") and "recall_i2g@5" in metrics
+
+
+def test_cca_retrieval_and_predictions(cohort, tmp_path):
+    data = _data(cohort)
+    finetune("cca", method_config(CFG, "cca"), data, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    paired_test = [p for p in data.role("test") if p.slides and p.genes is not None]
+    assert metrics["n_retrieval"] == len(paired_test)
+    assert metrics["recall_i2g@1"] >= 0.5, metrics  # the latent factors are linear in both modalities
+    assert metrics["balanced_accuracy"] >= 0.75, metrics
+    assert metrics["training"]["train_canonical_correlations"][0] > 0.9
+    pred = pd.read_csv(tmp_path / "predictions.tsv", sep="\t")
+    assert sorted(pred["patient_id"]) == sorted(p.patient_id for p in data.role("test"))
+    emb = zarr.open_group(str(tmp_path / "embeddings.zarr"), mode="r")
+    assert emb["image"].shape == (len(data.role("test")), 2)
