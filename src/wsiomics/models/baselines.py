@@ -24,7 +24,7 @@ from torch import nn
 
 from wsiomics.models.abmil import ABMIL, ABMILConfig
 from wsiomics.models.batch import Batch, ModelOutput
-from wsiomics.models.blocks import init_weights
+from wsiomics.models.blocks import FeatureStandardizer, init_weights
 from wsiomics.models.gene_gmsa import GeneGMSA, GeneGMSAConfig
 from wsiomics.models.gimp import HEADS, build_head
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig
@@ -72,13 +72,14 @@ class ImageOnlyMIL(_HeadSplit):
         super().__init__()
         self.cfg = cfg
         self.mil = ABMIL(cfg.mil)
+        self.feature_norm = FeatureStandardizer(cfg.mil.in_dim)  # training-tile z-scores (set by the builder)
         self.image_missing = nn.Parameter(torch.zeros(cfg.mil.dim))
         self.head = build_head(cfg.mil.dim, cfg.n_classes, cfg.head, cfg.dropout)
         init_weights(self.head)
         trunc_normal_(self.image_missing, std=0.02)
 
     def forward(self, batch: Batch) -> ModelOutput:
-        pooled, attention = self.mil(batch.features, batch.token_mask)  # (B, D), (B, L)
+        pooled, attention = self.mil(self.feature_norm(batch.features), batch.token_mask)  # (B, D), (B, L)
         image = torch.where(batch.has_image[:, None], pooled, self.image_missing.to(pooled.dtype))
         return ModelOutput(logits=self.head(image), image=image, attention=attention)
 
@@ -141,6 +142,7 @@ class LateFusion(_HeadSplit):
         self.cfg = cfg
         self.image_encoder = SlideTransformer(cfg.image)
         self.gene_encoder = GeneGMSA(cfg.gene)
+        self.feature_norm = FeatureStandardizer(cfg.image.in_dim)  # training-tile z-scores (set by the builder)
         self.image_missing = nn.Parameter(torch.zeros(cfg.image.dim))
         self.gene_missing = nn.Parameter(torch.zeros(cfg.gene.dim))
         self.image_head = build_head(cfg.image.dim, cfg.n_classes, cfg.head, cfg.dropout)
@@ -152,7 +154,8 @@ class LateFusion(_HeadSplit):
 
     def forward(self, batch: Batch) -> ModelOutput:
         enc = self.image_encoder
-        cls, _, attention = enc.encode_with_attention(enc.embed(batch.features), batch.positions, batch.token_mask)
+        tokens = enc.embed(self.feature_norm(batch.features))  # (B, L, Di)
+        cls, _, attention = enc.encode_with_attention(tokens, batch.positions, batch.token_mask)
         image = torch.where(batch.has_image[:, None], cls, self.image_missing.to(cls.dtype))  # (B, Di)
         gcls, _ = self.gene_encoder(batch.genes)
         gene = torch.where(batch.has_gene[:, None], gcls, self.gene_missing.to(gcls.dtype))  # (B, Dg)

@@ -151,3 +151,22 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+class FeatureStandardizer(nn.Module):
+    """(x - mean) / std per feature dimension, with fixed (non-learned) statistics; identity until set."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def set_statistics(self, mean, std) -> None:
+        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(self.mean.shape)
+        std = torch.as_tensor(std, dtype=torch.float32).reshape(self.std.shape)
+        self.mean.copy_(mean)
+        self.std.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))  # constant dims pass unscaled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, L, D)
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)

@@ -37,7 +37,7 @@ from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
 from wsiomics.models.batch import Batch, ModelOutput
-from wsiomics.models.blocks import CrossAttentionBlock, init_weights
+from wsiomics.models.blocks import CrossAttentionBlock, FeatureStandardizer, init_weights
 from wsiomics.models.gene_gmsa import GeneGMSA, GeneGMSAConfig
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig
 
@@ -172,6 +172,9 @@ class GiMP(nn.Module):
         self.image_missing = nn.Parameter(torch.zeros(di))
         self.gene_missing = nn.Parameter(torch.zeros(dg))
         self.mask_token = nn.Parameter(torch.zeros(di))
+        # Fixed per-dimension z-scoring of the patch features (training-tile statistics, set by the builder):
+        # frozen encoders' features vary little around a large common mean. MPM reconstructs these z-scores.
+        self.feature_norm = FeatureStandardizer(cfg.image.in_dim)
         self.fusion = Mlp(di + dg, cfg.fusion_dim, cfg.fusion_dim, act_layer=nn.GELU, drop=(cfg.dropout, 0.0))
         self.decoder = nn.ModuleList(
             CrossAttentionBlock(di, cfg.image.heads, context_dim=dg, mlp_ratio=cfg.image.mlp_ratio,
@@ -219,7 +222,7 @@ class GiMP(nn.Module):
         return self.fusion(torch.cat([image_cls, gene_cls], dim=-1))
 
     def forward(self, batch: Batch) -> ModelOutput:
-        tokens = self.image_encoder.embed(batch.features)  # (B, L, Di)
+        tokens = self.image_encoder.embed(self.feature_norm(batch.features))  # (B, L, Di)
         image, _, attention = self._image(batch, tokens, attention=True)
         gene, _, _ = self._gene(batch)
         fused = self.fuse(image, gene)  # (B, E)
@@ -227,8 +230,8 @@ class GiMP(nn.Module):
 
     # -------------------------------------------------- pre-training
 
-    def _masked_view(self, batch: Batch, tokens: torch.Tensor, generator: torch.Generator, mask: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _masked_view(self, batch: Batch, tokens: torch.Tensor, features: torch.Tensor, generator: torch.Generator,
+                     mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """One pre-training view: (fused (B, E), MPM loss scalar)."""
         if mask:
             masked = span_mask(batch.slide_index, batch.token_mask & batch.has_image[:, None],
@@ -240,7 +243,7 @@ class GiMP(nn.Module):
         gene, gene_tokens, gene_mask = self._gene(batch)
         fused = self.fuse(image, gene)
         if self.cfg.use_mpm:
-            mpm = self._reconstruction_loss(out, masked, gene_tokens, gene_mask, batch.features)
+            mpm = self._reconstruction_loss(out, masked, gene_tokens, gene_mask, features)
         else:
             mpm = fused.new_zeros(())
         return fused, mpm
@@ -269,12 +272,13 @@ class GiMP(nn.Module):
             raise ValueError("GiMP pre-training with use_mpm=False and use_triplet=False has no loss; "
                              "skip pre-training instead (method gimp_no_pretrain)")
         mask = cfg.use_mpm or cfg.positives == "instance"
-        tokens = self.image_encoder.embed(batch.features)  # (B, L, Di), shared by both views
-        fused, mpm = self._masked_view(batch, tokens, generator, mask)
+        features = self.feature_norm(batch.features)  # (B, L, Din) z-scored: the MPM targets
+        tokens = self.image_encoder.embed(features)  # (B, L, Di), shared by both views
+        fused, mpm = self._masked_view(batch, tokens, features, generator, mask)
         zero = fused.sum() * 0.0
         triplet = zero
         if cfg.positives == "instance":
-            fused2, mpm2 = self._masked_view(batch, tokens, generator, mask)
+            fused2, mpm2 = self._masked_view(batch, tokens, features, generator, mask)
             mpm = (mpm + mpm2) / 2
             if cfg.use_triplet:
                 ids = torch.cat([batch.patient_index, batch.patient_index])

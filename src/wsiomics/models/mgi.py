@@ -37,7 +37,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from wsiomics.models.batch import Batch, ModelOutput
-from wsiomics.models.blocks import init_weights
+from wsiomics.models.blocks import FeatureStandardizer, init_weights
 from wsiomics.models.gene_mamba import GENE_ENCODERS, build_gene_encoder
 from wsiomics.models.gimp import HEADS, build_head
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig
@@ -60,25 +60,6 @@ def info_nce(image: torch.Tensor, gene: torch.Tensor, logit_scale: torch.Tensor 
     logits = logit_scale * (i @ g.T)  # (N, N): image rows, gene columns
     target = torch.arange(i.shape[0], device=i.device)
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-
-
-class FeatureStandardizer(nn.Module):
-    """(x - mean) / std per feature dimension, with fixed (non-learned) statistics; identity until set."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("std", torch.ones(dim))
-
-    def set_statistics(self, mean, std) -> None:
-        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(self.mean.shape)
-        std = torch.as_tensor(std, dtype=torch.float32).reshape(self.std.shape)
-        self.mean.copy_(mean)
-        self.std.copy_(torch.where(std > 1e-8, std, torch.ones_like(std)))  # constant dims pass unscaled
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, L, D)
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
 def _projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:

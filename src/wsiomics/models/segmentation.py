@@ -27,9 +27,9 @@ from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
 from wsiomics.models.batch import Batch, ModelOutput
-from wsiomics.models.blocks import CrossAttentionBlock, init_weights
+from wsiomics.models.blocks import CrossAttentionBlock, FeatureStandardizer, init_weights
 from wsiomics.models.gene_mamba import GENE_ENCODERS, build_gene_encoder
-from wsiomics.models.mgi import PROJECTIONS, FeatureStandardizer, _projection
+from wsiomics.models.mgi import PROJECTIONS, _projection
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig
 
 CONDITIONINGS = ("film", "cross_attention")

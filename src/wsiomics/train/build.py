@@ -55,15 +55,16 @@ def _gimp(cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:
 
     gimp_cfg = fill(GiMPConfig, cfg["model"], image=_image_cfg(cfg, data), gene=_gene_cfg(cfg, data),
                     n_classes=max(2, len(data.classes)))
-    return GiMP(gimp_cfg)
+    return _standardize_inputs(GiMP(gimp_cfg), cfg, data)
 
 
 @model_builder("late_fusion")
 def _late_fusion(cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:
     from wsiomics.models.baselines import LateFusion, LateFusionConfig
 
-    return LateFusion(fill(LateFusionConfig, cfg["model"], image=_image_cfg(cfg, data), gene=_gene_cfg(cfg, data),
-                           n_classes=max(2, len(data.classes))))
+    model = LateFusion(fill(LateFusionConfig, cfg["model"], image=_image_cfg(cfg, data), gene=_gene_cfg(cfg, data),
+                            n_classes=max(2, len(data.classes))))
+    return _standardize_inputs(model, cfg, data)
 
 
 @model_builder("gene_only")
@@ -79,7 +80,8 @@ def _image_only(cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:
     from wsiomics.models.baselines import ImageOnlyMIL, ImageOnlyMILConfig
 
     mil = fill(ABMILConfig, cfg["model"], in_dim=max(1, data.feature_dim))
-    return ImageOnlyMIL(fill(ImageOnlyMILConfig, cfg["model"], mil=mil, n_classes=max(2, len(data.classes))))
+    model = ImageOnlyMIL(fill(ImageOnlyMILConfig, cfg["model"], mil=mil, n_classes=max(2, len(data.classes))))
+    return _standardize_inputs(model, cfg, data)
 
 
 # train.model keys that shape MGI's encoders and projections; a segmenter initialised from an MGI checkpoint
