@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-MODELS = ("ours", "mambapy", "transformer", "mlp")
+MODELS = ("ours", "ours-ckpt", "mambapy", "transformer", "mlp")
 
 
 def _rss_mb() -> float:
@@ -54,8 +54,9 @@ def build(model: str, length: int, dim: int, depth: int):
         GeneTokenizer,
     )
 
-    if model == "ours":
-        enc = GeneMambaEncoder(GeneMambaConfig(n_genes=length, genes_per_token=1, dim=dim, depth=depth))
+    if model in ("ours", "ours-ckpt"):
+        enc = GeneMambaEncoder(GeneMambaConfig(n_genes=length, genes_per_token=1, dim=dim, depth=depth,
+                                               checkpoint=model == "ours-ckpt"))
         return lambda g: enc(g).pooled, enc
     if model == "mlp":
         enc = GeneMLPEncoder(GeneMLPConfig(n_genes=length, dim=dim, dropout=0.0))
@@ -163,7 +164,7 @@ def main() -> None:
         return
 
     results: dict[tuple[str, int], dict] = {}
-    print("\n| tokens | " + " | ".join(a.models) + " |\n|---" * (len(a.models) + 1) + "|", flush=True)
+    print("\n| tokens | " + " | ".join(a.models) + " |\n" + "|---" * (len(a.models) + 1) + "|", flush=True)
     for length in a.lengths:
         for model in a.models:  # one configuration at a time: never two children side by side
             results[model, length] = run_child(model, length, a)

@@ -22,10 +22,11 @@ recurrence itself. Instead each segment of ``segment_size`` positions is cut int
 segment, gives each chunk's own end state from a zero start; the states entering the chunks follow from a
 log-depth (Hillis-Steele) scan over the chunks with the chunk decays exp(sum(dt) * A) (cumulative
 log-decays, never positive); a second sweep runs the recurrence from those states and stores every
-position. Work is O(L*D*N), every exponent is <= 0 and only products of decays in [0, 1] are formed. A
-custom autograd function keeps only the inputs and the state at each segment start; its backward
-recomputes one segment at a time and runs the same scheme in reverse time for the adjoint, so at most
-one segment's (B, segment, D, N) tensors exist at once.
+position. Work is O(L*D*N), every exponent is <= 0 and only products of decays in [0, 1] are formed. One
+custom autograd function does the whole scan (bias, softplus, recurrence, D skip, gate) and keeps only
+its inputs and the state at each segment start; its backward recomputes one segment at a time and runs
+the same scheme in reverse time for the adjoint, so at most one segment's (B, segment, D, N) tensors
+exist at once and no (B, D, L) intermediate is kept between forward and backward.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Chosen by bench/gene_encoders.py --tune on 2 CPU cores (d_inner 256, d_state 16): chunk 16 was fastest;
-# segments of 256 and 1,024 tie on one thread, and 1,024 needs half the ops (fewer thread hand-offs).
+# Chosen with bench/gene_encoders.py on 2 CPU cores (d_inner 256, d_state 16): chunk 16 beat 8 and 32; segments
+# of 256 to 1,024 positions ran equally fast on one thread, 512 needs half the ops of 256 (fewer thread
+# hand-offs) and holds 8 MiB per work buffer instead of 16 MiB at 1,024.
 CHUNK_SIZE = 16
-SEGMENT_SIZE = 1024
+SEGMENT_SIZE = 512
 
 __all__ = [
     "BiMamba",
@@ -143,8 +145,8 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 
 # ------------------------------------------------------------------------------------- chunked scan
 class _Work:
-    """Flat fp32 buffers reused by every segment of one call: a fresh multi-MB tensor per op costs page faults
-    that took longer than the arithmetic on these 2-core machines."""
+    """Flat fp32 buffers reused by every segment of one call: a fresh multi-MB result per op made a multiply
+    about 3x slower on the 2-core development machine (page faults on new memory)."""
 
     def __init__(self, like: Tensor, numel: int):
         self._like, self._numel, self._bufs = like, numel, {}
@@ -153,18 +155,6 @@ class _Work:
         if name not in self._bufs:
             self._bufs[name] = self._like.new_empty(self._numel)
         return self._bufs[name][: math.prod(shape)].view(shape)
-
-
-def _chunked(t: Tensor, s0: int, s1: int, T: int) -> Tensor:
-    """(B, L, ...) positions s0:s1 -> contiguous (B, T, k, ...): position s0 + j*T + t sits at [:, t, j]."""
-    part = t[:, s0:s1]
-    return part.reshape(part.shape[0], (s1 - s0) // T, T, *part.shape[2:]).transpose(1, 2).contiguous()
-
-
-def _unchunk_into(dest: Tensor, s0: int, s1: int, t: Tensor) -> None:
-    """Write chunked ``t`` (B, T, k, ...) to positions s0:s1 of ``dest`` (B, L, ...) in one copy."""
-    batch, T, k = t.shape[:3]
-    dest[:, s0:s1].view(batch, k, T, *dest.shape[2:]).copy_(t.reshape(batch, T, k, *dest.shape[2:]).transpose(1, 2))
 
 
 def _affine_scan(decay: Tensor, add: Tensor, s0: Tensor) -> Tensor:
@@ -218,63 +208,116 @@ def _seg_states(ws: _Work, dtc: Tensor, xc: Tensor, Bc: Tensor, A: Tensor, h0: T
     return h, a, Hin
 
 
-class _ChunkedScan(torch.autograd.Function):
-    """y = <C, h> of the selective recurrence (no D, z, bias or softplus: those stay in plain autograd).
+class _Segment:
+    """Chunked (B, T, k, ...) views of one segment's inputs, the last chunk padded.
 
-    Inputs dt, u: (B, L, D) fp32; A: (D, N); Bs, Cs: (B, L, G, N); L a multiple of T; S (a multiple of T)
-    the segment length. Outputs y: (B, L, D) and the last state (B, D, N). The gradient of the last state
-    is used (the reference CUDA function ignores it). Saves only the inputs and the state at each segment
-    start; the backward recomputes one segment at a time.
+    Padding uses dt = 0 (decay 1, no input): the state passes through unchanged, so the last state is right,
+    and padded positions add nothing to any parameter gradient.
+    """
+
+    def __init__(self, s0: int, s1: int, T: int, u: Tensor, delta: Tensor, bias: Tensor | None, softplus: bool,
+                 Bg: Tensor, Cg: Tensor, z: Tensor | None):
+        self.s0, self.s1, self.n = s0, s1, s1 - s0
+        self.pad = (-self.n) % T
+        self.T, self.k = T, (self.n + self.pad) // T
+        pre = delta[..., s0:s1]
+        if bias is not None:
+            pre = pre + bias[:, None]
+        self.pre = pre  # (B, D, n) before the softplus
+        self.dt = self.chunk(F.softplus(pre) if softplus else pre)  # (B, T, k, D)
+        self.u = self.chunk(u[..., s0:s1])
+        self.x = self.dt * self.u
+        self.B, self.C = self.chunk(Bg[..., s0:s1]), self.chunk(Cg[..., s0:s1])  # (B, T, k, G, N)
+        self.z = self.chunk(z[..., s0:s1]) if z is not None else None
+
+    def chunk(self, t: Tensor) -> Tensor:
+        """(B, ..., n) -> contiguous (B, T, k, ...): position j*T + t of the segment sits at [:, t, j]."""
+        if self.pad:
+            t = F.pad(t, (0, self.pad))
+        lead = t.shape[1:-1]
+        t = t.reshape(t.shape[0], *lead, self.k, self.T)
+        order = (0, t.dim() - 1, t.dim() - 2, *range(1, t.dim() - 2))
+        return t.permute(order).contiguous()
+
+    def write(self, dest: Tensor, t: Tensor) -> None:
+        """Chunked ``t`` (B, T, k, ...) into positions s0:s1 of ``dest`` (B, ..., L), padding dropped."""
+        order = (0, *range(3, t.dim()), 2, 1)
+        full = t.permute(order).reshape(*dest.shape[:-1], self.k * self.T)
+        dest[..., self.s0 : self.s1] = full[..., : self.n]
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """The whole selective scan: softplus(delta + bias), the recurrence, <C, h> + D u, the silu(z) gate.
+
+    Inputs u, delta, z: (B, D, L) fp32; A: (D, N); Bg, Cg: (B, G, N, L); D, delta_bias: (D,) or None;
+    T the chunk and S the segment length (a multiple of T). Outputs (B, D, L) and the last state (B, D, N),
+    whose gradient is used (the reference CUDA function ignores it). Only the inputs and the state at each
+    segment start are saved; the backward recomputes one segment at a time, so nothing of size L*D*N, and no
+    (B, D, L) intermediate (dt, x, the gate) is kept between forward and backward.
     """
 
     @staticmethod
-    def forward(ctx, dt: Tensor, u: Tensor, A: Tensor, Bs: Tensor, Cs: Tensor, T: int, S: int):
-        batch, length, dim = dt.shape
-        groups, n = Bs.shape[2], Bs.shape[3]
+    def forward(ctx, u, delta, A, Bg, Cg, D, z, delta_bias, softplus: bool, T: int, S: int):
+        batch, dim, length = u.shape
+        groups, n = Bg.shape[1], Bg.shape[2]
         hpg = dim // groups
-        x = dt * u
-        y = dt.new_empty(batch, length, dim)
-        h0 = dt.new_zeros(batch, dim, n)
+        out = u.new_empty(batch, dim, length)
+        h0 = u.new_zeros(batch, dim, n)
         starts = range(0, length, S)
-        Hseg = dt.new_empty(batch, len(starts), dim, n)
-        ws = _Work(dt, batch * min(S, length) * dim * n)
+        Hseg = u.new_empty(batch, len(starts), dim, n)
+        ws = _Work(u, batch * min(S, length + T) * dim * n)
         for i, s0 in enumerate(starts):
-            s1 = min(s0 + S, length)
             Hseg[:, i] = h0
-            dtc, xc = _chunked(dt, s0, s1, T), _chunked(x, s0, s1, T)  # (B, T, k, D)
-            Bc, Cc = _chunked(Bs, s0, s1, T), _chunked(Cs, s0, s1, T)  # (B, T, k, G, N)
-            h, *_ = _seg_states(ws, dtc, xc, Bc, A, h0)
-            k = dtc.shape[2]
-            yc = torch.einsum("btkghn,btkgn->btkgh", h.view(batch, T, k, groups, hpg, n), Cc)
-            _unchunk_into(y, s0, s1, yc)
+            seg = _Segment(s0, min(s0 + S, length), T, u, delta, delta_bias, softplus, Bg, Cg, z)
+            h, *_ = _seg_states(ws, seg.dt, seg.x, seg.B, A, h0)
+            k = seg.k
+            y = torch.einsum("btkghn,btkgn->btkgh", h.view(batch, T, k, groups, hpg, n), seg.C).reshape(
+                batch, T, k, dim)
+            if D is not None:
+                y.addcmul_(seg.u, D)
+            if z is not None:
+                y.mul_(F.silu(seg.z))
+            seg.write(out, y)
             h0 = h[:, T - 1, k - 1].clone()
-        ctx.save_for_backward(dt, u, A, Bs, Cs, Hseg)
-        ctx.T, ctx.S = T, S
-        return y, h0
+        ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, Hseg)
+        ctx.softplus, ctx.T, ctx.S = softplus, T, S
+        return out, h0
 
     @staticmethod
-    def backward(ctx, gy: Tensor, glast: Tensor | None):
-        dt, u, A, Bs, Cs, Hseg = ctx.saved_tensors
+    def backward(ctx, gout: Tensor, glast: Tensor | None):
+        u, delta, A, Bg, Cg, D, z, delta_bias, Hseg = ctx.saved_tensors
         T, S = ctx.T, ctx.S
-        batch, length, dim = dt.shape
-        groups, n = Bs.shape[2], Bs.shape[3]
+        batch, dim, length = u.shape
+        groups, n = Bg.shape[1], Bg.shape[2]
         hpg = dim // groups
-        x = dt * u
-        g_dt, g_u = torch.empty_like(dt), torch.empty_like(u)
+        g_u, g_delta = torch.empty_like(u), torch.empty_like(delta)
         g_A = torch.zeros_like(A)
-        g_B, g_C = torch.empty_like(Bs), torch.empty_like(Cs)
-        ws = _Work(dt, batch * min(S, length) * dim * n)
+        g_B, g_C = Bg.new_empty(Bg.shape), Cg.new_empty(Cg.shape)
+        g_D = torch.zeros_like(D) if D is not None else None
+        g_z = torch.empty_like(z) if z is not None else None
+        ws = _Work(u, batch * min(S, length + T) * dim * n)
         # adjoint flowing into a segment's last position from the right (from the last state at the end)
-        G_next = glast.float() if glast is not None else dt.new_zeros(batch, dim, n)
+        G_next = glast.float() if glast is not None else u.new_zeros(batch, dim, n)
         starts = list(range(0, length, S))
         for i in reversed(range(len(starts))):
             s0 = starts[i]
-            s1 = min(s0 + S, length)
-            dtc, xc, uc = _chunked(dt, s0, s1, T), _chunked(x, s0, s1, T), _chunked(u, s0, s1, T)
-            Bc, Cc = _chunked(Bs, s0, s1, T), _chunked(Cs, s0, s1, T)
-            gyc = _chunked(gy, s0, s1, T)  # (B, T, k, D)
-            k = dtc.shape[2]
+            seg = _Segment(s0, min(s0 + S, length), T, u, delta, delta_bias, ctx.softplus, Bg, Cg, z)
+            k = seg.k
+            dtc, xc, uc, Bc, Cc = seg.dt, seg.x, seg.u, seg.B, seg.C
             h, a, Hin = _seg_states(ws, dtc, xc, Bc, A, Hseg[:, i])
+            h6 = h.view(batch, T, k, groups, hpg, n)
+            gyc = seg.chunk(gout[..., seg.s0 : seg.s1])  # (B, T, k, D)
+            if z is not None:  # out = (y + D u) * silu(z)
+                y = torch.einsum("btkghn,btkgn->btkgh", h6, Cc).reshape(batch, T, k, dim)
+                if D is not None:
+                    y.addcmul_(uc, D)
+                sig = torch.sigmoid(seg.z)
+                seg.write(g_z, gyc * y * sig * (1 + seg.z * (1 - sig)))
+                gyc = gyc * seg.z * sig
+            g_udirect = None
+            if D is not None:
+                g_D += (gyc * uc).sum((0, 1, 2))
+                g_udirect = gyc * D
             # adjoint g_t = dL/dh_t = gy_t C_t + a_{t+1} g_{t+1}: the same two sweeps in reverse time
             g = ws.get("g", batch, T, k, dim, n)
             g6 = g.view(batch, T, k, groups, hpg, n)
@@ -293,22 +336,25 @@ class _ChunkedScan(torch.autograd.Function):
             gv[T - 1].add_(Gin)
             for t in range(T - 2, -1, -1):
                 gv[t].addcmul_(av[t + 1], gv[t + 1])
-            h6 = h.view(batch, T, k, groups, hpg, n)
-            gC = torch.matmul(gyc.view(batch, T, k, groups, 1, hpg), h6)  # (B, T, k, G, 1, N)
-            gB = torch.matmul(xc.view(batch, T, k, groups, 1, hpg), g6)  # (B, T, k, G, 1, N)
+            seg.write(g_C, torch.matmul(gyc.view(batch, T, k, groups, 1, hpg), h6).squeeze(-2))  # (B,T,k,G,N)
+            seg.write(g_B, torch.matmul(xc.view(batch, T, k, groups, 1, hpg), g6).squeeze(-2))
             gx = torch.einsum("btkghn,btkgn->btkgh", g6, Bc).reshape(batch, T, k, dim)  # d/dx, x = dt * u
             # d/d(dt * A) at t = g_t * a_t * h_{t-1}, h_{t-1} the previous slice or Hin at a chunk start
             g.mul_(a)
             g[:, 1:].mul_(h[:, : T - 1])
             g[:, 0].mul_(Hin)
-            tmp = ws.get("p", batch, T, k, dim, n)
-            g_dtA = torch.mul(g, A, out=tmp).sum(-1)  # (B, T, k, D)
+            tmp = h  # h is not read again in this segment
+            g_dt = torch.mul(g, A, out=tmp).sum(-1).addcmul_(gx, uc)  # (B, T, k, D)
             g_A += torch.mul(g, dtc[..., None], out=tmp).sum((0, 1, 2))
-            _unchunk_into(g_dt, s0, s1, torch.addcmul(g_dtA, gx, uc))
-            _unchunk_into(g_u, s0, s1, gx * dtc)
-            _unchunk_into(g_B, s0, s1, gB)
-            _unchunk_into(g_C, s0, s1, gC)
-        return g_dt, g_u, g_A, g_B, g_C, None, None
+            gu = gx * dtc
+            if g_udirect is not None:
+                gu += g_udirect
+            seg.write(g_u, gu)
+            seg.write(g_delta, g_dt)
+            if ctx.softplus:
+                g_delta[..., seg.s0 : seg.s1].mul_(torch.sigmoid(seg.pre))
+        g_bias = g_delta.sum((0, 2)) if delta_bias is not None else None
+        return g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias, None, None, None
 
 
 def _cuda_kernel() -> Callable | None:
@@ -353,18 +399,10 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     batch, dim, length = u.shape
     T = max(1, min(T, length))  # a short sequence is one chunk
     S = max(T, S // T * T)  # a segment is whole chunks
-    uf = u.float()
-    dt = _prepare_delta(delta, delta_bias, delta_softplus)  # (B, D, L)
+    f = lambda t: t.float() if t is not None else None  # noqa: E731
     Bg, Cg = _grouped(B, batch, length), _grouped(C, batch, length)  # (B, G, N, L)
-    pad = (-length) % T
-    # padding with dt = 0 is an identity step (decay 1, no input), so the last state is unchanged
-    dt_l = F.pad(dt, (0, pad)).transpose(1, 2).contiguous()  # (B, L', D)
-    u_l = F.pad(uf, (0, pad)).transpose(1, 2).contiguous()
-    B_l = F.pad(Bg, (0, pad)).permute(0, 3, 1, 2).contiguous()  # (B, L', G, N)
-    C_l = F.pad(Cg, (0, pad)).permute(0, 3, 1, 2).contiguous()
-    y, last = _ChunkedScan.apply(dt_l, u_l, A.float().contiguous(), B_l, C_l, T, S)
-    y = y[:, :length].transpose(1, 2)  # (B, D, L)
-    out = _finish(y, uf, D, z, dtype)
+    out, last = _ChunkedScan.apply(f(u), f(delta), f(A), Bg, Cg, f(D), f(z), f(delta_bias), delta_softplus, T, S)
+    out = out.to(dtype)
     return (out, last) if return_last_state else out
 
 
