@@ -65,6 +65,7 @@ def test_mamba_encoder_reads_genes_in_order():
     assert not torch.allclose(bi(x).tokens[:, 0], bi(x2).tokens[:, 0])
 
 
+@pytest.mark.slow  # 100 optimiser steps: ~1-2 s of CPU each, far longer on a loaded machine
 @pytest.mark.parametrize("kind", ["mamba", "transformer", "mlp"])
 def test_encoders_learn_a_tiny_batch(kind):
     torch.manual_seed(0)
