@@ -15,7 +15,6 @@ regression in the training code, not a torch model.)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,7 @@ from torch import nn
 
 from wsiomics.models.abmil import ABMIL, ABMILConfig
 from wsiomics.models.batch import Batch, ModelOutput
-from wsiomics.models.blocks import FeatureStandardizer, init_weights
+from wsiomics.models.blocks import FeatureStandardizer, HeadSplit, init_weights
 from wsiomics.models.gene_gmsa import GeneGMSA, GeneGMSAConfig
 from wsiomics.models.gimp import HEADS, build_head
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig
@@ -35,20 +34,6 @@ def _check_head(n_classes: int, head: str) -> None:
         raise ValueError(f"n_classes must be >= 1, got {n_classes}")
     if head not in HEADS:
         raise ValueError(f"head must be one of {HEADS}, got {head!r}")
-
-
-class _HeadSplit(nn.Module):
-    """``head_parameters``: the modules listed in ``_heads``; ``encoder_parameters``: everything else."""
-
-    _heads: tuple[str, ...] = ("head",)
-
-    def head_parameters(self) -> Iterator[nn.Parameter]:
-        for name in self._heads:
-            yield from getattr(self, name).parameters()
-
-    def encoder_parameters(self) -> Iterator[nn.Parameter]:
-        head = {id(p) for p in self.head_parameters()}
-        return (p for p in self.parameters() if id(p) not in head)
 
 
 @dataclass
@@ -65,7 +50,7 @@ class ImageOnlyMILConfig:
         _check_head(self.n_classes, self.head)
 
 
-class ImageOnlyMIL(_HeadSplit):
+class ImageOnlyMIL(HeadSplit):
     """ABMIL pooled embedding -> head; attention = ABMIL's attention weights."""
 
     def __init__(self, cfg: ImageOnlyMILConfig) -> None:
@@ -98,7 +83,7 @@ class GeneOnlyConfig:
         _check_head(self.n_classes, self.head)
 
 
-class GeneOnly(_HeadSplit):
+class GeneOnly(HeadSplit):
     """GMSA gene [CLS] -> head."""
 
     def __init__(self, cfg: GeneOnlyConfig) -> None:
@@ -132,7 +117,7 @@ class LateFusionConfig:
         _check_head(self.n_classes, self.head)
 
 
-class LateFusion(_HeadSplit):
+class LateFusion(HeadSplit):
     """Two unimodal classifiers whose class probabilities are averaged (log of the mean), no pre-training."""
 
     _heads = ("image_head", "gene_head")

@@ -16,6 +16,8 @@ Attention-weight dropout is not used: on CPU it forces SDPA's math kernel, which
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
@@ -170,3 +172,18 @@ class FeatureStandardizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, L, D)
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+
+class HeadSplit(nn.Module):
+    """Parameter groups for fine-tuning, where encoders get a lower LR: ``head_parameters`` are the modules
+    listed in ``_heads``, ``encoder_parameters`` everything else."""
+
+    _heads: tuple[str, ...] = ("head",)
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        for name in self._heads:
+            yield from getattr(self, name).parameters()
+
+    def encoder_parameters(self) -> Iterator[nn.Parameter]:
+        head = {id(p) for p in self.head_parameters()}
+        return (p for p in self.parameters() if id(p) not in head)

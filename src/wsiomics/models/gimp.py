@@ -28,7 +28,6 @@ of the decoder's cross-attention. Nobody is dropped: every patient gets a fused 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +36,7 @@ from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
 from wsiomics.models.batch import Batch, ModelOutput
-from wsiomics.models.blocks import CrossAttentionBlock, FeatureStandardizer, init_weights
+from wsiomics.models.blocks import CrossAttentionBlock, FeatureStandardizer, HeadSplit, init_weights
 from wsiomics.models.gene_gmsa import GeneGMSA, GeneGMSAConfig
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig
 
@@ -160,7 +159,7 @@ def build_head(in_dim: int, n_classes: int, kind: str, dropout: float) -> nn.Mod
     return Mlp(in_dim, in_dim, n_classes, act_layer=nn.GELU, drop=(dropout, 0.0))
 
 
-class GiMP(nn.Module):
+class GiMP(HeadSplit):
     """Image transformer + GMSA gene encoder, fused [CLS] tokens, classification head, MPM decoder."""
 
     def __init__(self, cfg: GiMPConfig) -> None:
@@ -186,16 +185,6 @@ class GiMP(nn.Module):
             init_weights(module)
         for p in (self.image_missing, self.gene_missing, self.mask_token):
             trunc_normal_(p, std=0.02)
-
-    # -------------------------------------------------- parameter groups (fine-tuning gives encoders a lower LR)
-
-    def head_parameters(self) -> Iterator[nn.Parameter]:
-        return self.head.parameters()
-
-    def encoder_parameters(self) -> Iterator[nn.Parameter]:
-        """Everything but the head: encoders, missing/mask tokens, fusion MLP, MPM decoder."""
-        head = {id(p) for p in self.head.parameters()}
-        return (p for p in self.parameters() if id(p) not in head)
 
     # -------------------------------------------------- encoders
 

@@ -27,7 +27,6 @@ projections (not normalised), which is what retrieval compares after normalisati
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +36,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from wsiomics.models.batch import Batch, ModelOutput
-from wsiomics.models.blocks import FeatureStandardizer, init_weights
+from wsiomics.models.blocks import FeatureStandardizer, HeadSplit, init_weights
 from wsiomics.models.gene_mamba import GENE_ENCODERS, build_gene_encoder
 from wsiomics.models.gimp import HEADS, build_head
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig
@@ -102,7 +101,7 @@ class MGIConfig:
                              f"{self.max_logit_scale}")
 
 
-class MGI(nn.Module):
+class MGI(HeadSplit):
     """Slide transformer + gene encoder, projection heads to a shared space, InfoNCE, classification head."""
 
     contrastive = True  # image and gene embeddings live in one space: retrieval is meaningful
@@ -128,16 +127,6 @@ class MGI(nn.Module):
             init_weights(module)
         for p in (self.image_missing, self.gene_missing):
             trunc_normal_(p, std=0.02)
-
-    # -------------------------------------------------- parameter groups (fine-tuning gives encoders a lower LR)
-
-    def head_parameters(self) -> Iterator[nn.Parameter]:
-        return self.head.parameters()
-
-    def encoder_parameters(self) -> Iterator[nn.Parameter]:
-        """Everything but the classification head: encoders, projections, missing tokens, temperature."""
-        head = {id(p) for p in self.head.parameters()}
-        return (p for p in self.parameters() if id(p) not in head)
 
     # -------------------------------------------------- encoders
 
