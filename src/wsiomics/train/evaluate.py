@@ -231,6 +231,7 @@ def write_tumour_heatmap(path: str | Path, coords: np.ndarray, probs: np.ndarray
     extent = (x0, x0 + shape[0] * step, y0 + shape[1] * step, y0)
     aspect = shape[1] / max(1, shape[0])
     fig, ax = plt.subplots(figsize=(5.5, max(2.5, 5.5 * aspect)), dpi=100)
+    ax.set_facecolor("#d9d9d9")  # grey where the slide has no tile
     im = ax.imshow(np.ma.masked_invalid(image), cmap="magma", vmin=0.0, vmax=1.0, extent=extent,
                    interpolation="nearest")
     for ring in outline:

@@ -78,14 +78,34 @@ def _setup(cfg: dict[str, Any]) -> torch.device:
     return resolve_device(str(cfg.get("device", "auto")))
 
 
-def _loaders(data: FoldData, cfg: dict[str, Any], dparams: DatasetParams, seed: int):
-    bs = int(cfg["data"]["batch_size"])
+def _loaders(data: FoldData, cfg: dict[str, Any], dparams: DatasetParams, seed: int, stage: str = ""):
+    """Train and val loaders; a stage's own ``batch_size`` (``train.pretrain.batch_size``) wins over
+    ``train.data.batch_size`` (contrastive pretraining wants more negatives per batch than fine-tuning)."""
+    bs = int((cfg.get(stage) or {}).get("batch_size") or cfg["data"]["batch_size"])
     workers = int(cfg.get("num_workers", 0))
     train = data.loader(data.dataset(TRAIN_ROLES, dparams, train=True), bs, shuffle=True, num_workers=workers,
                         seed=seed)
     val_set = data.dataset(VAL_ROLES, dparams, train=False)
     val = data.loader(val_set, bs, shuffle=False) if len(val_set) else None
     return train, val
+
+
+SELECT = ("val", "last")
+
+
+def _optim(section: dict[str, Any]) -> tuple[dict[str, Any], float, bool]:
+    """A pretrain/finetune section -> (OptimParams settings, label smoothing, select on val?).
+
+    ``select: val`` (default) early-stops on, and keeps the weights best on, the ``val`` patients;
+    ``select: last`` trains every epoch and keeps the last weights (for losses too noisy on a small
+    val set to pick by, such as InfoNCE over a handful of pairs)."""
+    optim = dict(section)
+    optim.pop("batch_size", None)  # read by _loaders
+    smoothing = float(optim.pop("label_smoothing", 0.0))
+    select = str(optim.pop("select", "val"))
+    if select not in SELECT:
+        raise ValueError(f"select is {select!r}; choose one of {', '.join(SELECT)}")
+    return optim, smoothing, select == "val"
 
 
 def classify_objective(label_smoothing: float):
@@ -149,9 +169,10 @@ def pretrain(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
     dparams = data_params(cfg, data.fold)
     torch.manual_seed(seed)
     model = build_model(method, cfg, data)
-    train_loader, val_loader = _loaders(data, cfg, dparams, seed)
+    train_loader, val_loader = _loaders(data, cfg, dparams, seed, "pretrain")
+    optim, _, select_val = _optim(cfg["pretrain"])
+    val_loader = val_loader if select_val else None
     t0 = time.perf_counter()
-    optim = {k: v for k, v in cfg["pretrain"].items() if k != "label_smoothing"}
     result = fit(model, pretrain_objective, train_loader, val_loader, _dataclass(OptimParams, optim),
                  out / ".state" / "pretrain.pt", cfg, device, seed, desc=f"{method.name} fold{data.fold} pretrain")
     seconds = time.perf_counter() - t0
@@ -249,11 +270,11 @@ def finetune(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
     elif method.retrieval:  # the same retrieval evaluation, of the randomly initialised network
         pre_metrics, _ = evaluate_pretrained(model, data, device, dparams, seed, retrieval=True)
         pre_metrics["stage"] = "initial (random) weights"
-    ft = dict(cfg["finetune"])
-    smoothing = float(ft.pop("label_smoothing", 0.0))
+    ft, smoothing, select_val = _optim(cfg["finetune"])
     if not method.pretrain:
         ft["encoder_lr_scale"] = 1.0  # nothing pretrained to protect
-    train_loader, val_loader = _loaders(data, cfg, dparams, seed)
+    train_loader, val_loader = _loaders(data, cfg, dparams, seed, "finetune")
+    val_loader = val_loader if select_val else None
     t0 = time.perf_counter()
     result = fit(model, classify_objective(smoothing), train_loader, val_loader, _dataclass(OptimParams, ft),
                  out / ".state" / "finetune.pt", {**cfg, "pretrained": str(pretrained)}, device, seed,
@@ -485,10 +506,11 @@ def finetune_segmentation(method: Method, cfg: dict[str, Any], data: FoldData, o
     if state is not None:
         loaded = model.load_pretrained(state["model"])
         log.info("initialised %d encoder tensors from %s", len(loaded), pretrained)
-    ft = {k: v for k, v in cfg["finetune"].items() if k != "label_smoothing"}
+    ft, _, select_val = _optim(cfg["finetune"])
     if state is None:
         ft["encoder_lr_scale"] = 1.0
-    train_loader, val_loader = _loaders(fit_data, build_cfg, dparams, seed)
+    train_loader, val_loader = _loaders(fit_data, build_cfg, dparams, seed, "finetune")
+    val_loader = val_loader if select_val else None
     t0 = time.perf_counter()
     result = fit(model, segmentation_objective, train_loader, val_loader, _dataclass(OptimParams, ft),
                  out / ".state" / "finetune.pt", {**build_cfg, "pretrained": str(pretrained)}, device, seed,
