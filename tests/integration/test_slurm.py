@@ -53,6 +53,7 @@ SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 PROFILE = REPO / "profiles" / "slurm"
 # The tiny timm CNN of tests/test_workflow.py, on the CPU in both runs so they can be compared exactly.
 FEATURES = "features={encoder: test_resnet, num_workers: 0, batch_size: 32, device: cpu}"
+TRAIN_OFF = "train={run: []}"  # this module is about the profile and the tiling/feature jobs, not training
 # Settings of this test cluster (see the module docstring), on top of the profile.
 CLUSTER_OPTIONS = (
     "--slurm-status-command", "squeue",
@@ -321,7 +322,8 @@ def slurm_run(slurm_cluster, sheet, tmp_path_factory) -> tuple[Path, str]:
     """`--until extract_features` through the SLURM profile: tile + extract_features for both slides."""
     work = tmp_path_factory.mktemp("slurm_work")
     proc = snakemake("--workflow-profile", str(PROFILE), *CLUSTER_OPTIONS, "--verbose", "--directory", str(work),
-                     "--config", f"samples={sheet}", FEATURES, "--until", "extract_features", cwd=work.parent)
+                     "--config", f"samples={sheet}", FEATURES, TRAIN_OFF, "--until", "extract_features",
+                     cwd=work.parent)
     assert proc.returncode == 0, f"{proc.stdout[-6000:]}\n{_logs(slurm_cluster)}"
     return work, proc.stdout
 
@@ -332,7 +334,7 @@ def local_run(sheet, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("local_work")
     targets = [f"results/features/test_resnet/{s}.zarr" for s in slide_ids(sheet)]
     proc = snakemake(*targets, "--cores", "2", "--directory", str(work), "--config", f"samples={sheet}", FEATURES,
-                     cwd=work.parent)
+                     TRAIN_OFF, cwd=work.parent)
     assert proc.returncode == 0, proc.stdout[-6000:]
     return work
 
@@ -417,7 +419,7 @@ def test_until_and_target_file_dry_runs_then_local_rules(slurm_run, sheet):
     then adds only the profile's local jobs (all, slide_status), which run on the submit host, not in SLURM."""
     work, _ = slurm_run
     common = ("--workflow-profile", str(PROFILE), *CLUSTER_OPTIONS, "--directory", str(work), "--config",
-              f"samples={sheet}", FEATURES)
+              f"samples={sheet}", FEATURES, TRAIN_OFF)
     target = f"results/features/test_resnet/{slide_ids(sheet)[0]}.zarr"
     for extra in (("-n", "--until", "extract_features"), ("-n", target)):
         proc = snakemake(*common, *extra, cwd=work.parent, timeout=120)
