@@ -52,7 +52,8 @@ def write_sheet(path: Path, rows: list[dict]) -> Path:
 def cohort(tmp_path_factory) -> Path:
     """A small synthetic cohort with the generator's faults, written by its command line."""
     out = tmp_path_factory.mktemp("wf") / "cohort"
-    cmd = [sys.executable, "-m", "wsiomics.synth", "--out", str(out), "--n-patients", "4", "--slide-width-um", "2000",
+    # 6 patients: with 3 folds every fold keeps >= 2 training patients with expression to normalise on
+    cmd = [sys.executable, "-m", "wsiomics.synth", "--out", str(out), "--n-patients", "6", "--slide-width-um", "2000",
            "--slide-height-um", "1500", "--n-genes", "200", "--workers", "2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -68,7 +69,9 @@ def sheet(cohort) -> pd.DataFrame:
 def run(cohort, tmp_path_factory) -> Path:
     """The cohort run from outside the repository, with the Snakefile given by path."""
     work = tmp_path_factory.mktemp("work")
-    proc = snakemake("--config", f"samples={cohort / 'samples.tsv'}", "--directory", str(work), cwd=work.parent)
+    # ~1 min on 2 quiet cores; the generous timeout is for a machine shared with other heavy runs
+    proc = snakemake("--config", f"samples={cohort / 'samples.tsv'}", "--directory", str(work), cwd=work.parent,
+                     timeout=1200)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     return work
 
