@@ -21,11 +21,17 @@ process (``/usr/bin/time -v``, else ``wait4``) and the number of jobs in the DAG
   work. Stopped after ``--cap`` seconds; the job rate is then extrapolated to the whole DAG;
 - ``touch-subsample``: the same with ``--scheduler-subsample 100`` (the scheduler looks at 100 random ready
   jobs per round instead of all of them), also stopped after ``--cap`` seconds;
+- ``job``: what every cluster job pays before its command starts. A SLURM job step runs Snakemake again on
+  the node (``--mode remote --target-jobs tile:slide_id=<first slide>``, as the executor plugin does), which
+  parses the Snakefile, reads the sheet and builds the one job's DAG; measured as a dry run of that call;
 - ``real`` and ``real-subsample`` (not run by default): a real local run (``--keep-going``) with the default
   scheduler (ILP when a solver is installed) and with ``--scheduler greedy --scheduler-subsample 100``; the jobs
   run for real on the empty placeholders (a tile job records 'unreadable' in about a second of CPU, the
   expression jobs fail). Stopped after ``--cap`` seconds: they show how many jobs get done and how long one
   job selection takes while jobs compete with the scheduler for the cores.
+
+``--repo DIR`` measures another checkout of wsiomics (its Snakefile, with ``DIR/src`` first on PYTHONPATH), e.g. an
+older commit exported with ``git archive``, for before/after numbers on the same machine and sheets.
 
 Each measurement is repeated (best of ``--repeats``; touch, real and real-subsample run once unless
 ``--repeat-capped``: they are expected to hit the cap), with the 1-minute load average noted next to it, since
@@ -63,6 +69,8 @@ VARIANTS: dict[str, tuple[list[str], bool, bool, bool]] = {
     "touch-subsample": (["--touch", *SUBSAMPLE], True, False, False),
     "real": (["--keep-going"], True, False, True),
     "real-subsample": (["--keep-going", "--scheduler", "greedy", *SUBSAMPLE], True, False, True),
+    "job": (["--allowed-rules", "tile", "--force", "--nolock", "--ignore-incomplete", "--max-inventory-time", "0",
+             "--mode", "remote", "-n"], False, False, False),
 }
 DEFAULT_VARIANTS = "fresh,resume,touch,touch-subsample"
 
@@ -169,14 +177,14 @@ def _has_psutil() -> bool:
     return True
 
 
-def run_measured(cmd: list[str], log: Path, cap: float | None) -> dict:
+def run_measured(cmd: list[str], log: Path, cap: float | None, env: dict[str, str] | None = None) -> dict:
     """Run ``cmd`` (stopped after ``cap`` seconds if given): wall time, peak RSS, exit status, log facts."""
     use_time = os.access(TIME, os.X_OK) and (cap is None or _has_psutil())
     stats = log.with_suffix(".time")
     full = [TIME, "-v", "-o", str(stats), *cmd] if use_time else cmd
     t0 = time.perf_counter()
     proc = subprocess.Popen(full, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     watcher = LogWatcher(proc.stdout, log, t0)
     watcher.start()
     capped = False
@@ -216,8 +224,12 @@ def run_measured(cmd: list[str], log: Path, cap: float | None) -> dict:
     return r
 
 
-def measure(sheet: Path, variant: str, repeats: int, cap: float, scratch: Path, ids: list[str]) -> dict:
+def measure(sheet: Path, variant: str, repeats: int, cap: float, scratch: Path, ids: list[str],
+            repo: Path = REPO) -> dict:
     args, capped, resume, _ = VARIANTS[variant]
+    if variant == "job":
+        args = ["--target-jobs", f"tile:slide_id={ids[0]}", *args]
+    env = None if repo == REPO else {**os.environ, "PYTHONPATH": str(repo / "src")}
     runs = []
     for i in range(repeats):
         work = scratch / f"work_{variant}_{len(ids)}_{i}"
@@ -225,17 +237,17 @@ def measure(sheet: Path, variant: str, repeats: int, cap: float, scratch: Path, 
         work.mkdir(parents=True)
         if resume:
             prepare_resume(work, ids)
-        cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), *args, "--cores", "2", "--directory", str(work),
-               "--config", f"samples={sheet}"]
+        cmd = [SNAKEMAKE, "-s", str(repo / "Snakefile"), *args, "--cores", "1" if variant == "job" else "2",
+               "--directory", str(work), "--config", f"samples={sheet}"]
         log = scratch / f"{variant}_{len(ids)}_{i}.log"
         load = os.getloadavg()[0]
-        r = run_measured(cmd, log, cap if capped else None)
+        r = run_measured(cmd, log, cap if capped else None, env)
         r.update(load_1min=load)
         failed = r["rc"] != 0 and not r["capped"] and not variant.startswith("real")
         if failed:
             sys.exit(f"snakemake failed ({r['rc']}), see {log}:\n{log.read_text()[-3000:]}")
         runs.append(r)
-        extra = f", {r['finished']} finished" if not args or args[0] != "-n" else ""
+        extra = f", {r['finished']} finished" if "-n" not in args else ""
         if "extrapolated_s" in r:
             extra += f" in the cap ({r['jobs_per_s']:.1f}/s, whole DAG ~{r['extrapolated_s']:.0f} s)"
         if r["mean_select_s"] is not None:
@@ -269,7 +281,7 @@ def table(results: list[dict]) -> str:
                 done += f", all ~{r['extrapolated_s'] / 60:.0f} min"
             wall = f"> {r['wall_s']:.0f}"
         else:
-            done = "dry run" if VARIANTS[r["variant"]][0][:1] == ["-n"] else f"{r['finished']:,}"
+            done = "dry run" if "-n" in VARIANTS[r["variant"]][0] else f"{r['finished']:,}"
             wall = f"{r['wall_s']:.1f}"
         if r["mean_select_s"] is not None:
             done += f"; one job selection {r['mean_select_s']:.2f} s"
@@ -289,6 +301,7 @@ def main() -> int:
     ap.add_argument("--cap", type=float, default=180.0, help="seconds after which touch/real runs are stopped")
     ap.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one)")
     ap.add_argument("--keep", action="store_true", help="keep the generated sheets and logs")
+    ap.add_argument("--repo", type=Path, default=REPO, help="checkout whose Snakefile and src/ to measure")
     a = ap.parse_args()
     variants = [v for v in a.variants.split(",") if v]
     if unknown := set(variants) - set(VARIANTS):
@@ -303,7 +316,7 @@ def main() -> int:
             ids = slide_ids(sheet)
             for variant in variants:
                 repeats = a.repeats if not VARIANTS[variant][3] or a.repeat_capped else 1
-                results.append(measure(sheet, variant, repeats, a.cap, out, ids))
+                results.append(measure(sheet, variant, repeats, a.cap, out, ids, a.repo.resolve()))
         results.sort(key=lambda r: (variants.index(r["variant"]), r["slides"]))
         report = {"machine": machine(), "sizes": a.sizes, "repeats": a.repeats, "cap_s": a.cap, "results": results}
         (out / "dag.json").write_text(json.dumps(report, indent=1))

@@ -6,6 +6,8 @@ on 2 cores; the tests are marked ``integration`` but run in the default ``pytest
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,7 +30,7 @@ NO_TRAINING = ["train={run: []}"] if "train" in _SCHEMA else []
 pytestmark = pytest.mark.integration
 
 
-def snakemake(*args: str, cwd: Path = REPO, timeout: int = 240) -> subprocess.CompletedProcess:
+def snakemake(*args: str, cwd: Path = REPO, timeout: int = 240, env: dict | None = None) -> subprocess.CompletedProcess:
     """The repo's Snakefile on 2 cores with FAST_FEATURES; ``args`` usually carry --config ... and --directory ..."""
     args = list(args)
     if "--config" in args:
@@ -36,7 +38,7 @@ def snakemake(*args: str, cwd: Path = REPO, timeout: int = 240) -> subprocess.Co
     else:
         args = ["--config", FAST_FEATURES, *NO_TRAINING, *args]
     cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--cores", "2", *args]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def read_status(work: Path) -> pd.DataFrame:
@@ -208,8 +210,9 @@ def test_demo_dry_run_from_a_fresh_directory(tmp_path):
 
 def test_demo_checkpoint_generates_the_cohort_then_tiles_it(tmp_path):
     """A real run of the demo path (small cohort): checkpoint synth_cohort first, then one tile job per slide."""
-    small = "synth={n_patients: 4, slide_width_um: 1200, slide_height_um: 1000, n_genes: 50, faults: false}"
-    proc = snakemake("--config", small, "--directory", str(tmp_path))
+    # 6 patients: 3 folds keep >= 2 training patients for the expression normalisation
+    small = "synth={n_patients: 6, slide_width_um: 1200, slide_height_um: 1000, n_genes: 50, faults: false}"
+    proc = snakemake("--config", small, "--directory", str(tmp_path), timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "Updating checkpoint dependencies" in out
@@ -235,12 +238,18 @@ def planned(*args: str) -> set[str]:
 @pytest.mark.slow
 def test_adding_mpp_to_the_sheet_retiles_the_slide_and_nothing_patient_level(cohort, sheet, tmp_path):
     """The README's promise, on a sheet with expression: only that slide's tiles and features are redone."""
+    import numpy as np
+
+    from wsiomics.synth.expression import gene_model, sample_counts, write_gdc_counts
+
     no_mpp = sheet[sheet.slide_id.str.endswith("DX8")].iloc[0]  # the generator's slide without MPP metadata
-    files = sorted({p for p in sheet.expression_path if p})
+    model, rng = gene_model(100, seed=2), np.random.default_rng(0)
+    files = [write_gdc_counts(tmp_path / f"P{i}.tsv", model, sample_counts(model, i % 2, rng), rng)
+             for i in range(1, 7)]
     rows = [{"patient_id": "P1", "slide_id": "nompp", "slide_path": str(cohort / no_mpp.slide_path), "mpp": "",
-             "label": "a", "expression_path": str(cohort / files[0])}]
+             "label": "a", "expression_path": str(files[0])}]
     rows += [{"patient_id": f"P{i}", "slide_id": "", "slide_path": "", "mpp": "", "label": "ab"[(i - 1) % 2],
-              "expression_path": str(cohort / files[(i - 1) % len(files)])} for i in range(2, 7)]
+              "expression_path": str(files[i - 1])} for i in range(2, 7)]
     args = ("--config", f"samples={tmp_path / 'samples.tsv'}", "splits={n_folds: 2}", "expression={n_top_genes: 20}",
             "--directory", str(tmp_path / "work"))
     write_sheet(tmp_path / "samples.tsv", rows)
@@ -282,7 +291,8 @@ def test_config_and_schema_defaults_match_the_code():
 
 
 def test_a_plain_snakemake_call_gets_the_default_profile(cohort, tmp_path):
-    """README "Running on your cohort": no --workflow-profile, run from elsewhere, still keep-going and co."""
+    """README "Running on your cohort": no --workflow-profile, run from elsewhere, still keep-going and co.,
+    and one GPU job at a time."""
     profile = yaml.safe_load((REPO / "profiles" / "default" / "config.yaml").read_text())
     assert profile["keep-going"] and profile["rerun-incomplete"] and profile["scheduler"] == "greedy"
     elsewhere = tmp_path / "elsewhere"
@@ -296,3 +306,46 @@ def test_a_plain_snakemake_call_gets_the_default_profile(cohort, tmp_path):
     proc = snakemake("--config", f"samples={cohort / 'samples.tsv'}", "--directory", str(tmp_path / "work"), "-n",
                      "--workflow-profile", "none", cwd=elsewhere)
     assert "workflow specific profile" not in proc.stdout + proc.stderr
+    # GPU jobs are limited to one at a time by the profile's global resource (a real run says what it has)
+    assert profile["resources"] == {"gpu": 1}
+    proc = snakemake("results/splits/folds.tsv", "--config", f"samples={cohort / 'samples.tsv'}", "--directory",
+                     str(tmp_path / "work"), cwd=elsewhere)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    assert re.search(r'Provided resources: gpu=(Resource\("gpu", )?1\b', out), out[-2000:]
+
+
+
+
+STAGE_LIBRARIES = ("torch", "timm", "scanpy", "anndata", "sklearn", "cv2", "openslide", "zarr", "matplotlib")
+
+
+def test_parsing_imports_no_stage_library_and_job_steps_skip_the_sheet_checks(cohort, sheet, tmp_path):
+    """Snakemake (and every SLURM job step) parses the workflow with the launcher's Python: it must not need
+    the rules' libraries, and a job step must not re-check (stat) every file of the sheet."""
+    blockers = tmp_path / "blockers"
+    for name in STAGE_LIBRARIES:
+        (blockers / name).mkdir(parents=True)
+        (blockers / name / "__init__.py").write_text(f"raise ImportError('{name} imported while parsing')\n")
+    env = {**os.environ, "PYTHONPATH": str(blockers)}
+    slides = sheet[sheet.slide_id != ""].head(2)
+    copies = []
+    for r in slides.itertuples():
+        copies.append(tmp_path / Path(r.slide_path).name)
+        shutil.copy(cohort / r.slide_path, copies[-1])
+    rows = [{"patient_id": r.patient_id, "slide_id": r.slide_id, "slide_path": str(c)}
+            for r, c in zip(slides.itertuples(), copies, strict=True)]
+    samples = write_sheet(tmp_path / "samples.tsv", rows)
+    work = tmp_path / "work"
+    proc = snakemake("--config", f"samples={samples}", "--directory", str(work), "-n", env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert (work / "results" / "sheet" / "patients.tsv").is_file()  # the main process writes the views
+    shutil.rmtree(work / "results")
+    copies[1].unlink()  # the other slide is not visible from this "node"
+    job = ("--target-jobs", f"tile:slide_id={rows[0]['slide_id']}", "--allowed-rules", "tile", "--force",
+           "--nolock", "--mode", "remote")
+    proc = snakemake("--config", f"samples={samples}", "--directory", str(work), *job, "-n", env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert not (work / "results").exists()  # job steps only read the views
+    proc = snakemake("--config", f"samples={samples}", "--directory", str(work), "-n", env=env)
+    assert proc.returncode != 0 and "does not exist" in proc.stdout + proc.stderr  # the main process checks

@@ -17,12 +17,14 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import zarr
 
 from wsiomics import __version__
+
+if TYPE_CHECKING:
+    import zarr
 
 TMP_PREFIX = ".tmp-"
 
@@ -128,6 +130,8 @@ def atomic_zarr(path: str | os.PathLike, attrs: dict[str, Any] | None = None) ->
     ``attrs`` plus a ``provenance`` entry are written to the root group; a ``complete`` attr is set
     last, so readers can tell a finished store from one copied mid-write.
     """
+    import zarr  # here, not at the top: the workflow parses with write_text, and zarr costs a launcher dependency
+
     with atomic_path(path) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         root.attrs.update({**(attrs or {}), "provenance": provenance(), "complete": False})
@@ -151,6 +155,8 @@ def open_store(path: str | os.PathLike) -> zarr.Group:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such store; run the rule that produces it first")
+    import zarr
+
     root = zarr.open_group(str(p), mode="r")
     if not root.attrs.get("complete", False):
         raise RuntimeError(f"{p}: store is incomplete (its writer was interrupted); delete it and re-run")

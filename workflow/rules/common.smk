@@ -81,7 +81,11 @@ DEMO_SHEET = f"{DEMO_DIR}/samples.tsv"
 
 
 def _load_sheet(path):
-    """Every problem of the sheet at once (wsiomics.samples), then the row schema."""
+    """Every problem of the sheet at once (wsiomics.samples), then the row schema. A job step (the same
+    Snakefile parsed again on a cluster node for one job) skips both: the main process checked this sheet
+    before it submitted the job, and re-checking 10,000 rows and stat-ing 30,000 files per job costs ~20 s."""
+    if not workflow.is_main_process:
+        return load_sample_sheet(path, check=False)
     try:
         sheet = load_sample_sheet(path)
     except SampleSheetError as e:

@@ -18,7 +18,7 @@ def features_options():
     return f"{options} --weights {shlex.quote(weights)}" if weights else options
 
 
-if not config["features"]["pretrained"]:
+if workflow.is_main_process and not config["features"]["pretrained"]:
     logger.warning(
         f"features.pretrained is false: {ENCODER} runs with RANDOM weights. Fine for the demo and tests; "
         "for real results set features.pretrained: true (and features.weights on an offline machine)."
