@@ -26,3 +26,7 @@ rule all:
     input:
         all_targets,
     default_target: True
+
+
+onsuccess:
+    report_feature_precisions()

@@ -112,7 +112,9 @@ def test_every_slide_gets_a_feature_store(run, sheet):
     for slide_id, row in status.iterrows():
         store = zarr.open_group(str(run / "results" / "features" / "test_resnet" / f"{slide_id}.zarr"), mode="r")
         tiles = zarr.open_group(str(run / "results" / "tiles" / f"{slide_id}.zarr"), mode="r")
-        assert store.attrs["complete"] and store.attrs["status"] == row.status
+        assert store.attrs["complete"] and store.attrs["status"] == row.status == row.features_status
+        assert row.stage == ("" if row.status == "ok" else "tiling") and row.tiling_status == row.status
+        assert row.precision == store.attrs["precision"] and row.encoder == "test_resnet"
         assert store.attrs["encoder"] == "test_resnet" and store.attrs["weights"]["source"] == "random"
         assert store["features"].shape == (int(row.n_tiles), 96)
         assert (store["coords"][...] == tiles["coords"][...]).all()
@@ -315,6 +317,57 @@ def test_a_plain_snakemake_call_gets_the_default_profile(cohort, tmp_path):
     assert re.search(r'Provided resources: gpu=(Resource\("gpu", )?1\b', out), out[-2000:]
 
 
+@pytest.mark.slow
+def test_feature_stores_of_different_precisions_are_reported(cohort, sheet, tmp_path):
+    """features.precision: auto is decided per node; here two runs force fp32 and bf16 on one slide each."""
+    good = sheet[(sheet.slide_id != "") & (sheet.mpp == "")].head(2)
+    rows = [{"patient_id": r.patient_id, "slide_id": r.slide_id, "slide_path": str(cohort / r.slide_path)}
+            for r in good.itertuples()]
+    samples = write_sheet(tmp_path / "samples.tsv", rows)
+    work = tmp_path / "work"
+    for row, precision in zip(rows, ("fp32", "bf16"), strict=True):
+        features = f"features={{encoder: test_resnet, num_workers: 0, batch_size: 32, precision: {precision}}}"
+        proc = snakemake(f"results/features/test_resnet/{row['slide_id']}.zarr", "--config", f"samples={samples}",
+                         features, "--directory", str(work))
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
+    proc = snakemake("results/qc/slide_status.tsv", "--config", f"samples={samples}", "--directory", str(work),
+                     "--rerun-triggers", "mtime")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    assert "different precisions (bf16: 1" in out and "fp32: 1" in out and "set features.precision" in out
+    assert sorted(read_status(work).precision) == ["bf16", "fp32"]
+
+
+@pytest.mark.slow
+def test_the_slide_and_a_local_checkpoint_are_inputs_of_extraction(cohort, sheet, tmp_path):
+    """Replacing features.weights re-extracts every slide (and nothing else); a missing one stops the run first."""
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "weights" / "test_resnet.safetensors"
+    weights.parent.mkdir()
+    save_file(timm.create_model("test_resnet", pretrained=False).state_dict(), str(weights))
+    good = sheet[(sheet.slide_id != "") & (sheet.mpp == "")].iloc[0]
+    slide = str(cohort / good.slide_path)
+    samples = write_sheet(tmp_path / "samples.tsv", [{"patient_id": "P1", "slide_id": "s1", "slide_path": slide}])
+
+    def args(path, work="work"):
+        features = ("features={encoder: test_resnet, num_workers: 0, batch_size: 32, pretrained: true, "
+                    f"weights: {path}}}")
+        return ("--config", f"samples={samples}", features, "--directory", str(tmp_path / work))
+
+    proc = snakemake(*args(weights), "-n")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    assert f"input: results/tiles/s1.zarr, {slide}, {weights}" in out
+    proc = snakemake(*args(weights))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
+    assert planned(*args(weights)) == set()
+    weights.write_bytes(weights.read_bytes())  # the checkpoint is replaced (same path, newer file)
+    assert planned(*args(weights)) == {"extract_features", "slide_status"}
+    proc = snakemake(*args(tmp_path / "weights" / "gone.pt", work="fresh"), "-n")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Missing input files" in out and "gone.pt" in out
 
 
 STAGE_LIBRARIES = ("torch", "timm", "scanpy", "anndata", "sklearn", "cv2", "openslide", "zarr", "matplotlib")

@@ -107,6 +107,7 @@ def uses_demo_cohort():
 SHEET_VIEWS = {
     "patients": "results/sheet/patients.tsv",  # patient_id, label, sorted by patient_id: the folds' input
     "expression": "results/sheet/expression_patients.tsv",  # what the expression cohort reads, sheet order
+    "slides": "results/sheet/slides.tsv",  # slide_id, patient_id, sorted by slide_id: slide -> patient
 }
 
 
@@ -117,6 +118,7 @@ def _write_views(sheet):
     frames = {
         "patients": pts[["patient_id", "label"]].sort_values("patient_id", kind="stable"),
         "expression": pts[["patient_id", "label", "n_slides", "expression_path"]],
+        "slides": slide_rows(sheet).reset_index()[["slide_id", "patient_id"]].sort_values("slide_id"),
     }
     for name, frame in frames.items():
         path, text = SHEET_VIEWS[name], frame.to_csv(sep="\t", index=False)

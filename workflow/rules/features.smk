@@ -1,6 +1,7 @@
 # Patch features: every tile of a slide through the configured encoder, one zarr store per slide. A slide
 # whose tiling status is not ok gets an empty store carrying that status, so downstream stages see every
-# slide. The job asks for one GPU; without one it runs on the CPU.
+# slide. The job asks for one GPU; without one it runs on the CPU. Then the cohort's status table, which
+# folds each slide's tiling and feature status together (results/qc/slide_status.tsv).
 
 
 include: "inputs/features.smk"
@@ -9,6 +10,8 @@ include: "inputs/features.smk"
 rule extract_features:
     input:
         tiles="results/tiles/{slide_id}.zarr",
+        slide=slide_path,  # read again for the pixels: must be there on the node that runs the job
+        weights=weights_input,
     output:
         directory("results/features/{encoder}/{slide_id}.zarr"),
     params:
@@ -28,3 +31,33 @@ rule extract_features:
     shell:
         "python -m wsiomics.features extract --tiles {input.tiles:q} --out {output:q}"
         " --encoder {wildcards.encoder:q} --threads {threads} {params.strict} {params.options} > {log:q} 2>&1"
+
+
+rule slide_status:
+    input:
+        slides=sheet_view("slides"),
+        tiles=tile_stores,
+        features=feature_stores,
+    output:
+        report(
+            SLIDE_STATUS,
+            caption="../report/slide_status.rst",
+            category="Tiling QC",
+            labels={"table": "slide status"},
+        ),
+    params:
+        features_dir=f"results/features/{ENCODER}",
+    log:
+        "logs/slide_status.log",
+    benchmark:
+        "benchmarks/slide_status.tsv"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    localrule: True
+    conda:
+        "../../envs/slides.yaml"
+    shell:
+        "python -m wsiomics.status --slides {input.slides:q} --tiles-dir results/tiles"
+        " --features-dir {params.features_dir:q} --out {output:q} > {log:q} 2>&1"

@@ -1,5 +1,6 @@
-# Tissue detection and tiling: one tiles store + QC picture per slide, then the cohort's status table.
-# An unusable slide still gets a store (status + reason, no tiles) unless config strict is true.
+# Tissue detection and tiling: one tiles store + QC picture per slide (the cohort's status table comes after
+# feature extraction, in features.smk). An unusable slide still gets a store (status + reason, no tiles)
+# unless config strict is true.
 
 
 include: "inputs/tiling.smk"
@@ -35,26 +36,3 @@ rule tile:
         "python -m wsiomics.tiling tile --slide {input.slide:q} --slide-id {wildcards.slide_id}"
         " --patient-id {params.patient:q} --out {output.tiles:q} --qc-png {output.qc:q}"
         " {params.mpp} {params.strict} {params.options} > {log:q} 2>&1"
-
-
-rule slide_status:
-    input:
-        stores=tile_stores,
-    output:
-        report(
-            "results/qc/slide_status.tsv",
-            caption="../report/slide_status.rst",
-            category="Tiling QC",
-            labels={"table": "slide status"},
-        ),
-    log:
-        "logs/slide_status.log",
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
-    localrule: True
-    conda:
-        "../../envs/slides.yaml"
-    shell:
-        "python -m wsiomics.tiling status --out {output:q} {input.stores:q} > {log:q} 2>&1"

@@ -1,4 +1,4 @@
-# Targets and command-line options of the feature rule (features.smk).
+# Targets, input functions and command-line options of the feature rules (features.smk).
 ENCODER = config["features"]["encoder"]
 
 # Feature stores are named by the configured encoder only: the command line takes its options from config.
@@ -8,6 +8,20 @@ wildcard_constraints:
 
 def feature_stores(wildcards):
     return expand("results/features/{encoder}/{slide_id}.zarr", encoder=ENCODER, slide_id=slide_table().index)
+
+
+# As wsiomics.encoders.weights.is_checkpoint_path (not imported: it needs torch): a weights spec that names a file.
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
+def weights_input(wildcards):
+    """A local `features.weights` checkpoint is an input of every extraction job: replacing the file re-extracts,
+    and a missing one stops the run before any job. A hub name is not a file here (the job resolves it)."""
+    spec = config["features"]["weights"]
+    if spec and (os.path.exists(os.path.expanduser(spec)) or spec.lower().endswith(CHECKPOINT_SUFFIXES)
+                 or spec.startswith((".", os.sep, "~"))):
+        return [os.path.expanduser(spec)]
+    return []
 
 
 def features_options():
@@ -25,6 +39,22 @@ if workflow.is_main_process and not config["features"]["pretrained"]:
     )
 
 
+SLIDE_STATUS = "results/qc/slide_status.tsv"
+
+
 @stage_targets
 def features_targets(wildcards):
-    return feature_stores(wildcards)
+    return [*feature_stores(wildcards), SLIDE_STATUS]
+
+
+def report_feature_precisions():
+    """At the end of a run: warn on the console when the cohort's feature stores differ in precision."""
+    if not os.path.isfile(SLIDE_STATUS):
+        return
+    import pandas as pd
+
+    from wsiomics.status import precision_report
+
+    mixed = precision_report(pd.read_csv(SLIDE_STATUS, sep="\t", dtype=str, keep_default_na=False))
+    if mixed:
+        logger.warning(f"{SLIDE_STATUS}: {mixed}")

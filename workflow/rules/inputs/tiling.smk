@@ -26,5 +26,4 @@ def tiling_options():
 
 @stage_targets
 def tiling_targets(wildcards):
-    ids = slide_table().index
-    return ["results/qc/slide_status.tsv", *expand("results/qc/tiles/{slide_id}.png", slide_id=ids)]
+    return expand("results/qc/tiles/{slide_id}.png", slide_id=slide_table().index)
