@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # profiles/default (keep-going, rerun-incomplete, greedy scheduler, ...) applies by itself.
+# The demo's models are small and run wherever the jobs land (CPU without a GPU), so it lets $(CORES) of the
+# jobs that ask for a GPU run at once instead of the profile's one.
 demo: venv
-	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES) --resources gpu=$(CORES)
 
 # pytest exits 5 when it collects no tests; make treats that as a failure, as it should.
 test: venv
