@@ -292,6 +292,7 @@ def test_config_and_schema_defaults_match_the_code():
             assert tiling[key]["default"] == value, key
 
 
+@pytest.mark.slow
 def test_a_plain_snakemake_call_gets_the_default_profile(cohort, tmp_path):
     """README "Running on your cohort": no --workflow-profile, run from elsewhere, still keep-going and co.,
     and one GPU job at a time."""
@@ -318,61 +319,54 @@ def test_a_plain_snakemake_call_gets_the_default_profile(cohort, tmp_path):
 
 
 @pytest.mark.slow
-def test_feature_stores_of_different_precisions_are_reported(cohort, sheet, tmp_path):
-    """features.precision: auto is decided per node; here two runs force fp32 and bf16 on one slide each."""
-    good = sheet[(sheet.slide_id != "") & (sheet.mpp == "")].head(2)
-    rows = [{"patient_id": r.patient_id, "slide_id": r.slide_id, "slide_path": str(cohort / r.slide_path)}
-            for r in good.itertuples()]
-    samples = write_sheet(tmp_path / "samples.tsv", rows)
-    work = tmp_path / "work"
-    for row, precision in zip(rows, ("fp32", "bf16"), strict=True):
-        features = f"features={{encoder: test_resnet, num_workers: 0, batch_size: 32, precision: {precision}}}"
-        proc = snakemake(f"results/features/test_resnet/{row['slide_id']}.zarr", "--config", f"samples={samples}",
-                         features, "--directory", str(work))
-        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
-    proc = snakemake("results/qc/slide_status.tsv", "--config", f"samples={samples}", "--directory", str(work),
-                     "--rerun-triggers", "mtime")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-2000:]
-    assert "different precisions (bf16: 1" in out and "fp32: 1" in out and "set features.precision" in out
-    assert sorted(read_status(work).precision) == ["bf16", "fp32"]
-
-
-@pytest.mark.slow
-def test_the_slide_and_a_local_checkpoint_are_inputs_of_extraction(cohort, sheet, tmp_path):
-    """Replacing features.weights re-extracts every slide (and nothing else); a missing one stops the run first."""
+def test_extraction_inputs_and_mixed_precisions(cohort, sheet, tmp_path):
+    """The slide and a local features.weights checkpoint are inputs of extraction: replacing the checkpoint
+    re-extracts every slide (and nothing else), a missing one stops the run before any job. And stores of
+    different precisions (features.precision: auto is decided per node; here forced per slide) are reported."""
     import timm
     from safetensors.torch import save_file
 
     weights = tmp_path / "weights" / "test_resnet.safetensors"
     weights.parent.mkdir()
     save_file(timm.create_model("test_resnet", pretrained=False).state_dict(), str(weights))
-    good = sheet[(sheet.slide_id != "") & (sheet.mpp == "")].iloc[0]
-    slide = str(cohort / good.slide_path)
-    samples = write_sheet(tmp_path / "samples.tsv", [{"patient_id": "P1", "slide_id": "s1", "slide_path": slide}])
+    good = sheet[(sheet.slide_id != "") & (sheet.mpp == "")].head(2)
+    rows = [{"patient_id": r.patient_id, "slide_id": r.slide_id, "slide_path": str(cohort / r.slide_path)}
+            for r in good.itertuples()]
+    samples = write_sheet(tmp_path / "samples.tsv", rows)
 
-    def args(path, work="work"):
+    def args(path, precision="auto", work="work", *extra):
         features = ("features={encoder: test_resnet, num_workers: 0, batch_size: 32, pretrained: true, "
-                    f"weights: {path}}}")
-        return ("--config", f"samples={samples}", features, "--directory", str(tmp_path / work))
+                    f"weights: {path}, precision: {precision}}}")
+        return (*extra, "--config", f"samples={samples}", features, "--directory", str(tmp_path / work))
 
     proc = snakemake(*args(weights), "-n")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-2000:]
-    assert f"input: results/tiles/s1.zarr, {slide}, {weights}" in out
-    proc = snakemake(*args(weights))
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
-    assert planned(*args(weights)) == set()
+    first = rows[0]["slide_id"]
+    assert f"input: results/tiles/{first}.zarr, {rows[0]['slide_path']}, {weights}" in out
+    for row, precision in zip(rows, ("fp32", "bf16"), strict=True):
+        target = f"results/features/test_resnet/{row['slide_id']}.zarr"
+        proc = snakemake(*args(weights, precision, "work", target))
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
+    proc = snakemake(*args(weights, "auto", "work", "results/qc/slide_status.tsv", "--rerun-triggers", "mtime"))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    assert "different precisions (bf16: 1" in out and "fp32: 1" in out and "set features.precision" in out
+    assert sorted(read_status(tmp_path / "work").precision) == ["bf16", "fp32"]
+    mtime_only = ("--rerun-triggers", "mtime")
+    assert planned(*args(weights), *mtime_only) == set()
     weights.write_bytes(weights.read_bytes())  # the checkpoint is replaced (same path, newer file)
-    assert planned(*args(weights)) == {"extract_features", "slide_status"}
-    proc = snakemake(*args(tmp_path / "weights" / "gone.pt", work="fresh"), "-n")
+    assert planned(*args(weights), *mtime_only) == {"extract_features", "slide_status"}
+    proc = snakemake(*args(tmp_path / "weights" / "gone.pt", "auto", "fresh"), "-n")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "Missing input files" in out and "gone.pt" in out
+
 
 
 STAGE_LIBRARIES = ("torch", "timm", "scanpy", "anndata", "sklearn", "cv2", "openslide", "zarr", "matplotlib")
 
 
+@pytest.mark.slow
 def test_parsing_imports_no_stage_library_and_job_steps_skip_the_sheet_checks(cohort, sheet, tmp_path):
     """Snakemake (and every SLURM job step) parses the workflow with the launcher's Python: it must not need
     the rules' libraries, and a job step must not re-check (stat) every file of the sheet."""
