@@ -18,6 +18,12 @@ std ~0.005 around means ~0.05), so unnormalised tokens are dominated by position
 :class:`FeatureStandardizer` z-scores each feature dimension with the mean and std of the fold's
 *training* patients' tiles (set by the builder, stored as buffers, so checkpoints carry them).
 
+Per-gene scale (``gene_scale``): the gene encoders' tokenizer shares one value projection across
+tokens, so from a few dozen patients it cannot tell an informative gene from its neighbours in the
+same slot; a learned scale per gene (initialised at 1) in front of the encoder lets it weight genes
+individually (with it the Mamba encoder learned the demo's expression programme from 21 patients in
+every fold and seed: 0.98 vs 0.94 mean accuracy at 32 genes per token, 0.82 vs 0.75 at 8).
+
 Fine-tuning: ``forward`` gives logits from a head on ``fused = [image ; gene]`` (the two projections,
 concatenated); a patient missing a modality gets that modality's learned missing token in place of its
 encoder output (as in GiMP), so everyone is classified. ``image`` / ``gene`` of the output are the
@@ -81,6 +87,7 @@ class MGIConfig:
     temperature: float = 0.07  # initial InfoNCE temperature
     learn_temperature: bool = True
     max_logit_scale: float = 100.0  # clamp of 1 / temperature
+    gene_scale: bool = True  # a learned per-gene scale in front of the gene encoder
     head: str = "linear"  # classification head on the fused embedding: linear | mlp
     dropout: float = 0.1  # classification head (mlp)
 
@@ -111,6 +118,7 @@ class MGI(HeadSplit):
         self.cfg = cfg
         self.feature_norm = FeatureStandardizer(cfg.image.in_dim)
         self.image_encoder = SlideTransformer(cfg.image)
+        self.gene_scale = nn.Parameter(torch.ones(cfg.n_genes), requires_grad=cfg.gene_scale)
         self.gene_encoder = build_gene_encoder(cfg.gene_encoder, cfg.n_genes, **cfg.gene)
         di, dg, e = cfg.image.dim, self.gene_encoder.out_dim, cfg.embed_dim
         self.image_missing = nn.Parameter(torch.zeros(di))
@@ -148,7 +156,7 @@ class MGI(HeadSplit):
 
     def encode_gene(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(projected gene (B, E), gene tokens (B, T, Dg_tok))."""
-        pooled, tokens = self.gene_encoder(batch.genes)  # (B, Dg), (B, T, D)
+        pooled, tokens = self.gene_encoder(batch.genes * self.gene_scale)  # (B, Dg), (B, T, D)
         pooled = torch.where(batch.has_gene[:, None], pooled, self.gene_missing.to(pooled.dtype))
         return self.gene_proj(pooled), tokens
 

@@ -10,7 +10,7 @@ then a linear layer gives one tumour logit per tile. Conditioning (``conditionin
 - with ``use_genes=False`` (method ``image_seg``) the blocks are residual MLPs and no gene module exists.
 
 Submodule names equal :class:`~wsiomics.models.mgi.MGI`'s (``feature_norm``, ``image_encoder``,
-``gene_encoder``, ``gene_proj``, ``gene_missing``), so :meth:`TumourSegmenter.load_pretrained` initialises them from a
+``gene_scale``, ``gene_encoder``, ``gene_proj``, ``gene_missing``), so :meth:`TumourSegmenter.load_pretrained` initialises them from a
 pretrained MGI checkpoint. Loss: BCE over the tiles that have a target plus ``dice_weight`` x soft Dice
 (:func:`soft_dice_loss`) per patient.
 """
@@ -33,7 +33,7 @@ from wsiomics.models.mgi import PROJECTIONS, _projection
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig
 
 CONDITIONINGS = ("film", "cross_attention")
-ENCODER_MODULES = ("feature_norm", "image_encoder", "gene_encoder", "gene_proj", "gene_missing")
+ENCODER_MODULES = ("feature_norm", "image_encoder", "gene_scale", "gene_encoder", "gene_proj", "gene_missing")
 
 
 def soft_dice_loss(probs: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor | None = None,
@@ -66,6 +66,7 @@ class SegmenterConfig:
     gene_encoder: str = "mamba"
     gene: dict[str, Any] = field(default_factory=dict)
     embed_dim: int = 64  # projected gene embedding (FiLM's input), as MGI's shared space
+    gene_scale: bool = True  # MGI's learned per-gene scale
     projection: str = "linear"
     decoder_depth: int = 1
     heads: int = 4  # cross-attention heads
@@ -129,6 +130,7 @@ class TumourSegmenter(nn.Module):
         di = cfg.image.dim
         kind, cond_dim = None, 0
         if cfg.use_genes:
+            self.gene_scale = nn.Parameter(torch.ones(cfg.n_genes), requires_grad=cfg.gene_scale)
             self.gene_encoder = build_gene_encoder(cfg.gene_encoder, cfg.n_genes, **cfg.gene)
             dg = self.gene_encoder.out_dim
             self.gene_missing = nn.Parameter(torch.zeros(dg))
@@ -177,7 +179,7 @@ class TumourSegmenter(nn.Module):
         _, x = enc.encode(tokens, batch.positions, batch.token_mask)  # (B, L, Di)
         gene = gene_tokens = gene_mask = None
         if self.cfg.use_genes:
-            pooled, gene_tokens = self.gene_encoder(batch.genes)  # (B, Dg), (B, T, Dt)
+            pooled, gene_tokens = self.gene_encoder(batch.genes * self.gene_scale)  # (B, Dg), (B, T, Dt)
             pooled = torch.where(batch.has_gene[:, None], pooled, self.gene_missing.to(pooled.dtype))
             gene = self.gene_proj(pooled)  # (B, E)
             gene_mask = batch.has_gene[:, None].expand(-1, gene_tokens.shape[1])  # (B, T)
