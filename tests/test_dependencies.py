@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Used without an `import` of their own, and why.
 RUNTIME_ONLY = {
     "openslide-bin": "the OpenSlide C library that openslide-python loads",
-    "snakemake-executor-plugin-slurm": "snakemake's `executor: slurm` (profiles/slurm)",
+    "snakemake-executor-plugin-slurm": "snakemake's `executor: slurm` (workflow/profiles/slurm)",
     "numcodecs": "zarr's codecs, pinned because zarr accepts a range",
     "jsonschema": "snakemake.utils.validate checks the config and the sheet against workflow/schemas",
     "imagecodecs": "tifffile's JPEG codec, which writes the synthetic slides",

@@ -389,6 +389,15 @@ def test_count_normalisation_of_log_values_is_refused(tmp_path):
         fit(table, list(table.obs_names[:3]), NormalizeParams(hvg_flavor="seurat_v3"))
 
 
+def test_seurat_v3_on_counts_that_do_not_vary_is_an_error_not_a_crash(cohort):
+    """skmisc's loess segfaults the job when (almost) no gene varies across the training patients."""
+    table = cohort.copy()
+    layer = "counts" if "counts" in table.layers else "raw"
+    table.layers[layer] = np.tile(np.asarray(table.layers[layer][:1]), (table.n_obs, 1))
+    with pytest.raises(ExpressionInputError, match="only 0 genes vary.*hvg_flavor: seurat"):
+        fit(table, list(table.obs_names[:4]), NormalizeParams(hvg_flavor="seurat_v3", n_top_genes=10))
+
+
 # ------------------------------------------------------------------------------------------------ config
 
 

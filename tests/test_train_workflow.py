@@ -57,3 +57,17 @@ def test_unknown_method_is_rejected_before_any_job(sheet, tmp_path):
     proc = dry_run(sheet, tmp_path, "train={run: [gimp, gimpp]}")
     assert proc.returncode != 0
     assert "unknown method 'gimpp'" in proc.stdout + proc.stderr
+
+
+def test_training_jobs_depend_on_the_cohort_status_not_on_every_feature_store(sheet, tmp_path):
+    """At 10,000 slides, one edge per feature store per training job would make the DAG (and every dry run)
+    slow; the status table after features stands for them all."""
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--cores", "2", "--dag", "--directory", str(tmp_path),
+           "--config", f"samples={sheet}", "splits={n_folds: 2}", "train={run: [image_only]}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rule_of = dict(re.findall(r'^\s*(\d+)\[label = "([a-z_]+)', proc.stdout, flags=re.M))
+    edges = re.findall(r"^\s*(\d+) -> (\d+)", proc.stdout, flags=re.M)
+    into_finetune = {rule_of[a] for a, b in edges if rule_of[b] == "finetune"}
+    assert "slide_status" in into_finetune and "extract_features" not in into_finetune, into_finetune
+    assert "extract_features" in {rule_of[a] for a, b in edges if rule_of[b] == "slide_status"}

@@ -296,7 +296,8 @@ def test_config_and_schema_defaults_match_the_code():
 def test_a_plain_snakemake_call_gets_the_default_profile(cohort, tmp_path):
     """README "Running on your cohort": no --workflow-profile, run from elsewhere, still keep-going and co.,
     and one GPU job at a time."""
-    profile = yaml.safe_load((REPO / "profiles" / "default" / "config.yaml").read_text())
+    assert (REPO / "profiles").resolve() == REPO / "workflow" / "profiles"  # the link Snakemake finds
+    profile = yaml.safe_load((REPO / "workflow" / "profiles" / "default" / "config.yaml").read_text())
     assert profile["keep-going"] and profile["rerun-incomplete"] and profile["scheduler"] == "greedy"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -1,4 +1,4 @@
-"""The SLURM profile (profiles/slurm) on a real, throw-away SLURM cluster on this machine.
+"""The SLURM profile (workflow/profiles/slurm) on a real, throw-away SLURM cluster on this machine.
 
 The module fixture brings up a one-node cluster on localhost: Debian's ``slurm-wlm`` and ``munge`` (installed
 with apt-get when missing and we are root; otherwise the module is skipped), a munge key and socket, state,
@@ -50,7 +50,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
-PROFILE = REPO / "profiles" / "slurm"
+PROFILE = REPO / "workflow" / "profiles" / "slurm"
 # The tiny timm CNN of tests/test_workflow.py, on the CPU in both runs so they can be compared exactly.
 FEATURES = "features={encoder: test_resnet, num_workers: 0, batch_size: 32, device: cpu}"
 TRAIN_OFF = "train={run: []}"  # this module is about the profile and the tiling/feature jobs, not training

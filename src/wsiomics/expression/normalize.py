@@ -161,7 +161,12 @@ def select_genes(train_lognorm: np.ndarray, train_raw: np.ndarray, var: pd.DataF
     train = ad.AnnData(X=train_lognorm, layers={"counts": train_raw}, var=pd.DataFrame(index=var.index))
     train.uns["log1p"] = {"base": log_base}  # None: natural log, as sc.pp.log1p writes it
     if flavor == "seurat_v3":
-        sc.pp.highly_variable_genes(train, flavor="seurat_v3", n_top_genes=n_top, layer="counts")
+        _check_loess_fit(train_raw)
+        try:
+            sc.pp.highly_variable_genes(train, flavor="seurat_v3", n_top_genes=n_top, layer="counts")
+        except ValueError as exc:  # skmisc's loess on a degenerate mean-variance cloud
+            raise ExpressionInputError(f"hvg_flavor seurat_v3 could not fit its mean-variance trend on the training "
+                                       f"patients' counts ({exc}). {_SEURAT_V3_FIX}") from None
     else:
         sc.pp.highly_variable_genes(train, flavor=flavor, n_top_genes=n_top)
     hv = train.var
@@ -175,6 +180,21 @@ def select_genes(train_lognorm: np.ndarray, train_raw: np.ndarray, var: pd.DataF
         if col in hv:
             stats[f"hvg_{col}"] = hv[col].to_numpy(dtype=np.float64)
     return list(var.index[chosen]), stats
+
+
+# skmisc's loess (behind seurat_v3) crashes the process, not with an exception, when fewer than a handful of genes
+# vary across the training patients (measured: segfault at 0-3 varying genes, ValueError at 5-10, fine at 30).
+MIN_VARYING_GENES_SEURAT_V3 = 30
+_SEURAT_V3_FIX = ("Fix: expression.hvg_flavor: seurat (dispersion-based), or expression.gene_selection: all, "
+                  "or check that the counts files differ between patients.")
+
+
+def _check_loess_fit(train_raw: np.ndarray) -> None:
+    varying = int((np.ptp(train_raw, axis=0) > 0).sum()) if train_raw.shape[0] > 1 else 0
+    if varying < MIN_VARYING_GENES_SEURAT_V3:
+        raise ExpressionInputError(f"hvg_flavor seurat_v3: only {varying} genes vary across the "
+                                   f"{train_raw.shape[0]} training patients (need {MIN_VARYING_GENES_SEURAT_V3} "
+                                   f"for its loess trend). {_SEURAT_V3_FIX}")
 
 
 _CHROM = {str(i): i for i in range(1, 23)} | {"X": 23, "Y": 24, "M": 25, "MT": 25}

@@ -58,12 +58,14 @@ def model_metrics(wildcards):
 
 
 def train_inputs(wildcards):
-    """Folds, the sheet (slide -> patient), every slide's features and the fold's expression, as present."""
+    """Folds, the sheet (slide -> patient), the cohort status after features and the fold's expression, as
+    present. The status table stands for every feature store (it is rebuilt whenever one changes), so a
+    training job has a handful of inputs however many slides the cohort has."""
     need = get_method(wildcards.method).modalities
     inputs = {"folds": FOLDS}
     if "image" in need and len(slide_table()):
         inputs["sheet"] = ancient(config["samples"])  # slide -> patient; the feature stores decide reruns
-        inputs["features"] = feature_stores(wildcards)
+        inputs["slide_status"] = SLIDE_STATUS
     if "gene" in need and expression_enabled():
         inputs["expression"] = f"results/expression/fold{wildcards.fold}.zarr"
     return inputs
@@ -84,7 +86,7 @@ def segmentation_inputs(wildcards):
     """finetune_inputs plus the sheet (always: it lists the annotations) and every annotation file."""
     inputs = finetune_inputs(wildcards)
     inputs["sheet"] = ancient(config["samples"])
-    inputs.setdefault("features", feature_stores(wildcards))
+    inputs.setdefault("slide_status", SLIDE_STATUS)
     inputs["annotations"] = annotation_files()
     return inputs
 
