@@ -11,8 +11,8 @@ then a linear layer gives one tumour logit per tile. Conditioning (``conditionin
 
 Submodule names equal :class:`~wsiomics.models.mgi.MGI`'s (``feature_norm``, ``image_encoder``,
 ``gene_scale``, ``gene_encoder``, ``gene_proj``, ``gene_missing``), so
-:meth:`TumourSegmenter.load_pretrained` initialises them from a pretrained MGI checkpoint. Loss: BCE over the tiles that have a target plus ``dice_weight`` x soft Dice
-(:func:`soft_dice_loss`) per patient.
+:meth:`TumourSegmenter.load_pretrained` initialises them from a pretrained MGI checkpoint. Loss: BCE over
+the tiles that have a target plus ``dice_weight`` x soft Dice (:func:`soft_dice_loss`) per patient.
 """
 
 from __future__ import annotations
