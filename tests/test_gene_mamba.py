@@ -39,7 +39,7 @@ def test_mlp_encoder_shapes():
 
 
 def test_tokenizer_pads_the_last_token_with_zeros():
-    tok = GeneTokenizer(5, 2, 4)
+    tok = GeneTokenizer(5, 2, 4, projection="shared")
     with torch.no_grad():
         tok.position.zero_()
         tok.value.bias.zero_()
@@ -49,6 +49,26 @@ def test_tokenizer_pads_the_last_token_with_zeros():
     assert torch.equal(out[0, :, 0], torch.tensor([1.0, 3.0, 5.0]))
     assert torch.equal(out[0, :, 1], torch.tensor([2.0, 4.0, 0.0]))
     assert torch.equal(out[0, :, 2], torch.tensor([3.0, 7.0, 5.0]))
+
+
+def test_per_token_projection_weights_each_gene_by_itself():
+    """Token t = W_t x_t + b_t + pos_t, with one W_t per token (the shared projection has a single W)."""
+    torch.manual_seed(0)
+    tok = GeneTokenizer(5, 2, 4)  # per_token by default
+    assert tok.weight.shape == (3, 2, 4) and tok.bias.shape == (3, 4)
+    x = torch.randn(2, 5)
+    padded = torch.nn.functional.pad(x, (0, 1)).view(2, 3, 2)
+    expected = torch.stack([padded[:, t] @ tok.weight[t] + tok.bias[t] for t in range(3)], 1) + tok.position
+    assert torch.allclose(tok(x), expected, atol=1e-6)
+    # the same values in two tokens give different embeddings (their genes differ); shared: only the position
+    same = torch.ones(1, 4)
+    per_token, shared = GeneTokenizer(4, 2, 4), GeneTokenizer(4, 2, 4, projection="shared")
+    for t in (per_token, shared):
+        torch.nn.init.zeros_(t.position)
+    assert not torch.allclose(per_token(same)[0, 0], per_token(same)[0, 1])
+    assert torch.allclose(shared(same)[0, 0], shared(same)[0, 1])
+    with pytest.raises(ValueError, match="token_projection"):
+        GeneTokenizer(4, 2, 4, projection="grouped")
 
 
 def test_mamba_encoder_reads_genes_in_order():

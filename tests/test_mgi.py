@@ -114,8 +114,12 @@ def test_mgi_outputs_and_missing_modalities_leave_the_contrastive_loss(kind):
     batch = _batch()
     out = model(batch)
     assert out.logits.shape == (4, 2) and out.image.shape == (4, 8) and out.gene.shape == (4, 8)
-    assert out.fused.shape == (4, 16) and out.attention.shape == (4, 5)
+    # the head reads the encoders' outputs ([CLS] 16 + pooled genes 16), or the two projections (8 + 8)
+    assert out.fused.shape == (4, 32) and out.attention.shape == (4, 5)
     assert torch.allclose(out.attention.sum(1), torch.ones(4), atol=1e-5)
+    on_projections = _model(kind, head_input="projection").eval()(batch)
+    assert on_projections.fused.shape == (4, 16)
+    assert torch.allclose(on_projections.fused, torch.cat([on_projections.image, on_projections.gene], 1))
     # patient 3 without expression, patient 2 without slides: the loss is InfoNCE over patients 0 and 1 only
     batch.has_gene[3] = False
     batch.genes[3] = 0
@@ -124,8 +128,8 @@ def test_mgi_outputs_and_missing_modalities_leave_the_contrastive_loss(kind):
     batch.slide_index[2] = -1
     with torch.no_grad():
         loss = model.pretrain_loss(batch)["loss"]
-        img, _, _ = model.encode_image(batch)
-        gene, _ = model.encode_gene(batch)
+        img = model.encode_image(batch)[0]
+        gene = model.encode_gene(batch)[0]
         expected = float(info_nce(img[:2], gene[:2], model.scale()))
     assert abs(float(loss) - expected) < 1e-5
     batch.features[2] += 5.0  # an excluded patient is not even a negative
@@ -156,7 +160,7 @@ def test_contrastive_training_aligns_paired_embeddings():
     batch = _batch(b=4)
     batch.genes[:, :6] = batch.features.mean(1)  # a learnable image-gene pairing
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    for _ in range(80):
+    for _ in range(200):
         opt.zero_grad()
         model.pretrain_loss(batch)["loss"].backward()
         opt.step()

@@ -5,10 +5,11 @@ All three take ``genes: (B, G)`` (z-scored expression in the fold's stable gene 
 contrastive loss compares), ``tokens (B, T, dim)`` the final-normed token features before pooling (what a
 fusion decoder can attend to). A patient without expression is handled outside the encoder.
 
-Tokenisation (Mamba and transformer): ``genes_per_token`` consecutive genes form one token (the last
-token zero-padded; 1 = one token per gene), a value projection ``Linear(genes_per_token, dim)`` plus a
-learned gene-position embedding ``(T, dim)``. The Mamba encoder stacks pre-norm residual blocks
-``x + Mamba(norm(x))`` (optionally bidirectional), then a final norm, mean pooling over tokens and the head.
+Tokenisation (Mamba and transformer): ``genes_per_token`` consecutive genes form one token (the last token
+zero-padded; 1 = one token per gene), a value projection ``Linear(genes_per_token, dim)`` (one per token by
+default, see :class:`GeneTokenizer`) plus a learned gene-position embedding ``(T, dim)``. The Mamba encoder
+stacks pre-norm residual blocks ``x + Mamba(norm(x))`` (optionally bidirectional), then a final norm, mean
+pooling over tokens and the head.
 The transformer uses the project's pre-norm SDPA blocks (:mod:`wsiomics.models.blocks`) in the same frame.
 The MLP reads the whole vector at once and has a single token.
 """
@@ -28,6 +29,7 @@ from wsiomics.models.blocks import SelfAttentionBlock, init_weights
 from wsiomics.models.mamba import BiMamba, Mamba
 
 HeadKind = Literal["linear", "mlp"]
+ProjectionKind = Literal["per_token", "shared"]
 NormKind = Literal["layernorm", "rmsnorm"]
 
 
@@ -51,6 +53,7 @@ def _check_common(n_genes: int, dim: int, head: str, out_dim: int | None, dropou
 class GeneMambaConfig:
     n_genes: int
     genes_per_token: int = 1
+    token_projection: ProjectionKind = "per_token"
     dim: int = 128
     depth: int = 2
     d_state: int = 16
@@ -76,6 +79,7 @@ class GeneMambaConfig:
 class GeneTransformerConfig:
     n_genes: int
     genes_per_token: int = 1
+    token_projection: ProjectionKind = "per_token"
     dim: int = 128
     depth: int = 2
     heads: int = 4
@@ -120,14 +124,30 @@ def _head(kind: HeadKind, dim: int, out_dim: int) -> nn.Module:
 
 
 class GeneTokenizer(nn.Module):
-    """genes (B, G) -> tokens (B, T, dim), T = ceil(G / genes_per_token): value projection + position embedding."""
+    """genes (B, G) -> tokens (B, T, dim), T = ceil(G / genes_per_token): value projection + position embedding.
 
-    def __init__(self, n_genes: int, genes_per_token: int, dim: int) -> None:
+    ``projection="per_token"`` gives every token its own ``Linear(genes_per_token, dim)`` (as GMSA embeds each
+    gene group with its own layer), so a gene's weight depends on the gene, not on its slot within a token;
+    ``"shared"`` uses one projection for all tokens (with one gene per token: a learned vector scaled by
+    the value). The shared one could not learn the demo's expression programme from ~20 patients (genes of
+    the programme sit in different slots of different tokens); per-token could.
+    """
+
+    def __init__(self, n_genes: int, genes_per_token: int, dim: int, projection: ProjectionKind = "per_token"
+                 ) -> None:
         super().__init__()
+        if projection not in ("per_token", "shared"):
+            raise ValueError(f"token_projection must be 'per_token' or 'shared'; got {projection!r}")
         self.n_genes = n_genes
         self.genes_per_token = genes_per_token
         self.n_tokens = math.ceil(n_genes / genes_per_token)
-        self.value = nn.Linear(genes_per_token, dim)
+        self.projection = projection
+        if projection == "shared":
+            self.value = nn.Linear(genes_per_token, dim)
+        else:  # (T, g, dim) weights, initialised as nn.Linear would be per token
+            bound = 1.0 / math.sqrt(genes_per_token)
+            self.weight = nn.Parameter(torch.empty(self.n_tokens, genes_per_token, dim).uniform_(-bound, bound))
+            self.bias = nn.Parameter(torch.empty(self.n_tokens, dim).uniform_(-bound, bound))
         self.position = nn.Parameter(torch.zeros(1, self.n_tokens, dim))
         trunc_normal_(self.position, std=0.02)
 
@@ -138,7 +158,11 @@ class GeneTokenizer(nn.Module):
                              "the encoder was built for another gene list")
         pad = self.n_tokens * self.genes_per_token - self.n_genes
         x = nn.functional.pad(genes, (0, pad)).view(genes.shape[0], self.n_tokens, self.genes_per_token)  # (B, T, g)
-        return self.value(x) + self.position  # (B, T, dim)
+        if self.projection == "shared":
+            values = self.value(x)  # (B, T, dim)
+        else:
+            values = torch.einsum("btg,tgd->btd", x, self.weight) + self.bias  # (B, T, dim)
+        return values + self.position  # (B, T, dim)
 
 
 class _GeneEncoderBase(nn.Module):
@@ -181,7 +205,7 @@ class GeneMambaEncoder(_GeneEncoderBase):
     def __init__(self, cfg: GeneMambaConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = GeneTokenizer(cfg.n_genes, cfg.genes_per_token, cfg.dim)
+        self.tokenizer = GeneTokenizer(cfg.n_genes, cfg.genes_per_token, cfg.dim, cfg.token_projection)
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.blocks = nn.ModuleList(MambaResidualBlock(cfg, r) for r in rates)
         self.norm = _norm(cfg.norm, cfg.dim)
@@ -205,7 +229,7 @@ class GeneTransformerEncoder(_GeneEncoderBase):
     def __init__(self, cfg: GeneTransformerConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = GeneTokenizer(cfg.n_genes, cfg.genes_per_token, cfg.dim)
+        self.tokenizer = GeneTokenizer(cfg.n_genes, cfg.genes_per_token, cfg.dim, cfg.token_projection)
         rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()
         self.blocks = nn.ModuleList(
             SelfAttentionBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.dropout, r) for r in rates)

@@ -24,10 +24,13 @@ same slot; a learned scale per gene (initialised at 1) in front of the encoder l
 individually (with it the Mamba encoder learned the demo's expression programme from 21 patients in
 every fold and seed: 0.98 vs 0.94 mean accuracy at 32 genes per token, 0.82 vs 0.75 at 8).
 
-Fine-tuning: ``forward`` gives logits from a head on ``fused = [image ; gene]`` (the two projections,
-concatenated); a patient missing a modality gets that modality's learned missing token in place of its
-encoder output (as in GiMP), so everyone is classified. ``image`` / ``gene`` of the output are the
-projections (not normalised), which is what retrieval compares after normalisation.
+Fine-tuning: ``forward`` gives logits from a head on ``fused = [[CLS] ; pooled genes]``, the encoders' outputs
+before the projection heads (``head_input: encoder``; as SimCLR found, a contrastive projection discards what
+the other modality does not share, here the tissue type the image alone shows: on the demo the head on the
+projections classified less well), or on the two projections (``head_input: projection``); a patient missing a
+modality gets that modality's learned missing token in place of its encoder output (as in GiMP), so everyone
+is classified. ``image`` / ``gene`` of the output are the projections (not normalised), which is what
+retrieval compares after normalisation.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from wsiomics.models.gimp import HEADS, build_head
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig
 
 PROJECTIONS = ("linear", "mlp")
+HEAD_INPUTS = ("encoder", "projection")
 
 
 def info_nce(image: torch.Tensor, gene: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
@@ -83,12 +87,13 @@ class MGIConfig:
     gene_encoder: str = "mamba"  # mamba | transformer | mlp
     gene: dict[str, Any] = field(default_factory=dict)
     embed_dim: int = 64  # the shared contrastive space
-    projection: str = "linear"  # projection heads: linear | mlp
+    projection: str = "mlp"  # projection heads: linear | mlp
     temperature: float = 0.07  # initial InfoNCE temperature
     learn_temperature: bool = True
     max_logit_scale: float = 100.0  # clamp of 1 / temperature
     gene_scale: bool = True  # a learned per-gene scale in front of the gene encoder
     head: str = "linear"  # classification head on the fused embedding: linear | mlp
+    head_input: str = "encoder"  # what the head reads: encoder ([CLS] ; pooled genes) | projection (the shared space)
     dropout: float = 0.1  # classification head (mlp)
 
     def __post_init__(self) -> None:
@@ -130,7 +135,10 @@ class MGI(HeadSplit):
             self.logit_scale = nn.Parameter(scale)
         else:
             self.register_buffer("logit_scale", scale)
-        self.head = build_head(2 * e, cfg.n_classes, cfg.head, cfg.dropout)
+        if cfg.head_input not in HEAD_INPUTS:
+            raise ValueError(f"head_input must be one of {HEAD_INPUTS}; got {cfg.head_input!r}")
+        fused_dim = di + dg if cfg.head_input == "encoder" else 2 * e
+        self.head = build_head(fused_dim, cfg.n_classes, cfg.head, cfg.dropout)
         for module in (self.image_proj, self.gene_proj, self.head):
             init_weights(module)
         for p in (self.image_missing, self.gene_missing):
@@ -143,8 +151,8 @@ class MGI(HeadSplit):
         return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
 
     def encode_image(self, batch: Batch, attention: bool = False
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(projected image (B, E), per-token outputs (B, L, Di), [CLS] attention (B, L) or None)."""
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(projected image (B, E), per-token outputs (B, L, Di), [CLS] attention (B, L) or None, [CLS] (B, Di))."""
         enc = self.image_encoder
         tokens = enc.embed(self.feature_norm(batch.features))  # (B, L, Di)
         if attention:
@@ -152,26 +160,29 @@ class MGI(HeadSplit):
         else:
             (cls, out), att = enc.encode(tokens, batch.positions, batch.token_mask), None
         cls = torch.where(batch.has_image[:, None], cls, self.image_missing.to(cls.dtype))  # (B, Di)
-        return self.image_proj(cls), out, att
+        return self.image_proj(cls), out, att, cls
 
-    def encode_gene(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(projected gene (B, E), gene tokens (B, T, Dg_tok))."""
+    def encode_gene(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(projected gene (B, E), gene tokens (B, T, Dg_tok), pooled gene encoding (B, Dg))."""
         pooled, tokens = self.gene_encoder(batch.genes * self.gene_scale)  # (B, Dg), (B, T, D)
         pooled = torch.where(batch.has_gene[:, None], pooled, self.gene_missing.to(pooled.dtype))
-        return self.gene_proj(pooled), tokens
+        return self.gene_proj(pooled), tokens, pooled
 
     def forward(self, batch: Batch) -> ModelOutput:
-        image, _, attention = self.encode_image(batch, attention=True)  # (B, E), (B, L)
-        gene, _ = self.encode_gene(batch)  # (B, E)
-        fused = torch.cat([image, gene], dim=-1)  # (B, 2E)
+        image, _, attention, cls = self.encode_image(batch, attention=True)  # (B, E), (B, L), (B, Di)
+        gene, _, pooled = self.encode_gene(batch)  # (B, E), (B, Dg)
+        if self.cfg.head_input == "encoder":
+            fused = torch.cat([cls, pooled], dim=-1)  # (B, Di + Dg)
+        else:
+            fused = torch.cat([image, gene], dim=-1)  # (B, 2E)
         return ModelOutput(logits=self.head(fused), image=image, gene=gene, fused=fused, attention=attention)
 
     # -------------------------------------------------- pre-training
 
     def pretrain_loss(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Symmetric InfoNCE over the batch's patients with both modalities (``generator`` unused: no masking)."""
-        image, _, _ = self.encode_image(batch)
-        gene, _ = self.encode_gene(batch)
+        image = self.encode_image(batch)[0]
+        gene = self.encode_gene(batch)[0]
         paired = batch.has_image & batch.has_gene  # (B,)
         scale = self.scale()
         if int(paired.sum()) < 2:  # no negatives: nothing to contrast

@@ -67,7 +67,7 @@ class SegmenterConfig:
     gene: dict[str, Any] = field(default_factory=dict)
     embed_dim: int = 64  # projected gene embedding (FiLM's input), as MGI's shared space
     gene_scale: bool = True  # MGI's learned per-gene scale
-    projection: str = "linear"
+    projection: str = "mlp"
     decoder_depth: int = 1
     heads: int = 4  # cross-attention heads
     mlp_ratio: float = 2.0

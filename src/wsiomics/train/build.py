@@ -87,8 +87,8 @@ def _image_only(cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:
 # train.model keys that shape MGI's encoders and projections; a segmenter initialised from an MGI checkpoint
 # takes these from the checkpoint's configuration, so its encoders fit the pretrained weights.
 MGI_ENCODER_KEYS = ("standardize_features", "dim", "depth", "heads", "mlp_ratio", "dropout", "drop_path",
-                    "pos_encoding", "gene_encoder", "genes_per_token", "d_state", "d_conv", "expand", "bidirectional",
-                    "gene_norm", "gene_hidden", "gene_scale", "embed_dim", "projection")
+                    "pos_encoding", "gene_encoder", "genes_per_token", "token_projection", "d_state", "d_conv",
+                    "expand", "bidirectional", "gene_norm", "gene_hidden", "gene_scale", "embed_dim", "projection")
 
 
 def gene_encoder_options(model_cfg: dict[str, Any], kind: str) -> dict[str, Any]:
