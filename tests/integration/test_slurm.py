@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
@@ -387,14 +388,16 @@ def test_profile_resources_reach_sbatch(slurm_run):
     extract = sbatch_calls(out, "extract_features")
     tile = sbatch_calls(out, "tile")
     assert len(extract) == 2 and len(tile) == 2
-    for call in extract:  # threads = config features.threads = 2
-        assert all(opt in call.split() for opt in ("--gpus=1", "--cpus-per-gpu=2", "--mem", "8000", "-t", "120"))
+    threads = yaml.safe_load((REPO / "config.yaml").read_text())["features"]["threads"]  # the rule's threads
+    for call in extract:
+        assert all(opt in call.split() for opt in ("--gpus=1", f"--cpus-per-gpu={threads}", "--mem", "8000", "-t",
+                                                   "120"))
         assert "-A" not in call.split()
     for call in tile:
         assert all(opt in call.split() for opt in ("--cpus-per-task=1", "--mem", "4000", "-t", "30"))
     slurm_id = next(i for i, (rule, _) in submissions(out).items() if rule == "extract_features")
     job = run([_program("scontrol"), "show", "job", slurm_id], timeout=15, env=clean_env()).stdout
-    assert "TresPerJob=gres:gpu:1" in job.split() and "CpusPerTres=gres:gpu:2" in job.split(), job
+    assert "TresPerJob=gres:gpu:1" in job.split() and f"CpusPerTres=gres:gpu:{threads}" in job.split(), job
 
 
 def test_outputs_equal_a_local_run(slurm_run, local_run, sheet):
