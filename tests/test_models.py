@@ -565,3 +565,26 @@ def test_image_only_uses_the_missing_token_for_a_patient_without_slides():
         out = model(batch)
     assert torch.equal(out.image[1], model.image_missing) and torch.all(out.attention[1] == 0)
     assert torch.allclose(out.attention[0].sum(), torch.tensor(1.0), atol=1e-6)
+
+
+def test_a_cohort_without_expression_trains_gimp_through_the_missing_gene_token():
+    """No expression in the whole cohort (0 genes): the batch still has one masked gene column, as the model
+    is built with max(1, n_genes) genes, and every loss and prediction runs (found by bench/train.py)."""
+    import numpy as np
+
+    from wsiomics.datasets import PatientItem, collate
+
+    rng = np.random.default_rng(0)
+    items = [PatientItem(i, rng.standard_normal((n, 12)).astype(np.float32),
+                         np.stack([np.arange(n), np.zeros(n)], 1).astype(np.float32), np.zeros(n, np.int64),
+                         None, i % 3) for i, n in enumerate([7, 5, 6])]
+    batch = collate(items, feature_dim=12, n_genes=0)
+    assert batch.genes.shape == (3, 1) and not batch.has_gene.any()
+    torch.manual_seed(0)
+    model = GiMP(GiMPConfig(image=dict(in_dim=12, dim=16, depth=1, heads=2, dropout=0.0),
+                            gene=dict(n_genes=1, n_groups=1, dim=16, depth=1, heads=2, dropout=0.0),
+                            n_classes=3, fusion_dim=16, mask_length=3, dropout=0.0))
+    loss = model.pretrain_loss(batch, torch.Generator().manual_seed(0))["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert model(batch).logits.shape == (3, 3)

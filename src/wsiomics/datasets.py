@@ -242,13 +242,17 @@ class PatientDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[PatientItem], feature_dim: int, n_genes: int) -> Batch:
-    """Pad a list of patients into one :class:`Batch` (padding: mask False, slide index -1)."""
+    """Pad a list of patients into one :class:`Batch` (padding: mask False, slide index -1).
+
+    A cohort without slides or without expression still gets one (zero, masked) feature or gene column:
+    the models are built with at least one (``max(1, ...)``), and a missing modality is flagged, not absent.
+    """
     b = len(items)
     length = max(1, max(len(it.positions) for it in items))
-    features = torch.zeros(b, length, feature_dim)
+    features = torch.zeros(b, length, max(1, feature_dim))
     positions = torch.zeros(b, length, 2)
     slide_index = torch.full((b, length), -1, dtype=torch.long)
-    genes = torch.zeros(b, n_genes)
+    genes = torch.zeros(b, max(1, n_genes))
     for i, it in enumerate(items):
         n = len(it.positions)
         if n:
