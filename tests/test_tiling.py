@@ -298,10 +298,14 @@ def test_cli_tile_and_status(slides, tmp_path):
         assert rc == 0
     assert open_store(tmp_path / "pen20.zarr").attrs["params"]["min_tissue_fraction"] == 0.6
     assert open_store(tmp_path / "pen20.zarr").attrs["params"]["mask"]["min_tissue_area_um2"] == 8000
-    assert tiling_main(["status", "--out", str(tmp_path / "s.tsv"), str(tmp_path / "pen20.zarr"),
-                        str(tmp_path / "blank.zarr")]) == 0
     import pandas as pd
 
+    from wsiomics.status import main as status_main
+
+    pd.DataFrame({"slide_id": ["pen20", "blank"], "patient_id": ["P1", "P1"]}).to_csv(
+        tmp_path / "slides.tsv", sep="\t", index=False)
+    assert status_main(["--slides", str(tmp_path / "slides.tsv"), "--tiles-dir", str(tmp_path),
+                        "--out", str(tmp_path / "s.tsv")]) == 0  # tiling only: no --features-dir
     table = pd.read_csv(tmp_path / "s.tsv", sep="\t")
     assert list(table.status) == ["ok", "no_tissue"] and list(table.patient_id) == ["P1", "P1"]
     rc = tiling_main(["tile", "--slide", str(slides["blank"]), "--slide-id", "b", "--strict",

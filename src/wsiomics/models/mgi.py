@@ -18,11 +18,12 @@ std ~0.005 around means ~0.05), so unnormalised tokens are dominated by position
 :class:`FeatureStandardizer` z-scores each feature dimension with the mean and std of the fold's
 *training* patients' tiles (set by the builder, stored as buffers, so checkpoints carry them).
 
-Per-gene scale (``gene_scale``): the gene encoders' tokenizer shares one value projection across
-tokens, so from a few dozen patients it cannot tell an informative gene from its neighbours in the
-same slot; a learned scale per gene (initialised at 1) in front of the encoder lets it weight genes
-individually (with it the Mamba encoder learned the demo's expression programme from 21 patients in
-every fold and seed: 0.98 vs 0.94 mean accuracy at 32 genes per token, 0.82 vs 0.75 at 8).
+Per-gene scale (``gene_scale``): a learned scale per gene (initialised at 1) in front of the gene encoder. It
+was added for the tokenizer's ``shared`` value projection, which cannot weight a gene apart from the others
+in its slot (with it the Mamba encoder learned the demo's expression programme from 21 patients: 0.98 vs
+0.94 mean accuracy at 32 genes per token). With the default ``per_token`` projections it is a
+reparametrisation of their weights, kept on because the demo's reported numbers were measured with it; it
+still matters for ``token_projection: shared`` and the MLP encoder (whose first layer is a LayerNorm).
 
 Fine-tuning: ``forward`` gives logits from a head on ``fused = [[CLS] ; pooled genes]``, the encoders' outputs
 before the projection heads (``head_input: encoder``; as SimCLR found, a contrastive projection discards what

@@ -64,7 +64,7 @@ def train_inputs(wildcards):
     need = get_method(wildcards.method).modalities
     inputs = {"folds": FOLDS}
     if "image" in need and len(slide_table()):
-        inputs["sheet"] = ancient(config["samples"])  # slide -> patient; the feature stores decide reruns
+        inputs["sheet"] = ancient(config["samples"])  # slide -> patient; the status table decides reruns
         inputs["slide_status"] = SLIDE_STATUS
     if "gene" in need and expression_enabled():
         inputs["expression"] = f"results/expression/fold{wildcards.fold}.zarr"
