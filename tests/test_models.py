@@ -22,7 +22,7 @@ from wsiomics.models.baselines import (
     LateFusionConfig,
 )
 from wsiomics.models.batch import Batch
-from wsiomics.models.blocks import CrossAttentionBlock, SelfAttentionBlock
+from wsiomics.models.blocks import CrossAttentionBlock, DropPath, Mlp, SelfAttentionBlock, trunc_normal_
 from wsiomics.models.gene_gmsa import GeneGMSA, GeneGMSAConfig, group_index
 from wsiomics.models.gimp import GiMP, GiMPConfig, batch_hard_triplet_loss, mpm_loss, span_mask
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig, sincos_2d
@@ -91,6 +91,32 @@ def select(batch: Batch, i: int) -> Batch:
 
 
 # ---------------------------------------------------------------- blocks
+
+
+def test_mlp_drop_path_and_init_match_timm_layers():
+    """Our Mlp is timm's (same parameter names, so the same state dict and output); trunc_normal_ draws
+    timm's values; DropPath drops whole samples and keeps the expectation, like timm's."""
+    timm_layers = pytest.importorskip("timm.layers")
+    ours_init, ref_init = torch.empty(3, 50), torch.empty(3, 50)
+    torch.manual_seed(0)
+    trunc_normal_(ours_init, std=0.02)
+    torch.manual_seed(0)
+    timm_layers.trunc_normal_(ref_init, std=0.02)
+    torch.testing.assert_close(ours_init, ref_init)
+    assert ours_init.abs().max() <= 2.0
+    ours, ref = Mlp(6, 10, 3, drop=(0.1, 0.0)), timm_layers.Mlp(6, 10, 3, drop=(0.1, 0.0))
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 5, 6)
+    torch.testing.assert_close(ours.eval()(x), ref.eval()(x))
+
+    drop = DropPath(0.25)
+    y = torch.ones(4000, 3, 2)
+    assert torch.equal(drop.eval()(y), y)
+    out = drop.train()(y)
+    per_sample = out.flatten(1)
+    assert ((per_sample == 0).all(1) | (per_sample == 1 / 0.75).all(1)).all()  # a sample is dropped whole
+    assert abs(out.mean().item() - 1.0) < 0.05 and 0.2 < (per_sample[:, 0] == 0).float().mean().item() < 0.3
 
 
 def test_self_attention_block_ignores_masked_keys():

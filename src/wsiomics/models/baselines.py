@@ -18,12 +18,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.layers import trunc_normal_
 from torch import nn
 
 from wsiomics.models.abmil import ABMIL, ABMILConfig
 from wsiomics.models.batch import Batch, ModelOutput
-from wsiomics.models.blocks import FeatureStandardizer, HeadSplit, init_weights
+from wsiomics.models.blocks import FeatureStandardizer, HeadSplit, init_weights, trunc_normal_
 from wsiomics.models.gene_gmsa import GeneGMSA, GeneGMSAConfig
 from wsiomics.models.gimp import HEADS, build_head
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig

@@ -12,16 +12,83 @@ an empty context (a patient without expression, say) is a no-op rather than a Na
 
 Attention-weight dropout is not used: on CPU it forces SDPA's math kernel, which materialises the
 (L, L) matrix. ``dropout`` applies to the attention output projection and the MLP instead.
+
+``Mlp``, ``DropPath`` and ``trunc_normal_`` follow timm's layers (same layout and parameter names) but are
+defined here: importing timm pulls in torchvision and ``torch._dynamo``, 2-3 s of start-up that every
+training job would pay for three small layers (a third of a demo fine-tune's wall time).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
+
+__all__ = ["Attention", "CrossAttentionBlock", "DropPath", "FeatureStandardizer", "HeadSplit", "Mlp",
+           "SelfAttentionBlock", "init_weights", "trunc_normal_"]
+
+
+@torch.no_grad()
+def trunc_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0,
+                  b: float = 2.0) -> torch.Tensor:
+    """Fill ``tensor`` from N(mean, std^2) truncated to [a, b] by the inverse CDF of a truncated uniform.
+
+    The same draws as timm's ``trunc_normal_`` (torch's own now samples differently), so models
+    initialise exactly as they did on timm's layers.
+    """
+    def cdf(x: float) -> float:
+        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
+
+    lo, hi = cdf((a - mean) / std), cdf((b - mean) / std)
+    tensor.uniform_(2 * lo - 1, 2 * hi - 1).erfinv_()
+    return tensor.mul_(std * math.sqrt(2.0)).add_(mean).clamp_(min=a, max=b)
+
+
+class Mlp(nn.Module):
+    """fc1 -> activation -> dropout -> fc2 -> dropout, with timm's ``Mlp`` parameter names.
+
+    ``drop`` is one rate for both dropouts or a pair (after fc1, after fc2).
+    """
+
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
+                 act_layer: type[nn.Module] = nn.GELU, drop: float | tuple[float, float] = 0.0) -> None:
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        drop1, drop2 = drop if isinstance(drop, tuple) else (drop, drop)
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = act_layer()
+        self.drop1 = nn.Dropout(drop1)
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop2 = nn.Dropout(drop2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (..., in_features) -> (..., out_features)
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a whole sample's residual branch with probability ``p`` and
+    scale the kept ones by 1 / (1 - p); the identity in eval."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"drop-path rate {p} is outside [0, 1)")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, ...) -> same shape
+        if not self.training or self.p == 0.0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        return x * keep / (1.0 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
 
 
 def _safe_key_mask(key_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

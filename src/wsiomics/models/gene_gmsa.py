@@ -21,10 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from timm.layers import trunc_normal_
 from torch import nn
 
-from wsiomics.models.blocks import SelfAttentionBlock, init_weights
+from wsiomics.models.blocks import SelfAttentionBlock, init_weights, trunc_normal_
 
 
 @dataclass

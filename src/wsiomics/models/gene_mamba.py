@@ -22,10 +22,9 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.utils.checkpoint
-from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
-from wsiomics.models.blocks import SelfAttentionBlock, init_weights
+from wsiomics.models.blocks import DropPath, SelfAttentionBlock, init_weights, trunc_normal_
 from wsiomics.models.mamba import BiMamba, Mamba
 
 HeadKind = Literal["linear", "mlp"]

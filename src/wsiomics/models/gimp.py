@@ -32,11 +32,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
 from wsiomics.models.batch import Batch, ModelOutput
-from wsiomics.models.blocks import CrossAttentionBlock, FeatureStandardizer, HeadSplit, init_weights
+from wsiomics.models.blocks import CrossAttentionBlock, FeatureStandardizer, HeadSplit, Mlp, init_weights, trunc_normal_
 from wsiomics.models.gene_gmsa import GeneGMSA, GeneGMSAConfig
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig
 

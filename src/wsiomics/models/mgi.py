@@ -42,11 +42,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from torch import nn
 
 from wsiomics.models.batch import Batch, ModelOutput
-from wsiomics.models.blocks import FeatureStandardizer, HeadSplit, init_weights
+from wsiomics.models.blocks import FeatureStandardizer, HeadSplit, init_weights, trunc_normal_
 from wsiomics.models.gene_mamba import GENE_ENCODERS, build_gene_encoder
 from wsiomics.models.gimp import HEADS, build_head
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig

@@ -23,11 +23,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp, trunc_normal_
 from torch import nn
 
 from wsiomics.models.batch import Batch, ModelOutput
-from wsiomics.models.blocks import CrossAttentionBlock, FeatureStandardizer, init_weights
+from wsiomics.models.blocks import CrossAttentionBlock, FeatureStandardizer, Mlp, init_weights, trunc_normal_
 from wsiomics.models.gene_mamba import GENE_ENCODERS, build_gene_encoder
 from wsiomics.models.mgi import PROJECTIONS, _projection
 from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformerConfig

@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from timm.layers import trunc_normal_
 from torch import nn
 
-from wsiomics.models.blocks import SelfAttentionBlock, init_weights
+from wsiomics.models.blocks import SelfAttentionBlock, init_weights, trunc_normal_
 
 POS_ENCODINGS = ("sincos", "none")
 
