@@ -14,8 +14,8 @@ Attention-weight dropout is not used: on CPU it forces SDPA's math kernel, which
 (L, L) matrix. ``dropout`` applies to the attention output projection and the MLP instead.
 
 ``Mlp``, ``DropPath`` and ``trunc_normal_`` follow timm's layers (same layout and parameter names) but are
-defined here: importing timm pulls in torchvision and ``torch._dynamo``, 2-3 s of start-up that every
-training job would pay for three small layers (a third of a demo fine-tune's wall time).
+defined here: importing timm pulls in all of torchvision's models, about 1 s of start-up that every
+training job (a Snakemake job, a process of its own) would pay for three small layers.
 """
 
 from __future__ import annotations

@@ -44,8 +44,11 @@ def _mgi_overrides(gene_encoder: str) -> dict[str, Any]:
     keeps its last epoch, with batches of 16 patients (InfoNCE's negatives are the rest of the batch).
     Contrastive alignment learns only what image and genes share, so information private to one
     modality (e.g. the tissue type in the image) is learned in the fine-tune: encoders at the full
-    learning rate."""
-    return {"model": {"gene_encoder": gene_encoder}, "pretrain": {"select": "last", "batch_size": 16},
+    learning rate. The classification head is an MLP (``head: mlp``, one hidden layer with dropout, as
+    GiMP's fusion MLP before its head): a linear head on the raw [CLS ; pooled genes] concatenation latched
+    onto stain directions that a few training patients correlate with the tissue class (demo fold 2:
+    balanced accuracy 0.75 linear, 0.92 MLP; the same with and without pretraining)."""
+    return {"model": {"gene_encoder": gene_encoder, "head": "mlp"}, "pretrain": {"select": "last", "batch_size": 16},
             "finetune": {"encoder_lr_scale": 1.0}}
 
 
@@ -69,7 +72,7 @@ for _m in (
            description="MGI with a transformer gene encoder"),
     Method("mgi_mlp_genes", "mgi", pretrain=True, retrieval=True, overrides=_mgi_overrides("mlp"),
            description="MGI with an MLP gene encoder"),
-    Method("mgi_no_pretrain", "mgi", retrieval=True, overrides={"model": {"gene_encoder": "mamba"}},
+    Method("mgi_no_pretrain", "mgi", retrieval=True, overrides={"model": {"gene_encoder": "mamba", "head": "mlp"}},
            description="the MGI network fine-tuned from random initialisation (retrieval: the initial model)"),
     Method("cca", "sklearn_cca", retrieval=True, description="PCA + CCA between mean-pooled patch features and "
            "genes (retrieval); logistic regression on the CCA scores"),
