@@ -135,3 +135,30 @@ def test_same_seed_same_metrics_and_missing_modalities_train(cohort, tmp_path):
     mb = json.loads((tmp_path / "b" / "metrics.json").read_text())
     ma["training"].pop("seconds"), mb["training"].pop("seconds")
     assert ma == mb
+
+
+def test_stage_model_settings_apply_to_their_stage_only(cohort, tmp_path):
+    """train.finetune.model (here dropout) changes the fine-tuned network, not the pretrained one, and the
+    pretrained checkpoint still loads into it."""
+    from wsiomics.train.build import build_model
+    from wsiomics.train.run import stage_config
+
+    cfg = method_config({**TRAIN_CFG, "methods": {"gimp": {"finetune": {"model": {"dropout": 0.4}}}}}, "gimp")
+    cfg["pretrain"]["epochs"], cfg["finetune"]["epochs"] = 1, 1
+    data = _data(cohort)
+    out = tmp_path / "gimp"
+    pretrain("gimp", cfg, data, out)
+    finetune("gimp", cfg, data, out, pretrained=out / "pretrain" / "model.pt")
+    pre = torch.load(out / "pretrain" / "model.pt", weights_only=True)["metadata"]["config"]["model"]
+    fine = torch.load(out / "model.pt", weights_only=True)["metadata"]["config"]["model"]
+    assert pre["dropout"] == 0.0 and fine["dropout"] == 0.4
+    rates = {m.p for m in build_model(METHODS["gimp"], stage_config(cfg, "finetune"), data).modules()
+             if isinstance(m, torch.nn.Dropout)}
+    assert 0.4 in rates and stage_config(cfg, "pretrain") is cfg
+
+
+def test_mgi_fine_tunes_with_its_own_regime():
+    cfg = method_config(TRAIN_CFG, "mgi")
+    assert cfg["model"]["head"] == "mlp" and cfg["finetune"]["model"] == {"dropout": 0.3}
+    assert "model" not in cfg["pretrain"]
+    assert cfg["finetune"]["encoder_lr_scale"] == TRAIN_CFG["finetune"]["encoder_lr_scale"]

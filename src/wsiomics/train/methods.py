@@ -43,13 +43,17 @@ def _mgi_overrides(gene_encoder: str) -> dict[str, Any]:
     """MGI's fixed choices. InfoNCE over a few val pairs is too noisy to pick a checkpoint by: pretraining
     keeps its last epoch, with batches of 16 patients (InfoNCE's negatives are the rest of the batch).
     Contrastive alignment learns only what image and genes share, so information private to one
-    modality (e.g. the tissue type in the image) is learned in the fine-tune: encoders at the full
-    learning rate. The classification head is an MLP (``head: mlp``, one hidden layer with dropout, as
-    GiMP's fusion MLP before its head): a linear head on the raw [CLS ; pooled genes] concatenation latched
-    onto stain directions that a few training patients correlate with the tissue class (demo fold 2:
-    balanced accuracy 0.75 linear, 0.92 MLP; the same with and without pretraining)."""
-    return {"model": {"gene_encoder": gene_encoder, "head": "mlp"}, "pretrain": {"select": "last", "batch_size": 16},
-            "finetune": {"encoder_lr_scale": 1.0}}
+    modality (the tissue type in the image, say) is left to the fine-tune, where the aligned image
+    encoder readily reads stain (the shared signal) as tissue when a few training patients confound the
+    two. Fine-tuning therefore uses an MLP head (``head: mlp``, one hidden layer, as GiMP's fusion MLP),
+    dropout 0.3 (``finetune.model``) and the shared lower encoder learning rate: mean demo balanced
+    accuracy 0.92 -> 0.97 with ResNet-50 features and 0.86 -> 0.93 with ResNet-18 ones (README, MGI)."""
+    return {"model": {"gene_encoder": gene_encoder, **MGI_HEAD}, "pretrain": {"select": "last", "batch_size": 16},
+            "finetune": MGI_FINETUNE}
+
+
+MGI_HEAD = {"head": "mlp"}
+MGI_FINETUNE = {"model": {"dropout": 0.3}}
 
 
 for _m in (
@@ -72,7 +76,8 @@ for _m in (
            description="MGI with a transformer gene encoder"),
     Method("mgi_mlp_genes", "mgi", pretrain=True, retrieval=True, overrides=_mgi_overrides("mlp"),
            description="MGI with an MLP gene encoder"),
-    Method("mgi_no_pretrain", "mgi", retrieval=True, overrides={"model": {"gene_encoder": "mamba", "head": "mlp"}},
+    Method("mgi_no_pretrain", "mgi", retrieval=True,
+           overrides={"model": {"gene_encoder": "mamba", **MGI_HEAD}, "finetune": MGI_FINETUNE},
            description="the MGI network fine-tuned from random initialisation (retrieval: the initial model)"),
     Method("cca", "sklearn_cca", retrieval=True, description="PCA + CCA between mean-pooled patch features and "
            "genes (retrieval); logistic regression on the CCA scores"),

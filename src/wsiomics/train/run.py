@@ -25,7 +25,7 @@ from wsiomics.train import evaluate as ev
 from wsiomics.train.build import build_model
 from wsiomics.train.linear import PatientVectors, fit_logistic
 from wsiomics.train.loop import OptimParams, fit, load_model_state, resolve_device, save_model
-from wsiomics.train.methods import Method, get_method, pretrained_source
+from wsiomics.train.methods import Method, deep_merge, get_method, pretrained_source
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,14 @@ def _loaders(data: FoldData, cfg: dict[str, Any], dparams: DatasetParams, seed: 
 SELECT = ("val", "last")
 
 
+def stage_config(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
+    """``cfg`` with the stage's own ``model`` settings (``train.finetune.model``, say) merged over
+    ``train.model``: settings that differ between pretraining and fine-tuning, such as dropout. Settings
+    that change parameter shapes would make the pretrained checkpoint fail to load."""
+    override = (cfg.get(stage) or {}).get("model") or {}
+    return deep_merge(cfg, {"model": override}) if override else cfg
+
+
 def _optim(section: dict[str, Any]) -> tuple[dict[str, Any], float, bool]:
     """A pretrain/finetune section -> (OptimParams settings, label smoothing, select on val?).
 
@@ -101,6 +109,7 @@ def _optim(section: dict[str, Any]) -> tuple[dict[str, Any], float, bool]:
     val set to pick by, such as InfoNCE over a handful of pairs)."""
     optim = dict(section)
     optim.pop("batch_size", None)  # read by _loaders
+    optim.pop("model", None)  # read by stage_config
     smoothing = float(optim.pop("label_smoothing", 0.0))
     select = str(optim.pop("select", "val"))
     if select not in SELECT:
@@ -167,6 +176,7 @@ def pretrain(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
     out = Path(out_dir)
     seed = int(cfg["seed"]) + 1000 * data.fold
     dparams = data_params(cfg, data.fold)
+    cfg = stage_config(cfg, "pretrain")
     torch.manual_seed(seed)
     model = build_model(method, cfg, data)
     train_loader, val_loader = _loaders(data, cfg, dparams, seed, "pretrain")
@@ -255,6 +265,7 @@ def finetune(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
         return _fit_cca(method, cfg, data, out, dparams, seed)
     if method.is_sklearn:
         return _fit_sklearn(method, cfg, data, out, dparams, seed)
+    cfg = stage_config(cfg, "finetune")
     if method.task == "segment":
         return finetune_segmentation(method, cfg, data, out, pretrained, annotations or {})
     torch.manual_seed(seed)
@@ -476,7 +487,6 @@ def finetune_segmentation(method: Method, cfg: dict[str, Any], data: FoldData, o
     tumour map per test slide (``tumour/<slide_id>.zarr`` + ``.png``) and Dice in ``metrics.json``."""
     from wsiomics.annotations import params_from_config, polygon_rings
     from wsiomics.train.build import MGI_ENCODER_KEYS
-    from wsiomics.train.methods import deep_merge
 
     device = _setup(cfg)
     seed = int(cfg["seed"]) + 1000 * data.fold
