@@ -1,9 +1,7 @@
 # Entry points for a fresh machine with Python 3.11 and pip: `make demo`, `make test`, `make lint`.
 # `venv` creates .venv when missing and installs the package (editable) with its dev extras; a stamp
 # file makes re-runs instant until pyproject.toml changes. Plain pip: it honours the machine's pip
-# configuration (indexes, find-links, constraints). --no-compile: pip would byte-compile all ~15,000
-# modules of the environment (about a minute, single-threaded); Python compiles the few thousand a run
-# imports on first use instead, and caches them.
+# configuration (indexes, find-links, constraints).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,7 +17,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -n "$(PYTHON)" || { echo "error: python3.11 not found; set PYTHON=/path/to/python3.11" >&2; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --no-compile -e '.[dev]'
+	$(BIN)/python -m pip install -e '.[dev]'
 	touch $(STAMP)
 
 # profiles/default (keep-going, rerun-incomplete, greedy scheduler, ...) applies by itself.
