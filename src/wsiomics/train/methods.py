@@ -81,8 +81,11 @@ for _m in (
            description="the MGI network fine-tuned from random initialisation (retrieval: the initial model)"),
     Method("cca", "sklearn_cca", retrieval=True, description="PCA + CCA between mean-pooled patch features and "
            "genes (retrieval); logistic regression on the CCA scores"),
+    # Segmentation learns from every annotated tile (thousands of labels, against classification's few
+    # patients), so the pretrained encoders, aligned on what image and genes share and not on tumour, are
+    # fine-tuned at the full learning rate (demo: Dice 0.892 at 0.3x, 0.905 at 1x; image_seg 0.919).
     Method("mgi_seg", "segmenter", task="segment", pretrained_from="mgi",
-           overrides={"model": {"gene_encoder": "mamba"}},
+           overrides={"model": {"gene_encoder": "mamba"}, "finetune": {"encoder_lr_scale": 1.0}},
            description="tumour segmentation: pretrained MGI encoders + gene-conditioned fusion decoder"),
     Method("mgi_seg_no_pretrain", "segmenter", task="segment", overrides={"model": {"gene_encoder": "mamba"}},
            description="mgi_seg from random initialisation"),
