@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 # profiles/default (keep-going, rerun-incomplete, greedy scheduler, ...) applies by itself.
 # The demo's models are small and run wherever the jobs land (CPU without a GPU), so it lets $(CORES) of the
 # jobs that ask for a GPU run at once instead of the profile's one.
-# compileall first: where PYTHONDONTWRITEBYTECODE is set (as on CI machines), Python would otherwise
+# compileall first: where PYTHONDONTWRITEBYTECODE is set (as on these build machines), Python would otherwise
 # recompile the package's sources in each of the demo's ~150 job processes.
 demo: venv
 	$(BIN)/python -m compileall -q src
