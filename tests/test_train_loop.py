@@ -86,12 +86,31 @@ def test_killed_run_resumes_bit_identically(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path, tmp_path / "resumed.pt")
     monkeypatch.setattr(loop, "_save_state", real)
-    state = torch.load(tmp_path / "resumed.pt", weights_only=True)  # safe loading works on our checkpoints
-    assert state["epoch"] == 2
+    slots = [torch.load(f, weights_only=True)["epoch"] for f in loop.state_slots(tmp_path / "resumed.pt")]
+    assert sorted(slots) == [1, 2] and loop.load_state(tmp_path / "resumed.pt")["epoch"] == 2  # safe loading works
     resumed, result = _run(tmp_path, tmp_path / "resumed.pt")
     assert [h["epoch"] for h in result.history] == [1, 2, 3, 4, 5, 6]
     for (k, va), vb in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
+
+
+def test_states_never_rename_onto_a_file_and_a_damaged_slot_falls_back(tmp_path, monkeypatch):
+    import os
+
+    real_replace = os.replace
+
+    def replace(src, dst):
+        assert not os.path.exists(dst), f"rename onto existing {dst}"
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    _run(tmp_path, tmp_path / "s.pt", epochs=3)
+    monkeypatch.setattr(os, "replace", real_replace)
+    newest, older = sorted(loop.state_slots(tmp_path / "s.pt"), key=lambda f: -torch.load(f, weights_only=True)["epoch"])
+    newest.write_bytes(b"torn")  # e.g. a disk fault: the previous epoch's state is used
+    assert loop.load_state(tmp_path / "s.pt")["epoch"] == 1
+    older.write_bytes(b"torn")
+    assert loop.load_state(tmp_path / "s.pt") is None
 
 
 def test_other_config_starts_afresh(tmp_path):

@@ -125,8 +125,8 @@ def fit(model: torch.nn.Module, objective: Objective, train_loader, val_loader, 
     best = {"epoch": -1, "value": math.inf, "state": None}
     bad_epochs, start_epoch, stopped = 0, 0, False
 
-    if state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state = load_state(state_path)
+    if state is not None:
         if state.get("digest") == digest:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -195,9 +195,37 @@ def fit(model: torch.nn.Module, objective: Objective, train_loader, val_loader, 
     return FitResult(history=history, best_epoch=best["epoch"] if has_val else len(history), stopped_early=stopped)
 
 
+def state_slots(path: str | Path) -> tuple[Path, Path]:
+    """The two files a training state alternates between: ``<stem>.0<suffix>`` and ``<stem>.1<suffix>``."""
+    path = Path(path)
+    return tuple(path.with_name(f"{path.stem}.{i}{path.suffix}") for i in (0, 1))
+
+
 def _save_state(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
+    """Write the epoch's state into the slot of the epoch's parity, the other slot holding the previous
+    epoch's complete state. The slot is removed before the atomic write, so its rename never replaces an
+    existing file: ext4 flushes a file renamed over another to disk (auto_da_alloc), which cost ~30 ms
+    per epoch, a few percent of a demo fine-tune."""
+    slot = state_slots(path)[int(state["epoch"]) % 2]
+    slot.unlink(missing_ok=True)
+    with atomic_path(slot) as tmp:
         torch.save(state, tmp)
+
+
+def load_state(path: str | Path) -> dict[str, Any] | None:
+    """The newest state among the slots of ``path`` that loads (a damaged one is skipped); None if none."""
+    newest = None
+    for slot in state_slots(path):
+        if not slot.exists():
+            continue
+        try:
+            state = torch.load(slot, map_location="cpu", weights_only=True)
+        except Exception as e:  # a file damaged outside our atomic writes: the other slot may still be good
+            log.warning("training state %s is unreadable (%s); ignoring it", slot, e)
+            continue
+        if newest is None or int(state["epoch"]) > int(newest["epoch"]):
+            newest = state
+    return newest
 
 
 def save_model(path: str | Path, model: torch.nn.Module, metadata: dict[str, Any]) -> None:
