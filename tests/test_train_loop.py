@@ -106,7 +106,8 @@ def test_states_never_rename_onto_a_file_and_a_damaged_slot_falls_back(tmp_path,
     monkeypatch.setattr(os, "replace", replace)
     _run(tmp_path, tmp_path / "s.pt", epochs=3)
     monkeypatch.setattr(os, "replace", real_replace)
-    newest, older = sorted(loop.state_slots(tmp_path / "s.pt"), key=lambda f: -torch.load(f, weights_only=True)["epoch"])
+    epoch_of = {f: torch.load(f, weights_only=True)["epoch"] for f in loop.state_slots(tmp_path / "s.pt")}
+    newest, older = sorted(epoch_of, key=lambda f: -epoch_of[f])
     newest.write_bytes(b"torn")  # e.g. a disk fault: the previous epoch's state is used
     assert loop.load_state(tmp_path / "s.pt")["epoch"] == 1
     older.write_bytes(b"torn")
