@@ -77,6 +77,36 @@ def test_chunked_scan_matches_recurrence(groups, D, z, bias, softplus, length, c
         assert _rel(g1[name], g0[name]) <= 1e-4, name
 
 
+@pytest.mark.parametrize(("groups", "chunk", "segment"), [(None, 4, 8), (2, 3, 60), (None, 16, 256)])
+def test_initial_state_matches_recurrence(groups, chunk, segment):
+    """A scan started from a given state: output, last state and every gradient (the state's too) as the
+    recurrence started from it."""
+    inputs = _inputs(11, length=37, groups=groups)
+    h0 = (torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(5))).requires_grad_()
+    leaves = [v for v in inputs.values() if v is not None] + [h0]
+    outs = []
+    for fn, kw in ((selective_scan_ref, {}), (selective_scan, dict(chunk_size=chunk, segment_size=segment))):
+        y, last = fn(**inputs, delta_softplus=True, return_last_state=True, initial_state=h0, **kw)
+        w = torch.linspace(-1, 1, y.numel()).view_as(y)
+        outs.append((y, last, torch.autograd.grad((y * w).sum() + (last * 0.5).sum(), leaves)))
+    (y0, last0, g0), (y1, last1, g1) = outs
+    assert _rel(y1, y0) <= 1e-4 and _rel(last1, last0) <= 1e-4
+    assert g0[-1].abs().sum() > 0  # the initial state's gradient
+    for a, b in zip(g1, g0, strict=True):
+        assert _rel(a, b) <= 1e-4
+
+
+def test_scan_resumes_from_its_last_state():
+    """Two halves, the second started from the first's last state, are the whole scan."""
+    inputs = {k: (v.detach() if v is not None else None) for k, v in _inputs(4, length=50).items()}
+    y, last = selective_scan(**inputs, delta_softplus=True, return_last_state=True)
+    first = {k: (v[..., :20] if k in ("u", "delta", "B", "C", "z") else v) for k, v in inputs.items()}
+    second = {k: (v[..., 20:] if k in ("u", "delta", "B", "C", "z") else v) for k, v in inputs.items()}
+    y1, h1 = selective_scan(**first, delta_softplus=True, return_last_state=True)
+    y2, h2 = selective_scan(**second, delta_softplus=True, return_last_state=True, initial_state=h1)
+    assert _rel(torch.cat([y1, y2], dim=-1), y) <= 1e-5 and _rel(h2, last) <= 1e-5
+
+
 def test_long_sequence_forward_matches_recurrence():
     inputs = _inputs(7, batch=1, dim=16, n=8, length=512)
     with torch.no_grad():
@@ -180,6 +210,64 @@ def test_mamba_block_matches_reference_scan(monkeypatch):
     y = m(x)
     monkeypatch.setattr(mm, "selective_scan", selective_scan_ref)
     assert _rel(y, m(x)) <= 1e-4
+
+
+def _block_grads(m: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    x = x.detach().clone().requires_grad_()
+    m.zero_grad(set_to_none=True)
+    y = m(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return y.detach(), {"x": x.grad, **{n: p.grad for n, p in m.named_parameters()}}
+
+
+@pytest.mark.parametrize(("length", "stretch", "d_conv"), [(50, 16, 4), (50, 7, 4), (33, 3, 4), (40, 8, 2)])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_block_recomputed_in_stretches_matches_whole(length, stretch, d_conv, bidirectional):
+    """The segment-recompute path (conv look-back and scan state across stretches, gradients handed back
+    stretch to stretch) gives the whole-sequence block's output and every gradient, x's included."""
+    torch.manual_seed(0)
+    cls = BiMamba if bidirectional else Mamba
+    whole = cls(16, d_state=4, d_conv=d_conv, recompute_length=None)
+    pieces = cls(16, d_state=4, d_conv=d_conv, recompute_length=stretch)
+    pieces.load_state_dict(whole.state_dict())
+    x = torch.randn(2, length, 16)
+    y0, g0 = _block_grads(whole, x)
+    y1, g1 = _block_grads(pieces, x)
+    assert _rel(y1, y0) <= 1e-5
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        assert _rel(g1[name], g0[name]) <= 1e-4, name
+    with torch.no_grad():  # no gradient wanted: the whole-sequence path
+        assert torch.equal(pieces(x), whole(x))
+
+
+def test_recompute_keeps_only_the_input_and_stretch_states():
+    """What the segment-recompute path saves for the backward is its input and one state per stretch,
+    a small fraction of what the whole-sequence block saves."""
+    torch.manual_seed(0)
+    saved: list[int] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.untyped_storage().data_ptr() if t.numel() else 0)
+        sizes[saved[-1]] = t.untyped_storage().nbytes()
+        return t
+
+    def saved_bytes(m: Mamba, x: torch.Tensor) -> int:
+        saved.clear()
+        sizes.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = m(x)  # what the forward keeps until the backward
+        y.sum().backward()  # the backward works and frees it all
+        return sum(sizes.values())  # distinct storages
+
+    sizes: dict[int, int] = {}
+    x = torch.randn(1, 1024, 32, requires_grad=True)
+    whole = saved_bytes(Mamba(32, recompute_length=None), x)
+    pieces = saved_bytes(Mamba(32, recompute_length=128), x)
+    x_bytes = x.numel() * 4
+    states = (1024 // 128 - 1) * 64 * 16 * 4
+    assert pieces <= x_bytes + states + 4096  # parameters are not saved tensors
+    assert whole > 10 * x_bytes
 
 
 @pytest.mark.parametrize("shared", [False, True])

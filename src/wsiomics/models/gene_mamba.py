@@ -65,6 +65,7 @@ class GeneMambaConfig:
     head: HeadKind = "linear"
     out_dim: int | None = None  # None = dim
     checkpoint: bool = False  # recompute each block in the backward: ~1/3 more time, activations of one block only
+    recompute_length: int | None = 2048  # longer sequences: each Mamba block in stretches, recomputed (see Mamba)
 
     def __post_init__(self) -> None:
         _check_common(self.n_genes, self.dim, self.head, self.out_dim, self.dropout)
@@ -188,7 +189,8 @@ class MambaResidualBlock(nn.Module):
     def __init__(self, cfg: GeneMambaConfig, drop_path: float) -> None:
         super().__init__()
         self.norm = _norm(cfg.norm, cfg.dim)
-        block = dict(d_model=cfg.dim, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand)
+        block = dict(d_model=cfg.dim, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand,
+                     recompute_length=cfg.recompute_length)
         self.mixer = BiMamba(**block) if cfg.bidirectional else Mamba(**block)
         self.drop = nn.Dropout(cfg.dropout)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

@@ -117,7 +117,8 @@ def _finish(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, dtype: tor
 # ------------------------------------------------------------------------------------------ reference
 def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                        z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
-                       return_last_state: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                       return_last_state: bool = False, *, initial_state: Tensor | None = None
+                       ) -> Tensor | tuple[Tensor, Tensor]:
     """The sequential recurrence, one position at a time: the oracle the fast scan is tested against.
 
     Same arguments and results as :func:`selective_scan`; the last state is (batch, dim, d_state).
@@ -132,7 +133,7 @@ def selective_scan_ref(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
     # channel d reads group d // (D / G): repeat each group's row for its channels
     Bd = Bg.repeat_interleave(dim // Bg.shape[1], dim=1)  # (B, D, N, L)
     Cd = Cg.repeat_interleave(dim // Cg.shape[1], dim=1)
-    h = uf.new_zeros(batch, dim, Af.shape[1])  # (B, D, N)
+    h = initial_state.float() if initial_state is not None else uf.new_zeros(batch, dim, Af.shape[1])  # (B, D, N)
     ys = []
     for t in range(length):
         decay = torch.exp(dt[:, :, t, None] * Af)  # (B, D, N)
@@ -250,19 +251,20 @@ class _ChunkedScan(torch.autograd.Function):
     """The whole selective scan: softplus(delta + bias), the recurrence, <C, h> + D u, the silu(z) gate.
 
     Inputs u, delta, z: (B, D, L) fp32; A: (D, N); Bg, Cg: (B, G, N, L); D, delta_bias: (D,) or None;
-    T the chunk and S the segment length (a multiple of T). Outputs (B, D, L) and the last state (B, D, N),
-    whose gradient is used (the reference CUDA function ignores it). Only the inputs and the state at each
+    T the chunk and S the segment length (a multiple of T); h_init (B, D, N) the state before position 0 (None:
+    zeros). Outputs (B, D, L) and the last state (B, D, N), whose gradient is used (the reference CUDA
+    function ignores it), as is h_init's. Only the inputs and the state at each
     segment start are saved; the backward recomputes one segment at a time, so nothing of size L*D*N, and no
     (B, D, L) intermediate (dt, x, the gate) is kept between forward and backward.
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, Bg, Cg, D, z, delta_bias, softplus: bool, T: int, S: int):
+    def forward(ctx, u, delta, A, Bg, Cg, D, z, delta_bias, softplus: bool, T: int, S: int, h_init=None):
         batch, dim, length = u.shape
         groups, n = Bg.shape[1], Bg.shape[2]
         hpg = dim // groups
         out = u.new_empty(batch, dim, length)
-        h0 = u.new_zeros(batch, dim, n)
+        h0 = h_init.float() if h_init is not None else u.new_zeros(batch, dim, n)
         starts = range(0, length, S)
         Hseg = u.new_empty(batch, len(starts), dim, n)
         ws = _Work(u, batch * min(S, length + T) * dim * n)
@@ -354,7 +356,8 @@ class _ChunkedScan(torch.autograd.Function):
             if ctx.softplus:
                 g_delta[..., seg.s0 : seg.s1].mul_(torch.sigmoid(seg.pre))
         g_bias = g_delta.sum((0, 2)) if delta_bias is not None else None
-        return g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias, None, None, None
+        g_init = G_next if ctx.needs_input_grad[11] else None  # after segment 0: dL/d(state before position 0)
+        return g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias, None, None, None, g_init
 
 
 def _cuda_kernel() -> Callable | None:
@@ -380,17 +383,23 @@ def _use_kernel(*tensors: Tensor | None) -> Callable | None:
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None = None,
                    z: Tensor | None = None, delta_bias: Tensor | None = None, delta_softplus: bool = False,
                    return_last_state: bool = False, *, chunk_size: int | None = None,
-                   segment_size: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                   segment_size: int | None = None, initial_state: Tensor | None = None
+                   ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan with ``mamba_ssm.selective_scan_fn``'s arguments and results (see the module docstring).
 
     On CUDA with ``mamba_ssm`` installed this calls its kernel (``chunk_size``/``segment_size`` then do not
     apply); otherwise the chunked pure-PyTorch scan. ``return_last_state`` gives ``(out, last_state)`` with
-    last_state (batch, dim, d_state) in fp32.
+    last_state (batch, dim, d_state) in fp32. ``initial_state`` (batch, dim, d_state), the state before the
+    first position (differentiable; default zeros), is an extension the CUDA kernel lacks: with it the
+    pure-PyTorch scan always runs.
     """
-    kernel = _use_kernel(u, delta, A, B, C, D, z, delta_bias)
+    kernel = _use_kernel(u, delta, A, B, C, D, z, delta_bias) if initial_state is None else None
     if kernel is not None:
         return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     _check(u, delta, A, B, C, D, z, delta_bias)
+    if initial_state is not None and initial_state.shape != (u.shape[0], u.shape[1], A.shape[1]):
+        raise ValueError(f"initial_state must be (batch, dim, d_state) = {(u.shape[0], u.shape[1], A.shape[1])}; "
+                         f"got {tuple(initial_state.shape)}")
     T = int(chunk_size or CHUNK_SIZE)
     S = int(segment_size or SEGMENT_SIZE)
     if T < 1 or S < 1:
@@ -401,15 +410,86 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     S = max(T, S // T * T)  # a segment is whole chunks
     f = lambda t: t.float() if t is not None else None  # noqa: E731
     Bg, Cg = _grouped(B, batch, length), _grouped(C, batch, length)  # (B, G, N, L)
-    out, last = _ChunkedScan.apply(f(u), f(delta), f(A), Bg, Cg, f(D), f(z), f(delta_bias), delta_softplus, T, S)
+    out, last = _ChunkedScan.apply(f(u), f(delta), f(A), Bg, Cg, f(D), f(z), f(delta_bias), delta_softplus, T, S,
+                                   f(initial_state))
     out = out.to(dtype)
     return (out, last) if return_last_state else out
 
 
 # ------------------------------------------------------------------------------------------- blocks
+class _SegmentRecompute(torch.autograd.Function):
+    """A Mamba block over a long sequence, run in consecutive stretches of ``segment`` positions.
+
+    Everything in the block is per position except the causal conv (``d_conv - 1`` positions of look-back)
+    and the scan (one (B, d_inner, d_state) state carried across), so a stretch needs only its own input,
+    that look-back and the state entering it. The forward keeps just those states and the input; the
+    backward reruns one stretch at a time, last first, under autograd, and hands the gradient of each
+    stretch's entering state to the stretch before. At 16,384 tokens this keeps ~1/14 of the block's
+    activations alive at once (the in_proj output, conv, silu, dt and gated scan output of the whole
+    sequence are never held), for one more forward pass of compute.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, block: Mamba, segment: int, *params: Tensor) -> Tensor:
+        # x: (B, L, d_model)
+        length = x.shape[1]
+        outs, states, state = [], [], None
+        for s0 in range(0, length, segment):
+            lo = max(0, s0 - (block.d_conv - 1))
+            if state is not None:
+                states.append(state)
+            out, state = block.mix(x[:, lo : s0 + segment], s0 - lo, state)
+            outs.append(out)
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.block, ctx.segment = block, segment
+        ctx.save_for_backward(x, *states)
+        return torch.cat(outs, dim=1)  # (B, L, d_model)
+
+    @staticmethod
+    def backward(ctx, gout: Tensor):
+        x, *states = ctx.saved_tensors
+        block, segment = ctx.block, ctx.segment
+        params = tuple(block.parameters())  # the order forward was given them in
+        want = ctx.needs_input_grad[3:]
+        g_x = torch.zeros_like(x) if ctx.needs_input_grad[0] else None
+        g_params: list[Tensor | None] = [None] * len(params)
+        g_state = None  # gradient of the state leaving the current stretch
+        device, enabled, dtype = ctx.autocast
+        starts = list(range(0, x.shape[1], segment))
+        for i in reversed(range(len(starts))):
+            s0 = starts[i]
+            lo = max(0, s0 - (block.d_conv - 1))
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                xin = x[:, lo : s0 + segment].detach().requires_grad_(g_x is not None)
+                state = states[i - 1].detach().requires_grad_() if i else None
+                out, last = block.mix(xin, s0 - lo, state)
+            outputs, grads = [out], [gout[:, s0 : s0 + segment]]
+            if g_state is not None:
+                outputs.append(last)
+                grads.append(g_state)
+            leaves = [t for t in (xin, state) if t is not None and t.requires_grad]
+            wrt = leaves + [p for p, w in zip(params, want) if w]
+            got = list(torch.autograd.grad(outputs, wrt, grads, allow_unused=True))
+            if g_x is not None:
+                g_x[:, lo : s0 + segment] += got.pop(0)
+            g_state = got.pop(0) if state is not None else None
+            for j, w in enumerate(want):
+                if w:
+                    g = got.pop(0)
+                    if g is not None:
+                        g_params[j] = g if g_params[j] is None else g_params[j] + g
+        return (g_x, None, None, *g_params)
+
+
 @dataclass
 class MambaConfig:
-    """Hyper-parameters of one Mamba block; defaults are the reference block's."""
+    """Hyper-parameters of one Mamba block; defaults are the reference block's.
+
+    ``recompute_length``: when training on a sequence longer than this, the block runs in stretches of this
+    many positions and recomputes each in the backward (:class:`_SegmentRecompute`) instead of keeping its
+    whole-sequence activations; None never does. Not used where ``mamba_ssm``'s CUDA kernel runs.
+    """
 
     d_model: int
     d_state: int = 16
@@ -421,6 +501,7 @@ class MambaConfig:
     dt_init_floor: float = 1e-4
     conv_bias: bool = True
     bias: bool = False
+    recompute_length: int | None = 2048
 
 
 class Mamba(nn.Module):
@@ -434,10 +515,11 @@ class Mamba(nn.Module):
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | Literal["auto"] = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
-                 dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False):
+                 dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
+                 recompute_length: int | None = 2048):
         super().__init__()
         self.config = MambaConfig(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init_floor,
-                                  conv_bias, bias)
+                                  conv_bias, bias, recompute_length)
         self.d_model = d_model
         self.d_state = d_state
         self.d_conv = d_conv
@@ -445,6 +527,9 @@ class Mamba(nn.Module):
         self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         if not (0 < dt_min <= dt_max):
             raise ValueError(f"need 0 < dt_min <= dt_max; got dt_min={dt_min}, dt_max={dt_max}")
+        if recompute_length is not None and recompute_length < 1:
+            raise ValueError(f"recompute_length must be >= 1 or None; got {recompute_length}")
+        self.recompute_length = recompute_length
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=bias)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, kernel_size=d_conv, groups=self.d_inner,
                                 padding=d_conv - 1, bias=conv_bias)
@@ -476,17 +561,32 @@ class Mamba(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # x: (B, L, d_model)
-        length = x.shape[1]
-        xz = self.in_proj(x).transpose(1, 2)  # (B, 2 * d_inner, L)
-        xs, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
-        xs = F.silu(self.conv1d(xs)[..., :length])  # causal: drop the right padding
-        x_dbl = self.x_proj(xs.transpose(1, 2))  # (B, L, dt_rank + 2 * d_state)
+        seg = self.recompute_length
+        if (seg is not None and x.shape[1] > seg and torch.is_grad_enabled() and _use_kernel(x) is None):
+            return _SegmentRecompute.apply(x, self, seg, *self.parameters())
+        return self.mix(x)[0]
+
+    def mix(self, x: Tensor, lookback: int = 0, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The block on one stretch of a sequence.
+
+        x: (B, lookback + n, d_model), whose first ``lookback`` (< d_conv) positions only feed the causal
+        conv; ``state``: the scan state (B, d_inner, d_state) before the stretch, None at the sequence start.
+        Returns out (B, n, d_model) and the scan state after the stretch.
+        """
+        n = x.shape[1] - lookback
+        xz = self.in_proj(x).transpose(1, 2)  # (B, 2 * d_inner, lookback + n)
+        xs, z = xz.chunk(2, dim=1)  # (B, d_inner, lookback + n) each
+        xs = F.pad(xs, (self.d_conv - 1 - lookback, 0))  # causal: zeros before the sequence start
+        xs = F.silu(F.conv1d(xs, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner))  # (B, d_inner, n)
+        z = z[..., lookback:]
+        x_dbl = self.x_proj(xs.transpose(1, 2))  # (B, n, dt_rank + 2 * d_state)
         dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L); bias added in the scan
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, n); bias added in the scan
         A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
-        y = selective_scan(xs, dt, A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D.float(), z=z,
-                           delta_bias=self.dt_proj.bias.float(), delta_softplus=True)  # (B, d_inner, L)
-        return self.out_proj(y.transpose(1, 2))  # (B, L, d_model)
+        y, last = selective_scan(xs, dt, A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D.float(), z=z,
+                                 delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+                                 return_last_state=True, initial_state=state)  # (B, d_inner, n)
+        return self.out_proj(y.transpose(1, 2)), last  # (B, n, d_model), (B, d_inner, d_state)
 
 
 @dataclass
@@ -508,14 +608,16 @@ class BiMamba(nn.Module):
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | Literal["auto"] = "auto", dt_min: float = 0.001, dt_max: float = 0.1,
                  dt_init_floor: float = 1e-4, conv_bias: bool = True, bias: bool = False,
-                 combine: Literal["mean", "sum"] = "mean", shared: bool = False):
+                 recompute_length: int | None = 2048, combine: Literal["mean", "sum"] = "mean",
+                 shared: bool = False):
         super().__init__()
         if combine not in ("mean", "sum"):
             raise ValueError(f"combine must be 'mean' or 'sum'; got {combine!r}")
         self.config = BiMambaConfig(d_model, d_state, d_conv, expand, dt_rank, dt_min, dt_max, dt_init_floor,
-                                    conv_bias, bias, combine, shared)
+                                    conv_bias, bias, recompute_length, combine, shared)
         block = dict(d_model=d_model, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank,
-                     dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor, conv_bias=conv_bias, bias=bias)
+                     dt_min=dt_min, dt_max=dt_max, dt_init_floor=dt_init_floor, conv_bias=conv_bias, bias=bias,
+                     recompute_length=recompute_length)
         self.forward_block = Mamba(**block)
         self.backward_block = self.forward_block if shared else Mamba(**block)
         self.combine = combine
