@@ -562,9 +562,11 @@ def test_baselines_padding_does_not_change_a_patient_and_missing_modalities_are_
         assert head and enc
 
 
-def test_late_fusion_averages_the_probabilities_of_present_modalities():
+@pytest.mark.parametrize("rule", ["sum_logits", "mean_prob"])
+def test_late_fusion_joins_the_class_scores_of_present_modalities(rule):
     model = _baselines()["late_fusion"].eval()
-    with torch.no_grad():  # heads that disagree, so the averaging is visible
+    model.cfg.fusion_rule = rule
+    with torch.no_grad():  # heads that disagree, so the joining is visible
         model.image_head.weight.normal_(0, 3.0)
         model.gene_head.weight.normal_(0, 3.0)
     batch = make_batch([[5], [6], [], []], has_gene=[True, False, True, False])
@@ -575,13 +577,42 @@ def test_late_fusion_averages_the_probabilities_of_present_modalities():
         p_img = model.image_head(torch.where(batch.has_image[:, None], cls, model.image_missing)).softmax(-1)
         gcls, _ = model.gene_encoder(batch.genes)
         p_gene = model.gene_head(torch.where(batch.has_gene[:, None], gcls, model.gene_missing)).softmax(-1)
+
+    def joined(i: int) -> torch.Tensor:
+        if rule == "mean_prob":
+            return (p_img[i] + p_gene[i]) / 2
+        product = p_img[i] * p_gene[i]
+        return product / product.sum()
+
     probs = out.logits.exp()
     assert torch.allclose(probs.sum(-1), torch.ones(4), atol=1e-5)  # log-probabilities
-    assert torch.allclose(probs[0], (p_img[0] + p_gene[0]) / 2, atol=1e-5)  # both present
+    assert torch.allclose(probs[0], joined(0), atol=1e-5)  # both present
     assert torch.allclose(probs[1], p_img[1], atol=1e-5)  # image only
     assert torch.allclose(probs[2], p_gene[2], atol=1e-5)  # gene only
-    assert torch.allclose(probs[3], (p_img[3] + p_gene[3]) / 2, atol=1e-5)  # neither: both missing tokens
+    assert torch.allclose(probs[3], joined(3), atol=1e-5)  # neither: both missing tokens
     assert out.fused is None and out.image.shape == (4, 16) and out.gene.shape == (4, 16)
+
+
+def test_late_fusion_product_reaches_a_class_neither_modality_identifies_alone():
+    """Classes = (tissue, programme): an image branch sure of the tissue and a gene branch sure of the
+    programme. Adding log-probabilities picks the right class outright; averaging leaves it at 0.5."""
+    torch.manual_seed(0)
+    image = dict(in_dim=12, dim=16, depth=1, heads=2, dropout=0.0)
+    gene = dict(n_genes=20, n_groups=4, dim=16, depth=1, heads=2, dropout=0.0)
+    batch = make_batch([[5]], has_gene=[True])
+    p_img = torch.tensor([0.5, 0.5, 1e-4, 1e-4])  # tissue 0: classes 0 and 1
+    p_gene = torch.tensor([0.5, 1e-4, 0.5, 1e-4])  # programme 0: classes 0 and 2
+    top = {}
+    for rule in ("sum_logits", "mean_prob"):
+        model = LateFusion(LateFusionConfig(image=image, gene=gene, n_classes=4, fusion_rule=rule)).eval()
+        with torch.no_grad():
+            for head, p in ((model.image_head, p_img), (model.gene_head, p_gene)):
+                head.weight.zero_()
+                head.bias.copy_(p.log())
+            probs = model(batch).logits.exp()[0]
+        top[rule] = (int(probs.argmax()), float(probs.max()))
+    assert top["sum_logits"][0] == 0 and top["sum_logits"][1] > 0.99
+    assert top["mean_prob"][1] == pytest.approx(0.5, abs=0.01)
 
 
 def test_image_only_uses_the_missing_token_for_a_patient_without_slides():

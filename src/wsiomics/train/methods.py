@@ -64,8 +64,8 @@ for _m in (
     Method("gimp_no_triplet", "gimp", pretrain=True, overrides={"model": {"use_triplet": False}},
            description="GiMP pretrained with masked patch modelling only"),
     Method("gimp_no_pretrain", "gimp", description="the GiMP network fine-tuned from random initialisation"),
-    Method("late_fusion", "late_fusion", description="slide transformer and GMSA, one head each, predictions "
-           "averaged; no pretraining"),
+    Method("late_fusion", "late_fusion", description="slide transformer and GMSA, one head each, class "
+           "log-probabilities added; no pretraining"),
     Method("gene_only", "gene_only", modalities=("gene",), description="GMSA gene encoder + head"),
     Method("image_only", "image_only", modalities=("image",), description="gated attention MIL (ABMIL) + head"),
     Method("linear", "sklearn_logistic", description="logistic regression on mean-pooled patch features + genes"),
