@@ -10,7 +10,9 @@ backward of ``pooled.square().mean()`` is timed (best of ``--reps`` after one wa
 its resident memory after imports, model and input creation, so one configuration's peak cannot hide another's.
 
 Models (all take the same genes -> tokens step, :class:`~wsiomics.models.gene_mamba.GeneTokenizer`):
-  ours         :class:`~wsiomics.models.gene_mamba.GeneMambaEncoder` (chunked pure-PyTorch scan)
+  ours         :class:`~wsiomics.models.gene_mamba.GeneMambaEncoder` (chunked pure-PyTorch scan; beyond 2,048
+               tokens each block runs in recomputed stretches, the default ``recompute_length``)
+  ours-keep    the same with ``recompute_length: null`` (whole-sequence activations kept for the backward)
   mambapy      mambapy 1.2.0 ``Mamba`` (2 residual blocks, Blelloch parallel scan), mean-pooled
   transformer  ``torch.nn.TransformerEncoder`` (batch_first, norm_first, 4 heads, feed-forward 512, no
                dropout: SDPA's fused CPU kernel), mean-pooled
@@ -31,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-MODELS = ("ours", "ours-ckpt", "mambapy", "transformer", "mlp")
+MODELS = ("ours", "ours-keep", "mambapy", "transformer", "mlp")
 
 
 def _rss_mb() -> float:
@@ -54,9 +56,9 @@ def build(model: str, length: int, dim: int, depth: int):
         GeneTokenizer,
     )
 
-    if model in ("ours", "ours-ckpt"):
-        enc = GeneMambaEncoder(GeneMambaConfig(n_genes=length, genes_per_token=1, dim=dim, depth=depth,
-                                               checkpoint=model == "ours-ckpt"))
+    if model in ("ours", "ours-keep"):
+        keep = dict(recompute_length=None) if model == "ours-keep" else {}
+        enc = GeneMambaEncoder(GeneMambaConfig(n_genes=length, genes_per_token=1, dim=dim, depth=depth, **keep))
         return lambda g: enc(g).pooled, enc
     if model == "mlp":
         enc = GeneMLPEncoder(GeneMLPConfig(n_genes=length, dim=dim, dropout=0.0))

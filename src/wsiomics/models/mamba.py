@@ -41,11 +41,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Chosen with bench/gene_encoders.py on 2 CPU cores (d_inner 256, d_state 16): chunk 16 beat 8 and 32; segments
-# of 256 to 1,024 positions ran equally fast on one thread, 512 needs half the ops of 256 (fewer thread
-# hand-offs) and holds 8 MiB per work buffer instead of 16 MiB at 1,024.
+# Chosen with bench/gene_encoders.py on 2 CPU cores (d_inner 256, d_state 16): chunk 16 beat 8 and 32 on a
+# loaded machine and was within noise of 32 on a quiet one; segments of 256 and 512 positions ran equally
+# fast (16,384 tokens, 2 threads: 1.18 / 1.16 s), 256 with 4 MiB per work buffer instead of 8 (peak 306
+# against 361 MB).
 CHUNK_SIZE = 16
-SEGMENT_SIZE = 512
+SEGMENT_SIZE = 256
 
 __all__ = [
     "BiMamba",
@@ -247,6 +248,34 @@ class _Segment:
         dest[..., self.s0 : self.s1] = full[..., : self.n]
 
 
+def _scan_forward(u, delta, A, Bg, Cg, D, z, delta_bias, softplus: bool, T: int, S: int, h_init=None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """:class:`_ChunkedScan`'s forward computation: out (B, D, L), the last state (B, D, N) and the state
+    at each segment start (B, n_segments, D, N), all its backward needs besides the inputs."""
+    batch, dim, length = u.shape
+    groups, n = Bg.shape[1], Bg.shape[2]
+    hpg = dim // groups
+    out = u.new_empty(batch, dim, length)
+    h0 = h_init.float() if h_init is not None else u.new_zeros(batch, dim, n)
+    starts = range(0, length, S)
+    Hseg = u.new_empty(batch, len(starts), dim, n)
+    ws = _Work(u, batch * min(S, length + T) * dim * n)
+    for i, s0 in enumerate(starts):
+        Hseg[:, i] = h0
+        seg = _Segment(s0, min(s0 + S, length), T, u, delta, delta_bias, softplus, Bg, Cg, z)
+        h, *_ = _seg_states(ws, seg.dt, seg.x, seg.B, A, h0)
+        k = seg.k
+        y = torch.einsum("btkghn,btkgn->btkgh", h.view(batch, T, k, groups, hpg, n), seg.C).reshape(
+            batch, T, k, dim)
+        if D is not None:
+            y.addcmul_(seg.u, D)
+        if z is not None:
+            y.mul_(F.silu(seg.z))
+        seg.write(out, y)
+        h0 = h[:, T - 1, k - 1].clone()
+    return out, h0, Hseg
+
+
 class _ChunkedScan(torch.autograd.Function):
     """The whole selective scan: softplus(delta + bias), the recurrence, <C, h> + D u, the silu(z) gate.
 
@@ -260,30 +289,10 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, Bg, Cg, D, z, delta_bias, softplus: bool, T: int, S: int, h_init=None):
-        batch, dim, length = u.shape
-        groups, n = Bg.shape[1], Bg.shape[2]
-        hpg = dim // groups
-        out = u.new_empty(batch, dim, length)
-        h0 = h_init.float() if h_init is not None else u.new_zeros(batch, dim, n)
-        starts = range(0, length, S)
-        Hseg = u.new_empty(batch, len(starts), dim, n)
-        ws = _Work(u, batch * min(S, length + T) * dim * n)
-        for i, s0 in enumerate(starts):
-            Hseg[:, i] = h0
-            seg = _Segment(s0, min(s0 + S, length), T, u, delta, delta_bias, softplus, Bg, Cg, z)
-            h, *_ = _seg_states(ws, seg.dt, seg.x, seg.B, A, h0)
-            k = seg.k
-            y = torch.einsum("btkghn,btkgn->btkgh", h.view(batch, T, k, groups, hpg, n), seg.C).reshape(
-                batch, T, k, dim)
-            if D is not None:
-                y.addcmul_(seg.u, D)
-            if z is not None:
-                y.mul_(F.silu(seg.z))
-            seg.write(out, y)
-            h0 = h[:, T - 1, k - 1].clone()
+        out, last, Hseg = _scan_forward(u, delta, A, Bg, Cg, D, z, delta_bias, softplus, T, S, h_init)
         ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, Hseg)
         ctx.softplus, ctx.T, ctx.S = softplus, T, S
-        return out, h0
+        return out, last
 
     @staticmethod
     def backward(ctx, gout: Tensor, glast: Tensor | None):
@@ -360,6 +369,23 @@ class _ChunkedScan(torch.autograd.Function):
         return g_u, g_delta, g_A, g_B, g_C, g_D, g_z, g_bias, None, None, None, g_init
 
 
+class _ScanReplay(_ChunkedScan):
+    """:class:`_ChunkedScan` whose forward was already computed (by :func:`_scan_forward`, without autograd):
+    it returns the given ``out`` and ``last`` and keeps the given segment states, so that rerunning a
+    block under autograd does not rerun the scan; the backward is the scan's."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, Bg, Cg, D, z, delta_bias, softplus: bool, T: int, S: int, h_init, out, last,
+                Hseg):
+        ctx.save_for_backward(u, delta, A, Bg, Cg, D, z, delta_bias, Hseg)
+        ctx.softplus, ctx.T, ctx.S = softplus, T, S
+        return out.clone(), last.clone()
+
+    @staticmethod
+    def backward(ctx, gout: Tensor, glast: Tensor | None):
+        return (*_ChunkedScan.backward(ctx, gout, glast), None, None, None)
+
+
 def _cuda_kernel() -> Callable | None:
     """``mamba_ssm``'s ``selective_scan_fn`` when the package imports, else None."""
     try:
@@ -396,6 +422,17 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     kernel = _use_kernel(u, delta, A, B, C, D, z, delta_bias) if initial_state is None else None
     if kernel is not None:
         return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    ops, T, S = _operands(u, delta, A, B, C, D, z, delta_bias, initial_state, chunk_size, segment_size)
+    out, last = _ChunkedScan.apply(*ops[:8], delta_softplus, T, S, ops[8])
+    out = out.to(u.dtype)
+    return (out, last) if return_last_state else out
+
+
+def _operands(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+              delta_bias: Tensor | None, initial_state: Tensor | None, chunk_size: int | None,
+              segment_size: int | None) -> tuple[tuple[Tensor | None, ...], int, int]:
+    """The checked fp32 operands of :class:`_ChunkedScan` (u, delta, A, B and C as (B, G, N, L), D, z,
+    delta_bias, initial_state) and its chunk and segment lengths."""
     _check(u, delta, A, B, C, D, z, delta_bias)
     if initial_state is not None and initial_state.shape != (u.shape[0], u.shape[1], A.shape[1]):
         raise ValueError(f"initial_state must be (batch, dim, d_state) = {(u.shape[0], u.shape[1], A.shape[1])}; "
@@ -404,16 +441,36 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     S = int(segment_size or SEGMENT_SIZE)
     if T < 1 or S < 1:
         raise ValueError(f"chunk_size and segment_size must be >= 1; got {T} and {S}")
-    dtype = u.dtype
-    batch, dim, length = u.shape
+    batch, _, length = u.shape
     T = max(1, min(T, length))  # a short sequence is one chunk
     S = max(T, S // T * T)  # a segment is whole chunks
     f = lambda t: t.float() if t is not None else None  # noqa: E731
     Bg, Cg = _grouped(B, batch, length), _grouped(C, batch, length)  # (B, G, N, L)
-    out, last = _ChunkedScan.apply(f(u), f(delta), f(A), Bg, Cg, f(D), f(z), f(delta_bias), delta_softplus, T, S,
-                                   f(initial_state))
-    out = out.to(dtype)
-    return (out, last) if return_last_state else out
+    return (f(u), f(delta), f(A), Bg, Cg, f(D), f(z), f(delta_bias), f(initial_state)), T, S
+
+
+class _Tape:
+    """Stand-ins for :func:`selective_scan` that let a block be rerun under autograd without rerunning its
+    scans: ``record`` computes each scan (no autograd) and keeps its output, last state and segment
+    states; ``replay`` hands them back, in the same order, through :class:`_ScanReplay`."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.cursor = 0
+
+    def record(self, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+               return_last_state=False, initial_state=None):
+        ops, T, S = _operands(u, delta, A, B, C, D, z, delta_bias, initial_state, None, None)
+        out, last, Hseg = _scan_forward(*ops[:8], delta_softplus, T, S, ops[8])
+        self.entries.append((out, last, Hseg))
+        return (out.to(u.dtype), last) if return_last_state else out.to(u.dtype)
+
+    def replay(self, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+               return_last_state=False, initial_state=None):
+        ops, T, S = _operands(u, delta, A, B, C, D, z, delta_bias, initial_state, None, None)
+        out, last = _ScanReplay.apply(*ops[:8], delta_softplus, T, S, ops[8], *self.entries[self.cursor])
+        self.cursor += 1
+        return (out.to(u.dtype), last) if return_last_state else out.to(u.dtype)
 
 
 # ------------------------------------------------------------------------------------------- blocks
@@ -422,27 +479,28 @@ class _SegmentRecompute(torch.autograd.Function):
 
     Everything in the block is per position except the causal conv (``d_conv - 1`` positions of look-back)
     and the scan (one (B, d_inner, d_state) state carried across), so a stretch needs only its own input,
-    that look-back and the state entering it. The forward keeps just those states and the input; the
-    backward reruns one stretch at a time, last first, under autograd, and hands the gradient of each
-    stretch's entering state to the stretch before. At 16,384 tokens this keeps ~1/14 of the block's
-    activations alive at once (the in_proj output, conv, silu, dt and gated scan output of the whole
-    sequence are never held), for one more forward pass of compute.
+    that look-back and the state entering it. The forward keeps the input, those states and each
+    stretch's scan output (:class:`_Tape`); the backward reruns one stretch at a time, last first, under
+    autograd, with the scan replayed rather than recomputed, and hands the gradient of each stretch's
+    entering state to the stretch before. The in_proj output, conv, silu and dt of the whole sequence are
+    never held at once; the cost is the block's projections and conv once more.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, block: Mamba, segment: int, *params: Tensor) -> Tensor:
         # x: (B, L, d_model)
         length = x.shape[1]
-        outs, states, state = [], [], None
+        outs, states, state, tapes = [], [], None, []
         for s0 in range(0, length, segment):
             lo = max(0, s0 - (block.d_conv - 1))
             if state is not None:
                 states.append(state)
-            out, state = block.mix(x[:, lo : s0 + segment], s0 - lo, state)
+            tapes.append(_Tape())
+            out, state = block.mix(x[:, lo : s0 + segment], s0 - lo, state, scan=tapes[-1].record)
             outs.append(out)
         device = x.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        ctx.block, ctx.segment = block, segment
+        ctx.block, ctx.segment, ctx.tapes = block, segment, tapes
         ctx.save_for_backward(x, *states)
         return torch.cat(outs, dim=1)  # (B, L, d_model)
 
@@ -463,13 +521,14 @@ class _SegmentRecompute(torch.autograd.Function):
             with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
                 xin = x[:, lo : s0 + segment].detach().requires_grad_(g_x is not None)
                 state = states[i - 1].detach().requires_grad_() if i else None
-                out, last = block.mix(xin, s0 - lo, state)
+                out, last = block.mix(xin, s0 - lo, state, scan=ctx.tapes[i].replay)
+            ctx.tapes[i] = None  # its scan outputs are no longer needed
             outputs, grads = [out], [gout[:, s0 : s0 + segment]]
             if g_state is not None:
                 outputs.append(last)
                 grads.append(g_state)
             leaves = [t for t in (xin, state) if t is not None and t.requires_grad]
-            wrt = leaves + [p for p, w in zip(params, want) if w]
+            wrt = leaves + [p for p, w in zip(params, want, strict=True) if w]
             got = list(torch.autograd.grad(outputs, wrt, grads, allow_unused=True))
             if g_x is not None:
                 g_x[:, lo : s0 + segment] += got.pop(0)
@@ -566,14 +625,16 @@ class Mamba(nn.Module):
             return _SegmentRecompute.apply(x, self, seg, *self.parameters())
         return self.mix(x)[0]
 
-    def mix(self, x: Tensor, lookback: int = 0, state: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def mix(self, x: Tensor, lookback: int = 0, state: Tensor | None = None, scan: Callable | None = None
+            ) -> tuple[Tensor, Tensor]:
         """The block on one stretch of a sequence.
 
         x: (B, lookback + n, d_model), whose first ``lookback`` (< d_conv) positions only feed the causal
-        conv; ``state``: the scan state (B, d_inner, d_state) before the stretch, None at the sequence start.
+        conv; ``state``: the scan state (B, d_inner, d_state) before the stretch, None at the sequence start;
+        ``scan``: what runs the selective scan (default :func:`selective_scan`).
         Returns out (B, n, d_model) and the scan state after the stretch.
         """
-        n = x.shape[1] - lookback
+        scan = scan or selective_scan
         xz = self.in_proj(x).transpose(1, 2)  # (B, 2 * d_inner, lookback + n)
         xs, z = xz.chunk(2, dim=1)  # (B, d_inner, lookback + n) each
         xs = F.pad(xs, (self.d_conv - 1 - lookback, 0))  # causal: zeros before the sequence start
@@ -583,9 +644,9 @@ class Mamba(nn.Module):
         dt, Bm, Cm = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, n); bias added in the scan
         A = -torch.exp(self.A_log.float())  # (d_inner, d_state)
-        y, last = selective_scan(xs, dt, A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D.float(), z=z,
-                                 delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-                                 return_last_state=True, initial_state=state)  # (B, d_inner, n)
+        y, last = scan(xs, dt, A, Bm.transpose(1, 2), Cm.transpose(1, 2), self.D.float(), z=z,
+                       delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=True,
+                       initial_state=state)  # (B, d_inner, n)
         return self.out_proj(y.transpose(1, 2)), last  # (B, n, d_model), (B, d_inner, d_state)
 
 
