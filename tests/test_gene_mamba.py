@@ -138,10 +138,12 @@ def test_factory_and_config_errors():
         enc(torch.randn(2, 11))
 
 
-def test_mamba_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("recompute_length", [None, 4])  # 4 < 10 tokens: stretches instead of checkpoints
+def test_mamba_checkpointing_gives_the_same_gradients(recompute_length):
     torch.manual_seed(0)
-    plain = build_gene_encoder("mamba", 20, dim=16, depth=2, d_state=4, genes_per_token=2)
-    ckpt = build_gene_encoder("mamba", 20, dim=16, depth=2, d_state=4, genes_per_token=2, checkpoint=True)
+    opts = dict(dim=16, depth=2, d_state=4, genes_per_token=2, recompute_length=recompute_length)
+    plain = build_gene_encoder("mamba", 20, **opts)
+    ckpt = build_gene_encoder("mamba", 20, checkpoint=True, **opts)
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randn(3, 20)
     grads = []

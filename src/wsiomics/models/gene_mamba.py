@@ -64,7 +64,9 @@ class GeneMambaConfig:
     drop_path: float = 0.0
     head: HeadKind = "linear"
     out_dim: int | None = None  # None = dim
-    checkpoint: bool = False  # recompute each block in the backward: ~1/3 more time, activations of one block only
+    # recompute each block in the backward: ~1/3 more time, activations of one block only; not applied where
+    # the sequence is longer than recompute_length, whose stretch recompute already keeps less
+    checkpoint: bool = False
     recompute_length: int | None = 2048  # longer sequences: each Mamba block in stretches, recomputed (see Mamba)
 
     def __post_init__(self) -> None:
@@ -216,7 +218,8 @@ class GeneMambaEncoder(_GeneEncoderBase):
         # genes: (B, G)
         x = self.tokenizer(genes)  # (B, T, D)
         for block in self.blocks:
-            if self.cfg.checkpoint and torch.is_grad_enabled():
+            stretched = self.cfg.recompute_length is not None and x.shape[1] > self.cfg.recompute_length
+            if self.cfg.checkpoint and torch.is_grad_enabled() and not stretched:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
