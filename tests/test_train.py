@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import anndata as ad
 import numpy as np
@@ -102,9 +103,68 @@ def test_gimp_pretrain_then_finetune_writes_the_contract(cohort, tmp_path):
             assert abs(float(att["attention"][:].sum()) - 1.0) < 1e-4
     history = pd.read_csv(out / "history.tsv", sep="\t")
     assert len(history) == 25 and {"train_loss", "val_loss", "lr"} <= set(history.columns)
-    # no test patient reached training: the checkpoint records who trained
-    meta = torch.load(out / "model.pt", weights_only=True)["metadata"]
-    assert not set(meta["train_patients"]) & set(test_ids) and not set(meta["val_patients"]) & set(test_ids)
+    assert not (out / ".state").exists()  # finished stages leave no training state behind
+
+
+def _perturb_test_patients(data, rng):
+    """A copy of ``data`` whose test patients have other genes and slides that are other patients' slides."""
+    donors = [s for p in data.role("train") for s in p.slides]
+    patients = []
+    for p in data.patients:
+        if p.role == "test":
+            p = replace(p, genes=None if p.genes is None else rng.normal(size=p.genes.shape).astype(np.float32),
+                        slides=[donors[(i + len(patients)) % len(donors)] for i in range(len(p.slides))])
+        patients.append(p)
+    return replace(data, patients=patients)
+
+
+def test_no_test_patient_reaches_pretraining_or_fine_tuning(cohort, tmp_path):
+    """Perturbing the test patients' features and genes leaves the trained weights bit-equal."""
+    cfg = method_config(TRAIN_CFG, "gimp")
+    cfg["pretrain"]["epochs"], cfg["finetune"]["epochs"] = 2, 2
+    data = _data(cohort)
+    perturbed = _perturb_test_patients(data, np.random.default_rng(5))
+    assert any(not np.array_equal(a.genes, b.genes) for a, b in zip(data.role("test"), perturbed.role("test"),
+                                                                   strict=True) if a.genes is not None)
+    weights = []
+    for name, d in (("a", data), ("b", perturbed)):
+        out = tmp_path / name
+        pretrain("gimp", cfg, d, out)
+        finetune("gimp", cfg, d, out, pretrained=out / "pretrain" / "model.pt")
+        paths = {"pretrain": out / "pretrain" / "model.pt", "finetune": out / "model.pt"}
+        weights.append({stage: torch.load(path, weights_only=True)["model"] for stage, path in paths.items()})
+    for stage in ("pretrain", "finetune"):
+        for k, v in weights[0][stage].items():
+            assert torch.equal(v, weights[1][stage][k]), (stage, k)
+    pa = pd.read_csv(tmp_path / "a" / "predictions.tsv", sep="\t")
+    pb = pd.read_csv(tmp_path / "b" / "predictions.tsv", sep="\t")
+    assert not np.allclose(pa["prob_a"], pb["prob_a"])  # the perturbation reached the test patients' predictions
+
+
+def test_a_killed_job_resumes_but_changed_data_trains_afresh(cohort, tmp_path, monkeypatch):
+    """A state left by a killed job is resumed on the same data; after the data changed (a patient's genes
+    re-normalised, say) the job trains from scratch instead of scoring the old weights."""
+    from wsiomics.train import loop
+    from wsiomics.train import run as run_module
+
+    cfg = method_config(TRAIN_CFG, "gene_only")
+    cfg["finetune"]["epochs"] = 3
+    data = _data(cohort, ("gene",))
+    out = tmp_path / "gene_only"
+    monkeypatch.setattr(run_module, "clear_state", lambda path: None)  # as if killed after the last epoch
+    finetune("gene_only", cfg, data, out)
+    saves = []
+    real = loop._save_state
+    monkeypatch.setattr(loop, "_save_state", lambda path, state: (saves.append(state["epoch"]), real(path, state)))
+    finetune("gene_only", {**cfg, "threads": 2}, data, out)
+    assert saves == []  # same data: the finished state is resumed, nothing retrained
+    changed = replace(data, patients=[replace(p, genes=p.genes + 0.5) if p.role == "train" and p.genes is not None
+                                      else p for p in data.patients])
+    finetune("gene_only", cfg, changed, out)
+    assert saves == [0, 1, 2]
+    monkeypatch.undo()
+    finetune("gene_only", cfg, changed, out)
+    assert not (out / ".state").exists()
 
 
 @pytest.mark.parametrize("name", ["image_only", "gene_only", "late_fusion", "linear"])

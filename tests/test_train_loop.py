@@ -132,3 +132,68 @@ def test_early_stopping_keeps_the_best_val_weights(tmp_path):
             tmp_path / "p.pt", {}, torch.device("cpu"), seed=0)
     assert r.stopped_early and len(r.history) < 60
     assert len(r.history) - r.best_epoch == 2
+
+
+def _kill_after(monkeypatch, n_saves: int) -> list[int]:
+    """Make fit raise after writing ``n_saves`` epoch states (a killed job); returns the saved epochs."""
+    saves: list[int] = []
+    real = loop._save_state
+
+    def save(path, state):
+        real(path, state)
+        saves.append(int(state["epoch"]))
+        if len(saves) == n_saves:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(loop, "_save_state", save)
+    return saves
+
+
+def _fit_with(tmp_path, state, config, epochs=3):
+    data, train, val = _setup(tmp_path)
+    torch.manual_seed(0)
+    model = TinyMIL(data.feature_dim, len(data.genes), len(data.classes))
+    params = OptimParams(epochs=epochs, lr=3e-3, warmup_epochs=1, patience=0)
+    return fit(model, classify_objective(0.0), train, val, params, state, config, torch.device("cpu"), seed=0)
+
+
+def test_a_stale_slot_never_shadows_a_matching_one(tmp_path, monkeypatch):
+    """The newest slot was written for other data (say, a run killed after the folds changed): the job
+    resumes from the older slot that matches, instead of starting afresh or resuming the stale one."""
+    key = {"x": 1, "data_fingerprint": {"patients": "a"}}
+    _kill_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _fit_with(tmp_path, tmp_path / "s.pt", key)
+    stale_slot, good_slot = loop.state_slots(tmp_path / "s.pt")  # epochs 0 and 1 -> slots 0 and 1
+    stale = torch.load(good_slot, weights_only=True)
+    stale.update(digest="written-for-other-data", epoch=4)
+    torch.save(stale, stale_slot)
+    saves = _kill_after(monkeypatch, 99)
+    result = _fit_with(tmp_path, tmp_path / "s.pt", key)
+    assert saves == [2]  # resumed after epoch 2 of 3 from the matching slot
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+
+
+def test_execution_settings_resume_but_other_data_starts_afresh(tmp_path, monkeypatch):
+    key = {"x": 1, "threads": 1, "num_workers": 0, "device": "cpu", "data_fingerprint": {"patients": "a"}}
+    _kill_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _fit_with(tmp_path, tmp_path / "s.pt", key)
+    saves = _kill_after(monkeypatch, 99)
+    _fit_with(tmp_path, tmp_path / "s.pt", {**key, "threads": 8, "num_workers": 2, "device": "auto"})
+    assert saves == [2]  # a resubmitted job on more threads resumes
+    saves = _kill_after(monkeypatch, 99)
+    _fit_with(tmp_path, tmp_path / "s.pt", {**key, "data_fingerprint": {"patients": "b"}})
+    assert saves == [0, 1, 2]  # the finished state of other data is not resumed
+
+
+def test_clear_state_removes_both_slots_and_the_empty_folder(tmp_path):
+    _fit_with(tmp_path, tmp_path / ".state" / "s.pt", {"x": 1}, epochs=2)
+    assert all(s.exists() for s in loop.state_slots(tmp_path / ".state" / "s.pt"))
+    (tmp_path / ".state" / "other.0.pt").write_bytes(b"another stage's state")
+    loop.clear_state(tmp_path / ".state" / "s.pt")
+    assert not any(s.exists() for s in loop.state_slots(tmp_path / ".state" / "s.pt"))
+    assert (tmp_path / ".state" / "other.0.pt").exists()
+    (tmp_path / ".state" / "other.0.pt").unlink()
+    loop.clear_state(tmp_path / ".state" / "s.pt")
+    assert not (tmp_path / ".state").exists()

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from wsiomics import devices
 from wsiomics.io import atomic_path
 from wsiomics.models.batch import Batch
+from wsiomics.train.fingerprint import state_key_config
 
 log = logging.getLogger(__name__)
 
@@ -114,33 +115,40 @@ def _mean_losses(model: torch.nn.Module, objective: Objective, loader: Iterable[
 def fit(model: torch.nn.Module, objective: Objective, train_loader, val_loader, params: OptimParams,
         state_path: str | Path, config: dict[str, Any], device: torch.device, seed: int,
         desc: str = "train") -> FitResult:
-    """Train ``model`` in place; on return it holds the best-on-val weights (or the last, without val)."""
+    """Train ``model`` in place; on return it holds the best-on-val weights (or the last, without val).
+
+    ``config`` is what a saved state must have been computed from to be resumed: the method's settings
+    plus the data's fingerprint (:func:`wsiomics.train.fingerprint.data_fingerprint`); execution-only
+    settings (threads, workers, device) are left out of the key, so a resubmitted job resumes."""
     state_path = Path(state_path)
     model.to(device)
     optimizer = torch.optim.AdamW(_param_groups(model, params), weight_decay=params.weight_decay)
     scheduler = _schedule(optimizer, params, len(train_loader))
-    digest = config_digest({"config": config, "optim": asdict(params)})
+    digest = config_digest({"config": state_key_config(config), "optim": asdict(params)})
     gen = torch.Generator(device="cpu").manual_seed(seed)
     history: list[dict[str, float]] = []
     best = {"epoch": -1, "value": math.inf, "state": None}
     bad_epochs, start_epoch, stopped = 0, 0, False
 
-    state = load_state(state_path)
+    state = load_state(state_path, digest)
     if state is not None:
-        if state.get("digest") == digest:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["torch_rng"])
-            gen.set_state(state["mask_rng"])
-            history = [dict(h) for h in state["history"]]
-            best = {"epoch": int(state["best_epoch"]), "value": float(state["best_value"]),
-                    "state": state["best_model"]}
-            bad_epochs, start_epoch, stopped = int(state["bad_epochs"]), int(state["epoch"]) + 1, bool(state["stopped"])
-            log.info("%s: resuming after epoch %d from %s", desc, start_epoch - 1, state_path)
-        else:
-            log.info("%s: %s was written for another configuration; starting afresh", desc, state_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        gen.set_state(state["mask_rng"])
+        history = [dict(h) for h in state["history"]]
+        best = {"epoch": int(state["best_epoch"]), "value": float(state["best_value"]),
+                "state": state["best_model"]}
+        bad_epochs, start_epoch, stopped = int(state["bad_epochs"]), int(state["epoch"]) + 1, bool(state["stopped"])
+        log.info("%s: resuming after epoch %d from %s", desc, start_epoch - 1, state_path)
     else:
+        stale = [slot for slot in state_slots(state_path) if slot.exists()]
+        if stale:  # written for other data or settings (or unreadable): never resumed, so removed
+            log.info("%s: %s holds no state of this data and configuration; starting afresh", desc,
+                     ", ".join(map(str, stale)))
+            for slot in stale:
+                slot.unlink()
         torch.manual_seed(seed)
 
     has_val = val_loader is not None and len(val_loader.batch_sampler) > 0
@@ -212,8 +220,9 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def load_state(path: str | Path) -> dict[str, Any] | None:
-    """The newest state among the slots of ``path`` that loads (a damaged one is skipped); None if none."""
+def load_state(path: str | Path, digest: str | None = None) -> dict[str, Any] | None:
+    """The newest state among the slots of ``path`` that loads (a damaged one is skipped) and, when ``digest``
+    is given, was written under that key (a stale slot never shadows a valid one); None if none."""
     newest = None
     for slot in state_slots(path):
         if not slot.exists():
@@ -223,9 +232,20 @@ def load_state(path: str | Path) -> dict[str, Any] | None:
         except Exception as e:  # a file damaged outside our atomic writes: the other slot may still be good
             log.warning("training state %s is unreadable (%s); ignoring it", slot, e)
             continue
+        if digest is not None and state.get("digest") != digest:
+            continue
         if newest is None or int(state["epoch"]) > int(newest["epoch"]):
             newest = state
     return newest
+
+
+def clear_state(path: str | Path) -> None:
+    """Remove a finished stage's training state (both slots, and its folder once empty): a later run of the
+    stage, forced or on changed inputs, must train, not pick up the finished state."""
+    for slot in state_slots(path):
+        slot.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # other stages' states may still be there
+        Path(path).parent.rmdir()
 
 
 def save_model(path: str | Path, model: torch.nn.Module, metadata: dict[str, Any]) -> None:

@@ -23,8 +23,9 @@ from wsiomics.io import atomic_path
 from wsiomics.models.batch import Batch
 from wsiomics.train import evaluate as ev
 from wsiomics.train.build import build_model
+from wsiomics.train.fingerprint import data_fingerprint
 from wsiomics.train.linear import PatientVectors, fit_logistic
-from wsiomics.train.loop import OptimParams, fit, load_model_state, resolve_device, save_model
+from wsiomics.train.loop import OptimParams, clear_state, fit, load_model_state, resolve_device, save_model
 from wsiomics.train.methods import Method, deep_merge, get_method, pretrained_source
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,11 @@ def _optim(section: dict[str, Any]) -> tuple[dict[str, Any], float, bool]:
     return optim, smoothing, select == "val"
 
 
+def state_key(cfg: dict[str, Any], data: FoldData, pretrained: str | Path | None = None) -> dict[str, Any]:
+    """What a saved training state must match to be resumed: the settings and the data (fingerprint)."""
+    return {**cfg, "data_fingerprint": data_fingerprint(data, pretrained)}
+
+
 def classify_objective(label_smoothing: float):
     def objective(model: torch.nn.Module, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
         out = model(batch)
@@ -183,8 +189,9 @@ def pretrain(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
     optim, _, select_val = _optim(cfg["pretrain"])
     val_loader = val_loader if select_val else None
     t0 = time.perf_counter()
-    result = fit(model, pretrain_objective, train_loader, val_loader, _dataclass(OptimParams, optim),
-                 out / ".state" / "pretrain.pt", cfg, device, seed, desc=f"{method.name} fold{data.fold} pretrain")
+    state_path = out / ".state" / "pretrain.pt"
+    result = fit(model, pretrain_objective, train_loader, val_loader, _dataclass(OptimParams, optim), state_path,
+                 state_key(cfg, data), device, seed, desc=f"{method.name} fold{data.fold} pretrain")
     seconds = time.perf_counter() - t0
     write_history(out / "pretrain" / "history.tsv", result.history, f"{method.name} fold {data.fold}: pretraining")
     info = {"best_epoch": result.best_epoch, "seconds": seconds, "epochs": len(result.history)}
@@ -195,6 +202,7 @@ def pretrain(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
                                                        **metrics, "training": info})
     save_model(out / "pretrain" / "model.pt", model,
                _metadata(method, cfg, data, "pretrain", best_epoch=result.best_epoch, seconds=seconds))
+    clear_state(state_path)
     return info
 
 
@@ -287,8 +295,9 @@ def finetune(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
     train_loader, val_loader = _loaders(data, cfg, dparams, seed, "finetune")
     val_loader = val_loader if select_val else None
     t0 = time.perf_counter()
+    state_path = out / ".state" / "finetune.pt"
     result = fit(model, classify_objective(smoothing), train_loader, val_loader, _dataclass(OptimParams, ft),
-                 out / ".state" / "finetune.pt", {**cfg, "pretrained": str(pretrained)}, device, seed,
+                 state_path, state_key(cfg, data, pretrained), device, seed,
                  desc=f"{method.name} fold{data.fold} finetune")
     seconds = time.perf_counter() - t0
     write_history(out / "history.tsv", result.history, f"{method.name} fold {data.fold}: fine-tuning")
@@ -301,6 +310,7 @@ def finetune(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
         extra["pretrain"] = {k: v for k, v in pre_metrics.items() if k not in ("method", "fold")}
     _write_outputs(method, data, out, results, info, extra)
     save_model(out / "model.pt", model, _metadata(method, cfg, data, "finetune", **info))
+    clear_state(state_path)
     return info
 
 
@@ -522,8 +532,9 @@ def finetune_segmentation(method: Method, cfg: dict[str, Any], data: FoldData, o
     train_loader, val_loader = _loaders(fit_data, build_cfg, dparams, seed, "finetune")
     val_loader = val_loader if select_val else None
     t0 = time.perf_counter()
-    result = fit(model, segmentation_objective, train_loader, val_loader, _dataclass(OptimParams, ft),
-                 out / ".state" / "finetune.pt", {**build_cfg, "pretrained": str(pretrained)}, device, seed,
+    state_path = out / ".state" / "finetune.pt"
+    result = fit(model, segmentation_objective, train_loader, val_loader, _dataclass(OptimParams, ft), state_path,
+                 state_key(build_cfg, data, pretrained), device, seed,
                  desc=f"{method.name} fold{data.fold} segmentation")
     seconds = time.perf_counter() - t0
     write_history(out / "history.tsv", result.history, f"{method.name} fold {data.fold}: segmentation")
@@ -563,6 +574,7 @@ def finetune_segmentation(method: Method, cfg: dict[str, Any], data: FoldData, o
     metrics.update({"method": method.name, "fold": data.fold, "threshold": threshold, "training": info})
     ev.write_json(out / "metrics.json", metrics)
     save_model(out / "model.pt", model, _metadata(method, build_cfg, data, "finetune", **info))
+    clear_state(state_path)
     log.info("%s fold %d test: dice_mean %s, dice_pooled %s over %d slides; skipped %s", method.name, data.fold,
              metrics["dice_mean"], metrics["dice_pooled"], metrics["n_slides"], metrics["skipped_slides"])
     return info
