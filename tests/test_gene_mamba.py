@@ -138,16 +138,23 @@ def test_factory_and_config_errors():
         enc(torch.randn(2, 11))
 
 
-@pytest.mark.parametrize("recompute_length", [None, 4])  # 4 < 10 tokens: stretches instead of checkpoints
-def test_mamba_checkpointing_gives_the_same_gradients(recompute_length):
+@pytest.mark.parametrize(("recompute_length", "checkpointed"), [(None, 2), (4, 0)])  # 4 < 10 tokens: stretches
+def test_mamba_checkpointing_gives_the_same_gradients(recompute_length, checkpointed, monkeypatch):
+    """checkpoint: true runs each block under torch's checkpoint (counted, so the two sides really take
+    different paths) with the gradients of the plain encoder; blocks already running in recomputed
+    stretches are not wrapped again, and match the whole-sequence encoder."""
     torch.manual_seed(0)
-    opts = dict(dim=16, depth=2, d_state=4, genes_per_token=2, recompute_length=recompute_length)
-    plain = build_gene_encoder("mamba", 20, **opts)
-    ckpt = build_gene_encoder("mamba", 20, checkpoint=True, **opts)
+    opts = dict(dim=16, depth=2, d_state=4, genes_per_token=2)
+    plain = build_gene_encoder("mamba", 20, recompute_length=None, **opts)
+    ckpt = build_gene_encoder("mamba", 20, checkpoint=True, recompute_length=recompute_length, **opts)
     ckpt.load_state_dict(plain.state_dict())
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     x = torch.randn(3, 20)
     grads = []
     for enc in (plain, ckpt):
         enc(x).pooled.square().sum().backward()
         grads.append([p.grad for p in enc.parameters()])
+    assert len(calls) == checkpointed
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads, strict=True))

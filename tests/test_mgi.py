@@ -224,17 +224,21 @@ def test_mgi_pretrain_evaluates_retrieval_then_finetunes(cohort, tmp_path):
     pre = json.loads((out / "pretrain" / "metrics.json").read_text())
     paired_test = sorted(p.patient_id for p in data.role("test") if p.slides and p.genes is not None)
     assert pre["n_retrieval"] == len(paired_test)
-    for key in ("recall_i2g@1", "recall_i2g@5", "recall_g2i@1", "recall_g2i@5", "linear_probe_balanced_accuracy"):
-        assert 0.0 <= pre[key] <= 1.0, key
     emb = zarr.open_group(str(out / "pretrain" / "embeddings.zarr"), mode="r")
     assert sorted(emb["patient_id"][:]) == sorted(p.patient_id for p in data.patients)
     assert emb["image"].shape == (16, 8) and emb["gene"].shape == (16, 8)
-    # the stored embeddings are the pretrained model's: recomputing retrieval from them gives the metrics
+    # the metrics are those of the stored test embeddings, counted here by brute force: a query's partner is
+    # within the top k when fewer than k other candidates are more cosine-similar to the query
     ids, roles = list(emb["patient_id"][:]), list(emb["role"][:])
     idx = [ids.index(p) for p in paired_test]
     assert all(roles[i] == "test" for i in idx)
-    again = retrieval_metrics(emb["image"][:][idx], emb["gene"][:][idx])
-    assert again["recall_i2g@1"] == pre["recall_i2g@1"] and again["recall_g2i@5"] == pre["recall_g2i@5"]
+    img, gene = emb["image"][:][idx], emb["gene"][:][idx]
+    img, gene = img / np.linalg.norm(img, axis=1, keepdims=True), gene / np.linalg.norm(gene, axis=1, keepdims=True)
+    for name, queries, candidates in (("i2g", img, gene), ("g2i", gene, img)):
+        for k in (1, 5):
+            hits = [sum(float(queries[i] @ c) > float(queries[i] @ candidates[i]) for c in candidates) < k
+                    for i in range(len(queries))]
+            assert pre[f"recall_{name}@{k}"] == pytest.approx(np.mean(hits)), (name, k)
 
     finetune("mgi", cfg, data, out, pretrained=out / "pretrain" / "model.pt")
     metrics = json.loads((out / "metrics.json").read_text())

@@ -179,11 +179,21 @@ def test_tile_targets_travel_through_the_dataset_in_raster_order(cohort):
 
 
 @pytest.mark.slow
-def test_image_seg_and_mgi_seg_learn_and_write_the_contract(cohort, tmp_path):
+def test_image_seg_and_mgi_seg_learn_and_write_the_contract(cohort, tmp_path, monkeypatch):
+    from wsiomics.train import run as run_module
+
     folds, slides, features, expr, annotations = cohort
     results = {}
     mgi_cfg = deep_merge(method_config(CFG, "mgi"), {"pretrain": {"epochs": 2}})
     pretrain("mgi", mgi_cfg, _data(cohort), tmp_path / "mgi")
+    initial = {}  # each segmenter's weights as training starts
+    real_fit = run_module.fit
+
+    def fit(model, *args, **kwargs):
+        initial[kwargs["desc"].split()[0]] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "fit", fit)
     for name in ("image_seg", "mgi_seg"):
         cfg = method_config(CFG, name)
         data = _data(cohort, genes=name != "image_seg")
@@ -203,7 +213,13 @@ def test_image_seg_and_mgi_seg_learn_and_write_the_contract(cohort, tmp_path):
             assert prob.shape == (s.n_tokens,) and prob.min() >= 0.0 and prob.max() <= 1.0
             assert (out / "tumour" / f"{s.slide_id}.png").stat().st_size > 1000
         assert metrics["dice_mean"] >= 0.8 and metrics["dice_pooled"] >= 0.8, (name, metrics)
-    state = torch.load(tmp_path / "mgi_seg" / "model.pt", weights_only=True)
-    assert any(k.startswith("gene_encoder.") for k in state["model"])
+    # mgi_seg starts from MGI's pretrained encoders, tensor for tensor; its decoder is new
+    mgi = torch.load(tmp_path / "mgi" / "pretrain" / "model.pt", weights_only=True)["model"]
+    start = initial["mgi_seg"]
+    encoder_keys = [k for k in start if k.split(".")[0] in ("image_encoder", "gene_encoder")]
+    assert any(k.startswith("gene_encoder.") for k in encoder_keys)
+    for k in encoder_keys:
+        assert torch.equal(start[k], mgi[k]), k
+    assert not all(torch.equal(start[k], initial["image_seg"][k]) for k in encoder_keys if k in initial["image_seg"])
     assert not any(k.startswith("gene_encoder.") for k in torch.load(tmp_path / "image_seg" / "model.pt",
                                                                        weights_only=True)["model"])

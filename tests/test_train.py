@@ -216,9 +216,3 @@ def test_stage_model_settings_apply_to_their_stage_only(cohort, tmp_path):
              if isinstance(m, torch.nn.Dropout)}
     assert 0.4 in rates and stage_config(cfg, "pretrain") is cfg
 
-
-def test_mgi_fine_tunes_with_its_own_regime():
-    cfg = method_config(TRAIN_CFG, "mgi")
-    assert cfg["model"]["head"] == "mlp" and cfg["finetune"]["model"] == {"dropout": 0.3}
-    assert "model" not in cfg["pretrain"]
-    assert cfg["finetune"]["encoder_lr_scale"] == TRAIN_CFG["finetune"]["encoder_lr_scale"]
