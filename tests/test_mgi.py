@@ -20,7 +20,7 @@ from wsiomics.models.slide_transformer import SlideTransformerConfig
 from wsiomics.train import loop
 from wsiomics.train.evaluate import retrieval_metrics
 from wsiomics.train.methods import METHODS, deep_merge, method_config
-from wsiomics.train.run import finetune, pretrain
+from wsiomics.train.stages import finetune, pretrain
 
 N_GENES = 12
 FEATURE_DIM = 32

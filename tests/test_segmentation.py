@@ -19,7 +19,8 @@ from wsiomics.models.segmentation import SegmenterConfig, TumourSegmenter, soft_
 from wsiomics.models.slide_transformer import SlideTransformerConfig
 from wsiomics.train.evaluate import dice_score, segmentation_metrics
 from wsiomics.train.methods import deep_merge, method_config
-from wsiomics.train.run import attach_tumour_labels, finetune, pretrain
+from wsiomics.train.stages import finetune, pretrain
+from wsiomics.train.tasks.segment import attach_tumour_labels
 
 N_GENES = 12
 FEATURE_DIM = 32
@@ -180,7 +181,7 @@ def test_tile_targets_travel_through_the_dataset_in_raster_order(cohort):
 
 @pytest.mark.slow
 def test_image_seg_and_mgi_seg_learn_and_write_the_contract(cohort, tmp_path, monkeypatch):
-    from wsiomics.train import run as run_module
+    from wsiomics.train import stages as run_module
 
     folds, slides, features, expr, annotations = cohort
     results = {}

@@ -15,7 +15,7 @@ from test_datasets import grid_coords, write_store
 
 from wsiomics.datasets import load_fold
 from wsiomics.train.methods import METHODS, method_config
-from wsiomics.train.run import finetune, pretrain
+from wsiomics.train.stages import finetune, pretrain
 
 N_GENES = 12
 TRAIN_CFG = {
@@ -145,7 +145,7 @@ def test_a_killed_job_resumes_but_changed_data_trains_afresh(cohort, tmp_path, m
     """A state left by a killed job is resumed on the same data; after the data changed (a patient's genes
     re-normalised, say) the job trains from scratch instead of scoring the old weights."""
     from wsiomics.train import loop
-    from wsiomics.train import run as run_module
+    from wsiomics.train import stages as run_module
 
     cfg = method_config(TRAIN_CFG, "gene_only")
     cfg["finetune"]["epochs"] = 3
@@ -201,7 +201,7 @@ def test_stage_model_settings_apply_to_their_stage_only(cohort, tmp_path):
     """train.finetune.model (here dropout) changes the fine-tuned network, not the pretrained one, and the
     pretrained checkpoint still loads into it."""
     from wsiomics.train.build import build_model
-    from wsiomics.train.run import stage_config
+    from wsiomics.train.stages import stage_config
 
     cfg = method_config({**TRAIN_CFG, "methods": {"gimp": {"finetune": {"model": {"dropout": 0.4}}}}}, "gimp")
     cfg["pretrain"]["epochs"], cfg["finetune"]["epochs"] = 1, 1

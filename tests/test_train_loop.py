@@ -10,7 +10,7 @@ from wsiomics.datasets import DatasetParams, load_fold
 from wsiomics.models.batch import ModelOutput
 from wsiomics.train import loop
 from wsiomics.train.loop import OptimParams, fit
-from wsiomics.train.run import classify_objective
+from wsiomics.train.tasks.classify import classify_objective
 
 
 class TinyMIL(torch.nn.Module):

@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_summary(args.out, table)
         print(table.to_string())
         return 0
-    from wsiomics.train.run import finetune, load_inputs, pretrain
+    from wsiomics.train.stages import finetune, load_inputs, pretrain
 
     cfg = _config(args.config)
     if args.threads:
@@ -76,14 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "pretrain":
         info = pretrain(args.method, cfg, data, args.out_dir)
     else:
-        annotations = None
-        if method.task == "segment":
-            from wsiomics.train.run import annotation_paths
-
-            if not args.samples:
-                parser.error(f"{args.method} is a segmentation method: pass --samples (its annotation_path column)")
-            annotations = annotation_paths(args.samples)
-        info = finetune(args.method, cfg, data, args.out_dir, args.pretrained or None, annotations)
+        info = finetune(args.method, cfg, data, args.out_dir, args.pretrained or None, samples=args.samples or None)
     log.info("done: %s", info)
     return 0
 

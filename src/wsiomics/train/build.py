@@ -50,37 +50,37 @@ def _gene_cfg(cfg: dict[str, Any], data: FoldData):
 
 
 @model_builder("gimp")
-def _gimp(cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:
+def _gimp(cfg: dict[str, Any], data: FoldData, n_outputs: int) -> torch.nn.Module:
     from wsiomics.models.gimp import GiMP, GiMPConfig
 
     gimp_cfg = fill(GiMPConfig, cfg["model"], image=_image_cfg(cfg, data), gene=_gene_cfg(cfg, data),
-                    n_classes=max(2, len(data.classes)))
+                    n_classes=n_outputs)
     return _standardize_inputs(GiMP(gimp_cfg), cfg, data)
 
 
 @model_builder("late_fusion")
-def _late_fusion(cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:
+def _late_fusion(cfg: dict[str, Any], data: FoldData, n_outputs: int) -> torch.nn.Module:
     from wsiomics.models.baselines import LateFusion, LateFusionConfig
 
     model = LateFusion(fill(LateFusionConfig, cfg["model"], image=_image_cfg(cfg, data), gene=_gene_cfg(cfg, data),
-                            n_classes=max(2, len(data.classes))))
+                            n_classes=n_outputs))
     return _standardize_inputs(model, cfg, data)
 
 
 @model_builder("gene_only")
-def _gene_only(cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:
+def _gene_only(cfg: dict[str, Any], data: FoldData, n_outputs: int) -> torch.nn.Module:
     from wsiomics.models.baselines import GeneOnly, GeneOnlyConfig
 
-    return GeneOnly(fill(GeneOnlyConfig, cfg["model"], gene=_gene_cfg(cfg, data), n_classes=max(2, len(data.classes))))
+    return GeneOnly(fill(GeneOnlyConfig, cfg["model"], gene=_gene_cfg(cfg, data), n_classes=n_outputs))
 
 
 @model_builder("image_only")
-def _image_only(cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:
+def _image_only(cfg: dict[str, Any], data: FoldData, n_outputs: int) -> torch.nn.Module:
     from wsiomics.models.abmil import ABMILConfig
     from wsiomics.models.baselines import ImageOnlyMIL, ImageOnlyMILConfig
 
     mil = fill(ABMILConfig, cfg["model"], in_dim=max(1, data.feature_dim))
-    model = ImageOnlyMIL(fill(ImageOnlyMILConfig, cfg["model"], mil=mil, n_classes=max(2, len(data.classes))))
+    model = ImageOnlyMIL(fill(ImageOnlyMILConfig, cfg["model"], mil=mil, n_classes=n_outputs))
     return _standardize_inputs(model, cfg, data)
 
 
@@ -135,18 +135,18 @@ def _standardize_inputs(model: torch.nn.Module, cfg: dict[str, Any], data: FoldD
 
 
 @model_builder("mgi")
-def _mgi(cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:
+def _mgi(cfg: dict[str, Any], data: FoldData, n_outputs: int) -> torch.nn.Module:
     from wsiomics.models.mgi import MGI, MGIConfig
 
     m = cfg["model"]
     kind = str(m.get("gene_encoder", "mamba"))
     model = MGI(fill(MGIConfig, m, image=_image_cfg(cfg, data), n_genes=max(1, len(data.genes)),
-                     n_classes=max(2, len(data.classes)), gene_encoder=kind, gene=gene_encoder_options(m, kind)))
+                     n_classes=n_outputs, gene_encoder=kind, gene=gene_encoder_options(m, kind)))
     return _standardize_inputs(model, cfg, data)
 
 
 @model_builder("segmenter")
-def _segmenter(cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:
+def _segmenter(cfg: dict[str, Any], data: FoldData, n_outputs: int) -> torch.nn.Module:
     from wsiomics.models.segmentation import SegmenterConfig, TumourSegmenter
 
     m = cfg["model"]
@@ -160,6 +160,9 @@ def _segmenter(cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:
 
 
 def build_model(method: Method, cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:
+    """The method's network for the fold, its output head sized by the method's task."""
+    from wsiomics.train.tasks import get_task
+
     if method.model not in MODEL_BUILDERS:
         raise KeyError(f"method {method.name}: no model builder {method.model!r} (known: {sorted(MODEL_BUILDERS)})")
-    return MODEL_BUILDERS[method.model](cfg, data)
+    return MODEL_BUILDERS[method.model](cfg, data, get_task(method.task).head_outputs(data))

@@ -119,6 +119,32 @@ def write_predictions(path: str | Path, table: pd.DataFrame) -> None:
         table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
 
 
+def write_history(path: Path, history: list[dict[str, float]], title: str) -> None:
+    """history.tsv and a loss-curve PNG beside it."""
+    table = pd.DataFrame(history)
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, sep="\t", index=False, float_format="%.6g")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    x = table["epoch"] if "epoch" in table else np.arange(len(table))
+    for col in table.columns:
+        if col.endswith("loss") and (col.startswith("train_") or col.startswith("val_")):
+            ax.plot(x, table[col], label=col, linestyle="-" if col.startswith("train_") else "--")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path.with_name(path.stem.replace("history", "loss_curve") + ".png")) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
 def write_json(path: str | Path, value: dict[str, Any]) -> None:
     def clean(v):
         if isinstance(v, float) and not math.isfinite(v):
@@ -247,23 +273,23 @@ def write_tumour_heatmap(path: str | Path, coords: np.ndarray, probs: np.ndarray
     plt.close(fig)
 
 
-SUMMARY_METRICS = ("balanced_accuracy", "accuracy", "auc_macro", "f1_macro", "recall_i2g@1", "recall_i2g@5",
-                   "recall_g2i@1", "recall_g2i@5", "linear_probe_balanced_accuracy", "dice_mean", "dice_pooled")
-
-
 def summarize(paths: list[str]) -> pd.DataFrame:
-    """One row per method: mean and std over folds of each metric the method reports."""
+    """One row per method: mean and std over folds of each metric the method reports (the metrics each task
+    names, :func:`wsiomics.train.tasks.summary_metrics`)."""
+    from wsiomics.train.tasks import summary_metrics
+
+    names = summary_metrics()
     records = []
     for path in paths:
         with open(path) as f:
             m = json.load(f)
         records.append({"method": m["method"], "fold": m["fold"],
-                        **{k: m.get(k) for k in SUMMARY_METRICS if m.get(k) is not None}})
+                        **{k: m.get(k) for k in names if m.get(k) is not None}})
     frame = pd.DataFrame(records)
     rows = []
     for method, part in frame.groupby("method", sort=False):
         row: dict[str, Any] = {"method": method, "n_folds": len(part)}
-        for k in SUMMARY_METRICS:
+        for k in names:
             if k in part and part[k].notna().any():
                 values = part[k].dropna().astype(float)
                 row[f"{k}_mean"] = values.mean()

@@ -1,0 +1,101 @@
+"""Evaluations every embedding method gets, whatever its task: image<->gene retrieval and a linear probe.
+
+They judge a network's embeddings without fine-tuning: after pretraining (``pretrain/metrics.json``) and,
+for methods without pretraining, of the randomly initialised network, so the two can be compared.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wsiomics.datasets import DatasetParams, FoldData
+from wsiomics.train import evaluate as ev
+from wsiomics.train.linear import fit_logistic
+from wsiomics.train.roles import ALL_ROLES, TRAIN_ROLES, VAL_ROLES
+
+log = logging.getLogger(__name__)
+
+# What the evaluation of a pretrained model adds to the fine-tuned metrics.json (from pretrain/metrics.json).
+PRETRAIN_KEYS = ("n_retrieval", "recall_i2g@1", "recall_i2g@5", "recall_g2i@1", "recall_g2i@5",
+                 "linear_probe_balanced_accuracy", "linear_probe_accuracy", "n_linear_probe")
+# Of those, the ones the cohort summary reports.
+SUMMARY_KEYS = ("recall_i2g@1", "recall_i2g@5", "recall_g2i@1", "recall_g2i@5", "linear_probe_balanced_accuracy")
+
+
+def evaluate_embeddings(model: torch.nn.Module, data: FoldData, device: torch.device, dparams: DatasetParams,
+                        seed: int, retrieval: bool) -> tuple[dict[str, Any], list[ev.PatientResult]]:
+    """A pretrained (or initial) model's embeddings of every patient of the fold, judged without fine-tuning.
+
+    ``retrieval``: image->gene and gene->image recall@1/@5 on the ``test`` patients that have both
+    modalities (and on ``heldout`` on its own); always: a linear probe, logistic regression on the
+    embeddings (``fused``, else image and gene side by side) of the labelled train+val patients,
+    scored on the labelled test patients.
+    """
+    results = ev.run_model(model, data, ALL_ROLES, device, dparams)
+    metrics: dict[str, Any] = {}
+    if retrieval:
+        for role in ("test", "heldout"):
+            paired = [r for r in results if r.patient.role == role and r.patient.slides and r.patient.genes is not None]
+            if role == "heldout" and not paired:
+                continue
+            img = np.stack([r.embeddings["image"] for r in paired]) if paired else np.zeros((0, 1))
+            gene = np.stack([r.embeddings["gene"] for r in paired]) if paired else np.zeros((0, 1))
+            found = ev.retrieval_metrics(img, gene)
+            if role == "test":
+                metrics.update(found)
+            else:
+                metrics["retrieval_heldout"] = found
+    metrics.update(linear_probe(results, data.classes, seed))
+    return metrics, results
+
+
+def _probe_vector(r: ev.PatientResult) -> np.ndarray | None:
+    if "fused" in r.embeddings:
+        return r.embeddings["fused"]
+    parts = [r.embeddings[k] for k in ("image", "gene") if k in r.embeddings]
+    return np.concatenate(parts) if parts else None
+
+
+def linear_probe(results: list[ev.PatientResult], classes: list[str], seed: int) -> dict[str, Any]:
+    """Logistic regression (linear.fit_logistic) on frozen embeddings: fit on train+val, score on test."""
+    fit = [r for r in results if r.patient.role in (*TRAIN_ROLES, *VAL_ROLES) and r.patient.label in classes]
+    test = [r for r in results if r.patient.role == "test" and r.patient.label in classes]
+    out: dict[str, Any] = {"n_linear_probe": len(test), "linear_probe_balanced_accuracy": None,
+                           "linear_probe_accuracy": None}
+    if not fit or not test or _probe_vector(fit[0]) is None or len({r.patient.label for r in fit}) < 2:
+        return out
+    x = np.stack([_probe_vector(r) for r in fit])
+    y = np.array([classes.index(r.patient.label) for r in fit])
+    model = fit_logistic(x, y, seed)
+    probs = np.zeros((len(test), len(classes)))
+    probs[:, model.classes_] = model.predict_proba(np.stack([_probe_vector(r) for r in test]))
+    found = ev.classification_metrics([r.patient.label for r in test], probs, classes)
+    out["linear_probe_balanced_accuracy"] = found["balanced_accuracy"]
+    out["linear_probe_accuracy"] = found["accuracy"]
+    return out
+
+
+def pretrained_metrics(pretrained: str | Path) -> dict[str, Any]:
+    """pretrain/metrics.json beside a pretrained checkpoint ({} when absent, e.g. a checkpoint from elsewhere)."""
+    path = Path(pretrained).with_name("metrics.json")
+    if not path.exists():
+        log.warning("%s: no metrics.json beside the pretrained checkpoint; retrieval metrics not reported", pretrained)
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def top_level(pre_metrics: dict[str, Any]) -> dict[str, Any]:
+    """The fine-tuned metrics.json's copy of the initial network's evaluation: the main keys at the top level,
+    everything under ``pretrain``."""
+    if not pre_metrics:
+        return {}
+    extra = {k: pre_metrics[k] for k in PRETRAIN_KEYS if k in pre_metrics}
+    extra["pretrain"] = {k: v for k, v in pre_metrics.items() if k not in ("method", "fold")}
+    return extra

@@ -1,0 +1,97 @@
+"""The task interface: what a method is fine-tuned for, in one place.
+
+A task owns its targets (read from the fold's data, the sheet or annotations), the size of the model's head,
+the objective, the evaluation of the trained model and the files it writes, and the metrics the cohort
+summary reports. The stage code (:mod:`wsiomics.train.stages`) runs the same short path for every task:
+``prepare`` -> fit the network (or a scikit-learn estimator) on ``training_data`` with ``objective`` ->
+``predict`` -> ``write``. A new task is a subclass registered with :func:`register_task`; no stage code
+changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from wsiomics.datasets import DatasetParams, FoldData
+
+if TYPE_CHECKING:
+    from wsiomics.train.evaluate import PatientResult
+    from wsiomics.train.loop import Objective
+    from wsiomics.train.methods import Method
+
+
+@dataclass
+class StageContext:
+    """One method's stage on one fold: its resolved configuration, data, output folder and run settings."""
+
+    method: Method
+    cfg: dict[str, Any]  # the stage's configuration (train.<stage>.model merged over train.model)
+    data: FoldData
+    out: Path  # results/models/<method>/fold<k>
+    device: torch.device
+    seed: int
+    dparams: DatasetParams
+    pretrained: Path | None = None  # the checkpoint a fine-tune starts from
+    inputs: dict[str, Any] = field(default_factory=dict)  # task inputs given to the stage (sheet, annotations)
+    found: dict[str, Any] = field(default_factory=dict)  # what the task's prepare() found, for its write()
+
+
+class Task:
+    """Base class: override what differs. The defaults train on every ``train``/``val`` patient."""
+
+    name: ClassVar[str] = ""
+    # metrics.json keys the cohort summary reports for methods of this task (mean and std over folds)
+    summary_metrics: ClassVar[tuple[str, ...]] = ()
+    # the initial (pretrained or random) network's retrieval and linear probe are reported beside the task's
+    embedding_evaluations: ClassVar[bool] = False
+    history_title: ClassVar[str] = "fine-tuning"  # the loss curve's title
+    needs_labels: ClassVar[bool] = False  # the workflow skips the task's methods on a cohort without labels
+
+    def prepare(self, ctx: StageContext) -> FoldData:
+        """The fold's data with this task's targets attached and checked (a clear error when unusable)."""
+        return ctx.data
+
+    def head_outputs(self, data: FoldData) -> int:
+        """Width of the model's output head."""
+        return max(2, len(data.classes))
+
+    def training_data(self, ctx: StageContext) -> FoldData:
+        """The patients the network trains (``train``) and early-stops (``val``) on, plus the evaluated ones."""
+        return ctx.data
+
+    def objective(self, ctx: StageContext) -> Objective:
+        raise NotImplementedError
+
+    def predict(self, model: torch.nn.Module, ctx: StageContext) -> list[PatientResult]:
+        """The trained network's outputs for the evaluated (``test``, ``heldout``) patients."""
+        raise NotImplementedError
+
+    def write(self, ctx: StageContext, results: list[PatientResult], info: dict[str, Any],
+              extra: dict[str, Any]) -> dict[str, Any]:
+        """Write the task's output files and ``metrics.json`` (``info``: training; ``extra``: more metrics)."""
+        raise NotImplementedError
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    if not task.name:
+        raise ValueError(f"{type(task).__name__} has no name")
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+def summary_metrics() -> tuple[str, ...]:
+    """Every registered task's summary metrics, each once, in registration order."""
+    return tuple(dict.fromkeys(k for task in TASKS.values() for k in task.summary_metrics))

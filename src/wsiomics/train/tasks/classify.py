@@ -1,0 +1,76 @@
+"""Classification: the patient's label from the sheet; cross-entropy; predictions, metrics, embeddings, attention."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from wsiomics.datasets import FoldData
+from wsiomics.models.batch import Batch
+from wsiomics.train import evaluate as ev
+from wsiomics.train.embedding_evaluation import SUMMARY_KEYS
+from wsiomics.train.roles import EVAL_ROLES, TRAIN_ROLES, VAL_ROLES
+from wsiomics.train.tasks.base import StageContext, Task, register_task
+
+log = logging.getLogger(__name__)
+
+
+def classify_objective(label_smoothing: float):
+    """Cross-entropy over the batch's labelled patients (an unlabelled batch contributes nothing)."""
+
+    def objective(model: torch.nn.Module, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        out = model(batch)
+        valid = batch.labels >= 0
+        if not valid.any():
+            return {"loss": out.logits.sum() * 0.0}
+        return {"loss": F.cross_entropy(out.logits[valid].float(), batch.labels[valid],
+                                        label_smoothing=label_smoothing)}
+
+    return objective
+
+
+class Classify(Task):
+    name = "classify"
+    summary_metrics = ("balanced_accuracy", "accuracy", "auc_macro", "f1_macro", *SUMMARY_KEYS)
+    embedding_evaluations = True
+    needs_labels = True
+
+    def prepare(self, ctx: StageContext) -> FoldData:
+        data = ctx.data
+        fit_labels = {p.label for p in data.role(*TRAIN_ROLES, *VAL_ROLES) if p.label in data.classes}
+        if len(data.classes) < 2 or len(fit_labels) < 2:
+            raise ValueError(
+                f"{ctx.method.name} fold {data.fold}: classification needs at least two classes among the training "
+                f"patients (the cohort has {data.classes or 'no labels'}, training patients {sorted(fit_labels)}); "
+                "fill the sample sheet's label column, or run only methods that need no label (segmentation, "
+                "retrieval) on this cohort")
+        return data
+
+    def objective(self, ctx: StageContext):
+        return classify_objective(float((ctx.cfg.get("finetune") or {}).get("label_smoothing", 0.0)))
+
+    def predict(self, model: torch.nn.Module, ctx: StageContext) -> list[ev.PatientResult]:
+        return ev.run_model(model, ctx.data, EVAL_ROLES, ctx.device, ctx.dparams)
+
+    def write(self, ctx: StageContext, results: list[ev.PatientResult], info: dict[str, Any],
+              extra: dict[str, Any]) -> dict[str, Any]:
+        data, method, out = ctx.data, ctx.method, ctx.out
+        table = ev.predictions_table(results, data.fold, data.classes)
+        metrics = ev.metrics_by_role(table, data.classes)
+        metrics.update(extra)
+        metrics.update({"method": method.name, "fold": data.fold, "classes": data.classes, "training": info})
+        ev.write_predictions(out / "predictions.tsv", table)
+        attrs = {"method": method.name, "fold": data.fold}
+        ev.write_embeddings(out / "embeddings.zarr", results, attrs)
+        (out / "attention").mkdir(parents=True, exist_ok=True)
+        ev.write_tile_maps(out / "attention", results, "attention", "attention", attrs)
+        ev.write_json(out / "metrics.json", metrics)
+        log.info("%s fold %d test: %s", method.name, data.fold,
+                 {k: metrics.get(k) for k in ("balanced_accuracy", "accuracy", "auc_macro", "f1_macro", "n_test")})
+        return metrics
+
+
+register_task(Classify())
