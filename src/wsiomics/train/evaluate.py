@@ -170,26 +170,34 @@ def write_tile_maps(out_dir: str | Path, results: list[PatientResult], kind: str
     return written
 
 
+TIE_TOLERANCE = 1e-6  # cosine similarities this close count as tied (float32 embeddings resolve ~1e-7)
+
+
 def retrieval_metrics(image: np.ndarray, gene: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, Any]:
     """Image->gene and gene->image recall@k of paired rows (row i of each is one patient), cosine similarity.
 
-    A query counts as a hit at k when fewer than k candidates score strictly higher than its true
-    partner (ties go to the query). With fewer than k candidates recall@k is 1 by construction, so
-    ``n_retrieval`` is reported beside it.
+    Ties are broken uniformly at random, in expectation: a query whose partner has ``b`` candidates scoring
+    strictly higher and ``t`` others tied with it (within ``TIE_TOLERANCE``) is equally likely at any of
+    the ranks b+1 .. b+t+1, so it adds ``clip(k - b, 0, t + 1) / (t + 1)`` to recall@k. A collapsed model
+    (one embedding for everyone) thus scores chance, ``min(k, n) / n``, which is reported beside as
+    ``recall_chance@k`` with ``n_retrieval``, the candidates per query (recall@k is 1 whenever n <= k).
     """
     image, gene = np.asarray(image, np.float64), np.asarray(gene, np.float64)
     n = len(image)
     out: dict[str, Any] = {"n_retrieval": n}
     if n == 0:
-        return {**out, **{f"recall_{d}@{k}": None for d in ("i2g", "g2i") for k in ks}}
+        return {**out, **{f"recall_{d}@{k}": None for d in ("i2g", "g2i", "chance") for k in ks}}
     i = image / np.clip(np.linalg.norm(image, axis=1, keepdims=True), 1e-12, None)
     g = gene / np.clip(np.linalg.norm(gene, axis=1, keepdims=True), 1e-12, None)
     sim = i @ g.T  # (N, N): image queries x gene candidates
     for name, s in (("i2g", sim), ("g2i", sim.T)):
         true = np.diag(s)[:, None]
-        rank = (s > true + 1e-12).sum(axis=1)  # candidates strictly better than the partner
+        better = (s > true + TIE_TOLERANCE).sum(axis=1)  # (N,) candidates strictly above the partner
+        tied = (np.abs(s - true) <= TIE_TOLERANCE).sum(axis=1) - 1  # (N,) others level with it
         for k in ks:
-            out[f"recall_{name}@{k}"] = float((rank < k).mean())
+            out[f"recall_{name}@{k}"] = float((np.clip(k - better, 0, tied + 1) / (tied + 1)).mean())
+    for k in ks:
+        out[f"recall_chance@{k}"] = min(k, n) / n
     return out
 
 
@@ -248,7 +256,8 @@ def write_tumour_heatmap(path: str | Path, coords: np.ndarray, probs: np.ndarray
 
 
 SUMMARY_METRICS = ("balanced_accuracy", "accuracy", "auc_macro", "f1_macro", "recall_i2g@1", "recall_i2g@5",
-                   "recall_g2i@1", "recall_g2i@5", "linear_probe_balanced_accuracy", "dice_mean", "dice_pooled")
+                   "recall_g2i@1", "recall_g2i@5", "linear_probe_balanced_accuracy", "dice_mean", "dice_pooled",
+                   "recall_chance@1", "recall_chance@5")
 
 
 def summarize(paths: list[str]) -> pd.DataFrame:

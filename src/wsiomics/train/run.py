@@ -35,7 +35,8 @@ EVAL_ROLES = ("test", "heldout")
 ALL_ROLES = (*TRAIN_ROLES, *VAL_ROLES, *EVAL_ROLES)
 # What the evaluation of a pretrained model adds to the fine-tuned metrics.json (from pretrain/metrics.json).
 PRETRAIN_KEYS = ("n_retrieval", "recall_i2g@1", "recall_i2g@5", "recall_g2i@1", "recall_g2i@5",
-                 "linear_probe_balanced_accuracy", "linear_probe_accuracy", "n_linear_probe")
+                 "linear_probe_balanced_accuracy", "linear_probe_accuracy", "n_linear_probe", "recall_chance@1",
+                 "recall_chance@5")
 
 
 def _dataclass(cls, values: dict[str, Any]):
