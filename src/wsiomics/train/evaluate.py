@@ -7,6 +7,7 @@ of ``results/models/<method>/fold<k>/`` (README "Training and evaluation").
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ from sklearn import metrics as skm
 from wsiomics.datasets import DatasetParams, FoldData, PatientRecord
 from wsiomics.io import atomic_path, atomic_zarr, json_safe, write_text
 from wsiomics.train.loop import autocast
+
+log = logging.getLogger(__name__)
 
 EMBEDDINGS = ("image", "gene", "fused")
 
@@ -260,8 +263,13 @@ SUMMARY_METRICS = ("balanced_accuracy", "accuracy", "auc_macro", "f1_macro", "re
                    "recall_chance@1", "recall_chance@5")
 
 
+BASELINE = "linear"  # the deep methods' bar (METHODS.md: a deep method that does not beat it says so)
+VS_BASELINE = ("balanced_accuracy_vs_linear_mean", "folds_won_vs_linear", "n_folds_vs_linear", "beats_linear")
+
+
 def summarize(paths: list[str]) -> pd.DataFrame:
-    """One row per method: mean and std over folds of each metric the method reports."""
+    """One row per method: mean and std over folds of each metric the method reports, then each deep
+    method's balanced accuracy paired with ``linear``'s over the folds both have (:func:`versus_baseline`)."""
     records = []
     for path in paths:
         with open(path) as f:
@@ -278,7 +286,46 @@ def summarize(paths: list[str]) -> pd.DataFrame:
                 row[f"{k}_mean"] = values.mean()
                 row[f"{k}_std"] = values.std(ddof=0)
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    return table.join(versus_baseline(frame), on="method")
+
+
+def versus_baseline(frame: pd.DataFrame, metric: str = "balanced_accuracy") -> pd.DataFrame:
+    """Each deep method against ``linear``, fold by fold: the mean difference of ``metric``, the folds won
+    (strictly higher) and the folds both report. A method beats ``linear`` when the mean difference is
+    positive and it wins more folds than it loses; every deep method that does not is named in a warning.
+    Rows: every method of ``frame``; empty cells for ``linear``, scikit-learn methods and methods
+    without ``metric``."""
+    from wsiomics.train.methods import METHODS
+
+    methods = list(dict.fromkeys(frame["method"])) if len(frame) else []
+    out = pd.DataFrame(index=pd.Index(methods, name="method"))
+    out[VS_BASELINE[0]] = pd.Series(dtype="float64")
+    out[VS_BASELINE[1]] = pd.Series(dtype="Int64")
+    out[VS_BASELINE[2]] = pd.Series(dtype="Int64")
+    out[VS_BASELINE[3]] = pd.Series(dtype="boolean")
+    if metric not in frame:
+        return out
+    scores = frame.dropna(subset=[metric]).pivot_table(index="fold", columns="method", values=metric, aggfunc="first")
+    if BASELINE not in scores:
+        if any(m in scores for m in methods if m != BASELINE):
+            log.info("no %s baseline among the metrics: deep methods are not compared with it", BASELINE)
+        return out
+    for method in methods:
+        spec = METHODS.get(method)
+        if method == BASELINE or method not in scores or (spec is not None and spec.is_sklearn):
+            continue
+        paired = scores[[method, BASELINE]].dropna()
+        if paired.empty:
+            continue
+        diff = paired[method] - paired[BASELINE]
+        won, lost = int((diff > 0).sum()), int((diff < 0).sum())
+        beats = bool(diff.mean() > 0 and won > lost)
+        out.loc[method] = [float(diff.mean()), won, len(diff), beats]
+        if not beats:
+            log.warning("%s does not beat %s: %s %+.4f on average over %d paired folds, won %d of %d (lost %d)",
+                        method, BASELINE, metric, diff.mean(), len(diff), won, len(diff), lost)
+    return out
 
 
 def write_summary(path: str | Path, table: pd.DataFrame) -> None:
