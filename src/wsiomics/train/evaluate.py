@@ -22,6 +22,7 @@ from sklearn import metrics as skm
 from wsiomics.datasets import DatasetParams, FoldData, PatientRecord
 from wsiomics.io import atomic_path, atomic_zarr, json_safe, write_text
 from wsiomics.train.loop import autocast
+from wsiomics.train.methods import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +265,8 @@ SUMMARY_METRICS = ("balanced_accuracy", "accuracy", "auc_macro", "f1_macro", "re
 
 
 BASELINE = "linear"  # the deep methods' bar (METHODS.md: a deep method that does not beat it says so)
-VS_BASELINE = ("balanced_accuracy_vs_linear_mean", "folds_won_vs_linear", "n_folds_vs_linear", "beats_linear")
+VS_BASELINE = {"balanced_accuracy_vs_linear_mean": "float64", "folds_won_vs_linear": "Int64",
+               "n_folds_vs_linear": "Int64", "beats_linear": "boolean"}  # summary columns and their dtypes
 
 
 def summarize(paths: list[str]) -> pd.DataFrame:
@@ -290,26 +292,20 @@ def summarize(paths: list[str]) -> pd.DataFrame:
     return table.join(versus_baseline(frame), on="method")
 
 
-def versus_baseline(frame: pd.DataFrame, metric: str = "balanced_accuracy") -> pd.DataFrame:
-    """Each deep method against ``linear``, fold by fold: the mean difference of ``metric``, the folds won
-    (strictly higher) and the folds both report. A method beats ``linear`` when the mean difference is
-    positive and it wins more folds than it loses; every deep method that does not is named in a warning.
-    Rows: every method of ``frame``; empty cells for ``linear``, scikit-learn methods and methods
-    without ``metric``."""
-    from wsiomics.train.methods import METHODS
-
-    methods = list(dict.fromkeys(frame["method"])) if len(frame) else []
-    out = pd.DataFrame(index=pd.Index(methods, name="method"))
-    out[VS_BASELINE[0]] = pd.Series(dtype="float64")
-    out[VS_BASELINE[1]] = pd.Series(dtype="Int64")
-    out[VS_BASELINE[2]] = pd.Series(dtype="Int64")
-    out[VS_BASELINE[3]] = pd.Series(dtype="boolean")
+def versus_baseline(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each deep method's balanced accuracy against ``linear``'s, fold by fold (``frame``: one row per
+    method and fold): the mean difference, the folds won (strictly higher) and the folds both report. A
+    method beats ``linear`` when the mean difference is positive and it wins more folds than it loses;
+    every deep method that does not is named in a warning. Empty cells for ``linear``, the other
+    scikit-learn methods and methods without a balanced accuracy."""
+    methods = pd.Index(frame["method"].unique(), name="method")
+    out = pd.DataFrame({c: pd.Series(index=methods, dtype=t) for c, t in VS_BASELINE.items()})
+    metric = "balanced_accuracy"
     if metric not in frame:
         return out
     scores = frame.dropna(subset=[metric]).pivot_table(index="fold", columns="method", values=metric, aggfunc="first")
     if BASELINE not in scores:
-        if any(m in scores for m in methods if m != BASELINE):
-            log.info("no %s baseline among the metrics: deep methods are not compared with it", BASELINE)
+        log.info("no %s baseline among the metrics: the deep methods are not compared with it", BASELINE)
         return out
     for method in methods:
         spec = METHODS.get(method)
@@ -318,7 +314,7 @@ def versus_baseline(frame: pd.DataFrame, metric: str = "balanced_accuracy") -> p
         paired = scores[[method, BASELINE]].dropna()
         if paired.empty:
             continue
-        diff = paired[method] - paired[BASELINE]
+        diff = paired[method] - paired[BASELINE]  # (folds,)
         won, lost = int((diff > 0).sum()), int((diff < 0).sum())
         beats = bool(diff.mean() > 0 and won > lost)
         out.loc[method] = [float(diff.mean()), won, len(diff), beats]
