@@ -11,6 +11,7 @@ from shapely.geometry import MultiPolygon, Polygon, box, mapping
 from wsiomics.annotations import (
     AnnotationError,
     AnnotationParams,
+    params_from_config,
     read_annotation,
     tile_fractions,
     tile_labels,
@@ -81,3 +82,34 @@ def test_overlapping_polygons_are_not_counted_twice_and_bad_files_name_the_fix(t
         read_annotation(tmp_path / "missing.geojson")
     empty = read_annotation(_write(tmp_path / "e.geojson", []))
     assert empty.tumour.is_empty and tile_labels(np.array([[0, 0]]), 100.0, empty.tumour).tolist() == [0.0]
+
+
+def _object(geom, object_type, name="Tumor"):
+    feature = _feature(geom, name)
+    feature["properties"]["objectType"] = object_type
+    if object_type == "cell":  # QuPath writes a cell's nucleus beside its outline
+        feature["nucleusGeometry"] = mapping(geom.centroid.buffer(3))
+    return feature
+
+
+def test_qupath_detections_and_cells_are_not_tumour_regions(tmp_path):
+    """A QuPath export of a slide with cell detection run: one tumour annotation plus cells classified by a cell
+    classifier ("Tumor" cells inside and outside it) and plain detections. Only the annotation is a region."""
+    region = box(0, 0, 200, 100)
+    cells = [_object(box(x, y, x + 20, y + 20), "cell") for x, y in ((10, 10), (150, 50), (250, 10), (310, 60))]
+    features = [_feature(region), *cells, _object(box(240, 0, 300, 40), "detection"),
+                _object(box(220, 60, 260, 100), "detection", None)]
+    path = _write(tmp_path / "qupath.geojson", features)
+    ann = read_annotation(path)
+    assert ann.tumour.equals(region) and ann.n_features == 1
+    assert ann.ignored_objects == {"cell": 4, "detection": 2}
+    coords = np.array([[0, 0], [100, 0], [200, 0], [300, 0]])
+    np.testing.assert_allclose(tile_fractions(coords, 100.0, ann.tumour), [1.0, 1.0, 0.0, 0.0])
+    # plain GeoJSON (no objectType) still counts
+    plain = {"type": "Feature", "geometry": mapping(box(200, 0, 300, 100)), "properties": {"classification": "Tumor"}}
+    both = read_annotation(_write(tmp_path / "plain.geojson", [*features, plain]))
+    np.testing.assert_allclose(tile_fractions(coords, 100.0, both.tumour), [1.0, 1.0, 1.0, 0.0])
+    # configurable: cells counted too (the cell at x=310 covers 4% of the last tile)
+    with_cells = read_annotation(path, params_from_config({"object_types": ["annotation", "cell"]}))
+    assert with_cells.n_features == 5 and with_cells.ignored_objects == {"detection": 2}
+    np.testing.assert_allclose(tile_fractions(coords, 100.0, with_cells.tumour), [1.0, 1.0, 0.04, 0.04])

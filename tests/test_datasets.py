@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
+import shutil
+
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from wsiomics.datasets import (
     DatasetError,
@@ -140,6 +144,42 @@ def test_cache_is_bounded_and_streams_large_slides(tmp_path):
     rows = np.arange(3, 9)
     np.testing.assert_array_equal(tiny.read(s, rows), cache.read(s, None)[rows])
     assert tiny.nbytes == 0
+
+
+def test_dataset_pickles_with_an_empty_cache_of_its_own(tmp_path):
+    """Spawned DataLoader workers get the dataset pickled: the lock must not stop it, and the parent's cached
+    slides must not travel with it (each process fills its own cache)."""
+    folds, slides, stores, expr, _ = _cohort(tmp_path)
+    data = load_fold(folds, 0, slides, stores, expr)
+    ds = data.dataset(("train",), DatasetParams(max_tokens=7, crop="sample", seed=3), train=True)
+    item = ds[(0, 2)]
+    assert ds.cache.nbytes > 0
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy.cache.nbytes == 0 and copy.cache.max_bytes == ds.cache.max_bytes
+    again = copy[(0, 2)]
+    np.testing.assert_array_equal(again.features, item.features)
+    assert copy.cache.nbytes == ds.cache.nbytes and copy.cache.misses == 2  # P0's two slides, read afresh
+    copy[(0, 3)]
+    assert copy.cache.hits == 2
+
+
+def test_the_feature_cache_survives_epochs_in_a_persistent_worker(tmp_path):
+    """After one epoch the worker holds every slide: the next epoch reads nothing from the stores (they are
+    moved away here) and still gives the batches an in-process loader gives."""
+    folds, slides, stores, expr, _ = _cohort(tmp_path)
+    data = load_fold(folds, 0, slides, stores, expr)
+    params = DatasetParams(max_tokens=7, crop="sample", seed=3)
+    inline = data.loader(data.dataset(("train",), params, train=True), 2, shuffle=True, seed=0)
+    inline.batch_sampler.set_epoch(1)
+    expected = list(inline)
+    worker = data.loader(data.dataset(("train",), params, train=True), 2, shuffle=True, seed=0, num_workers=1)
+    list(worker)  # epoch 0 fills the worker's cache
+    shutil.move(stores, tmp_path / "moved")
+    worker.batch_sampler.set_epoch(1)
+    got = list(worker)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a.features, b.features) and torch.equal(a.patient_index, b.patient_index)
 
 
 def test_epoch_batches_shuffle_per_epoch_and_cover_everyone():

@@ -18,9 +18,11 @@ from wsiomics.models.batch import Batch
 from wsiomics.models.mgi import MGI, MGIConfig, info_nce
 from wsiomics.models.slide_transformer import SlideTransformerConfig
 from wsiomics.train import loop
+from wsiomics.train.build import build_model
+from wsiomics.train.embedding_evaluation import evaluate_embeddings as evaluate_pretrained
 from wsiomics.train.evaluate import retrieval_metrics
 from wsiomics.train.methods import METHODS, deep_merge, method_config
-from wsiomics.train.stages import finetune, pretrain
+from wsiomics.train.stages import data_params, finetune, pretrain
 
 N_GENES = 12
 FEATURE_DIM = 32
@@ -72,16 +74,56 @@ def test_retrieval_metrics_from_known_embeddings():
     x = rng.normal(size=(7, 5))
     perfect = retrieval_metrics(x, x * 3.0)  # identity pairing, scale-free (cosine)
     assert perfect == {"n_retrieval": 7, "recall_i2g@1": 1.0, "recall_i2g@5": 1.0, "recall_g2i@1": 1.0,
-                       "recall_g2i@5": 1.0}
+                       "recall_g2i@5": 1.0, "recall_chance@1": 1 / 7, "recall_chance@5": 5 / 7}
     eye = np.eye(6)
-    shifted = retrieval_metrics(eye, np.roll(eye, 1, axis=0))  # each partner scores 0, one other scores 1
-    assert shifted["recall_i2g@1"] == 0.0 and shifted["recall_i2g@5"] == 1.0 and shifted["recall_g2i@1"] == 0.0
+    # each partner scores 0, one other scores 1 and the 4 others 0 too: the partner is at rank 2..6, each
+    # equally likely, so within the top 5 with probability 4/5 (it used to count as a sure hit)
+    shifted = retrieval_metrics(eye, np.roll(eye, 1, axis=0))
+    assert shifted["recall_i2g@1"] == 0.0 and shifted["recall_g2i@1"] == 0.0
+    assert shifted["recall_i2g@5"] == pytest.approx(0.8) and shifted["recall_g2i@5"] == pytest.approx(0.8)
     # a pairing where query 0's partner ranks 3rd of 4
     img = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.2]])
     gene = np.array([[-1.0, 0.1], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.2]])
     r = retrieval_metrics(img, gene)
     assert r["recall_i2g@1"] == 0.75  # queries 1, 2, 3 find their partner first
     assert retrieval_metrics(np.zeros((0, 3)), np.zeros((0, 3)))["n_retrieval"] == 0
+
+
+@pytest.mark.parametrize("n", [3, 8])
+def test_constant_embeddings_score_chance_not_perfect_recall(n):
+    """A collapsed model (every patient on one point) ranks nothing: the expected recall@k over random
+    tie-breaks is k / n, which is also the chance level reported beside it."""
+    rng = np.random.default_rng(0)
+    const = np.tile(rng.normal(size=(1, 4)), (n, 1))
+    for gene in (const * 2.0, rng.normal(size=(n, 4))):  # constant on one side is enough for i2g to tie
+        r = retrieval_metrics(const, gene)
+        assert r["recall_i2g@1"] == pytest.approx(1 / n)
+        assert r["recall_i2g@5"] == pytest.approx(min(5, n) / n)
+        assert r["recall_g2i@1"] == pytest.approx(1 / n) and r["recall_g2i@5"] == pytest.approx(min(5, n) / n)
+        assert r["recall_chance@1"] == pytest.approx(1 / n) and r["recall_chance@5"] == pytest.approx(min(5, n) / n)
+    zeros = retrieval_metrics(np.zeros((n, 4)), np.zeros((n, 4)))  # all-zero embeddings: cosine 0 everywhere
+    assert zeros["recall_g2i@1"] == pytest.approx(1 / n)
+
+
+def test_ties_count_as_the_expected_rank_over_random_tie_breaks():
+    # image query 0 against 4 gene candidates: its partner (g0) ties with g1 and g2 for first place, g3 is worse.
+    # Broken at random, g0 is first with probability 1/3 and within the first 2 with probability 2/3.
+    img = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [-1.0, 0.0]])
+    gene = np.array([[1.0, 0.0], [1.0, 0.0], [2.0, 0.0], [-0.6, 0.8]])
+    r = retrieval_metrics(img, gene, ks=(1, 2, 3))
+    # query 0: sims (1, 1, 1, -.6): b=0, t=2 -> 1/3, 2/3, 1
+    # query 1: sims (0, 0, 0, .8): partner g1 has one better (g3) and two tied (g0, g2): b=1, t=2 -> 0, 1/3, 2/3
+    # query 2: sims (.6, .6, .6, .28): b=0, t=2 -> 1/3, 2/3, 1
+    # query 3: sims (-1, -1, -1, .6): partner first alone -> 1, 1, 1
+    assert r["recall_i2g@1"] == pytest.approx((1 / 3 + 0 + 1 / 3 + 1) / 4)
+    assert r["recall_i2g@2"] == pytest.approx((2 / 3 + 1 / 3 + 2 / 3 + 1) / 4)
+    assert r["recall_i2g@3"] == pytest.approx((1 + 2 / 3 + 1 + 1) / 4)
+    assert r["recall_chance@2"] == pytest.approx(0.5)
+    # query 0's partner is first and the two others tie behind it, which changes nothing; rows 1 and 2 are the
+    # same point on both sides, so each of their queries is a coin toss at k = 1
+    r = retrieval_metrics(np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]),
+                          np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]), ks=(1,))
+    assert r["recall_i2g@1"] == pytest.approx((1 + 0.5 + 0.5) / 3)
 
 
 # ---------------------------------------------------------------- model
@@ -296,6 +338,25 @@ def test_mgi_no_pretrain_reports_the_initial_models_retrieval(cohort, tmp_path):
     finetune("mgi_no_pretrain", cfg, _data(cohort), tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["pretrain"]["stage"].startswith("initial") and "recall_i2g@5" in metrics
+    assert metrics["recall_chance@1"] == pytest.approx(1 / metrics["n_retrieval"])  # beside the recall, top level
+
+
+def test_a_collapsed_model_retrieves_at_chance(cohort):
+    """Projection heads that map every patient to one point: recall@1 is 1 / n, not 1."""
+    data = _data(cohort)
+    cfg = deep_merge(method_config(CFG, "mgi"), {"model": {"projection": "linear"}})
+    torch.manual_seed(0)
+    model = build_model(METHODS["mgi"], cfg, data)
+    with torch.no_grad():
+        for proj in (model.image_proj, model.gene_proj):
+            proj.weight.zero_()
+            proj.bias.fill_(0.5)
+    metrics, _ = evaluate_pretrained(model, data, torch.device("cpu"), data_params(cfg, 0), 0, retrieval=True)
+    n = metrics["n_retrieval"]
+    assert n >= 3
+    for d in ("i2g", "g2i"):
+        assert metrics[f"recall_{d}@1"] == pytest.approx(1 / n)
+    assert metrics["recall_chance@1"] == pytest.approx(1 / n)
 
 
 def test_cca_retrieval_and_predictions(cohort, tmp_path):

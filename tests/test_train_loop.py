@@ -46,16 +46,17 @@ def tmp_path(tmp_path, cohort):  # every test here also gets the module's cohort
 _DATA: dict = {}
 
 
-def _setup(tmp_path):
+def _setup(tmp_path, workers=0, context=None):
     data = _DATA["fold"]
     params = DatasetParams(max_tokens=9, crop="sample", seed=0)
-    train = data.loader(data.dataset(("train",), params, train=True), 2, shuffle=True, seed=0)
+    train = data.loader(data.dataset(("train",), params, train=True), 2, shuffle=True, seed=0, num_workers=workers,
+                        multiprocessing_context=context)
     val = data.loader(data.dataset(("val",), params, train=False), 2, shuffle=False)
     return data, train, val
 
 
-def _run(tmp_path, state, epochs=6, **kw):
-    data, train, val = _setup(tmp_path)
+def _run(tmp_path, state, epochs=6, workers=0, context=None, **kw):
+    data, train, val = _setup(tmp_path, workers, context)
     torch.manual_seed(0)
     model = TinyMIL(data.feature_dim, len(data.genes), len(data.classes))
     params = OptimParams(epochs=epochs, lr=3e-3, warmup_epochs=1, patience=0, **kw)
@@ -69,6 +70,18 @@ def test_same_seed_same_weights(tmp_path):
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
     assert [h["train_loss"] for h in ra.history] == [h["train_loss"] for h in rb.history]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("context", [None, "spawn"])  # None: the platform's default (fork on Linux)
+def test_worker_processes_train_the_same_weights(tmp_path, context):
+    """Crops and order come from (seed, epoch, patient) in the keys the main process sends, so two persistent
+    workers (the dataset pickled into each under spawn) give the very batches, hence weights, of none."""
+    a, ra = _run(tmp_path, tmp_path / "a.pt", epochs=3)
+    b, rb = _run(tmp_path, tmp_path / "b.pt", epochs=3, workers=2, context=context)
+    assert [h["train_loss"] for h in ra.history] == [h["train_loss"] for h in rb.history]
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
 
 
 def test_killed_run_resumes_bit_identically(tmp_path, monkeypatch):

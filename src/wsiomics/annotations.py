@@ -4,7 +4,10 @@ A tile is the square ``[x, x + s) x [y, y + s)`` of its level-0 top-left corner 
 ``s = patch_size_level0``. Its label is the exact share of that square inside the union of the
 slide's tumour polygons (holes and multipolygons respected), computed with shapely 2's vectorised
 ``box`` / ``intersection`` / ``area``; a tile is tumour when that share is at least ``min_fraction``
-(0.5: at least half the tile). Which features count as tumour is decided by their QuPath
+(0.5: at least half the tile). Which features count as tumour is decided first by their QuPath
+``objectType`` (a configurable list, ``annotation`` by default: an export of a slide with cell detection
+run also holds every cell and detection, often classified "Tumor" by a cell classifier, inside and
+outside the tumour; features without an ``objectType``, plain GeoJSON, always pass), then by their
 ``classification.name`` (a configurable list); features without a classification are accepted or not
 by ``include_unclassified``.
 """
@@ -12,6 +15,7 @@ by ``include_unclassified``.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +26,10 @@ import shapely
 from shapely.geometry import shape
 from shapely.geometry.base import BaseGeometry
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CLASSES = ("Tumor", "Tumour", "tumor", "tumour")
+DEFAULT_OBJECT_TYPES = ("annotation",)  # QuPath also writes detection, cell, tile, ...
 AREAL = ("Polygon", "MultiPolygon")
 
 
@@ -35,11 +42,15 @@ class AnnotationParams:
     classes: tuple[str, ...] = DEFAULT_CLASSES  # QuPath classification names that mean tumour
     include_unclassified: bool = False  # features without a classification count as tumour
     min_fraction: float = 0.5  # a tile is tumour when at least this share of it is inside tumour
+    object_types: tuple[str, ...] = DEFAULT_OBJECT_TYPES  # QuPath objectType values read (case-insensitive)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.min_fraction <= 1.0:
             raise ValueError(f"min_fraction must be in (0, 1], got {self.min_fraction}")
+        if not self.object_types:
+            raise ValueError("object_types is empty: name the QuPath object types to read, e.g. [annotation]")
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        object.__setattr__(self, "object_types", tuple(str(t).lower() for t in self.object_types))
 
 
 @dataclass
@@ -48,6 +59,7 @@ class SlideAnnotation:
     tumour: BaseGeometry  # union of the tumour polygons (may be empty)
     n_features: int = 0  # features kept as tumour
     ignored: dict[str, int] = field(default_factory=dict)  # classification name -> features left out
+    ignored_objects: dict[str, int] = field(default_factory=dict)  # objectType -> features left out by type
 
 
 def _features(data: Any, path: str) -> list[dict]:
@@ -94,9 +106,13 @@ def read_annotation(path: str | Path, params: AnnotationParams = AnnotationParam
         raise AnnotationError(f"{path}: annotation file not found; fix annotation_path in the sample sheet") from None
     except json.JSONDecodeError as e:
         raise AnnotationError(f"{path}: not valid JSON ({e}); re-export the annotations as GeoJSON") from None
-    keep, ignored = [], {}
+    keep, ignored, ignored_objects = [], {}, {}
     wanted = set(params.classes)
     for feature in _features(data, path):
+        object_type = (feature.get("properties") or {}).get("objectType")
+        if object_type is not None and str(object_type).lower() not in params.object_types:
+            ignored_objects[str(object_type)] = ignored_objects.get(str(object_type), 0) + 1
+            continue
         name = _class_name(feature.get("properties"))
         if not (name in wanted if name is not None else params.include_unclassified):
             key = name if name is not None else "<unclassified>"
@@ -115,7 +131,13 @@ def read_annotation(path: str | Path, params: AnnotationParams = AnnotationParam
         if parts:
             keep.extend(parts)
     tumour = shapely.union_all(keep) if keep else shapely.Polygon()
-    return SlideAnnotation(path=path, tumour=tumour, n_features=len(keep), ignored=ignored)
+    if ignored_objects:  # nothing kept but objects of other types: object_types is probably wrong
+        log.log(logging.INFO if keep else logging.WARNING,
+                "%s: %d tumour features read; left out by objectType (segmentation.object_types: %s): %s", path,
+                len(keep), list(params.object_types),
+                ", ".join(f"{n} {t}" for t, n in sorted(ignored_objects.items())))
+    return SlideAnnotation(path=path, tumour=tumour, n_features=len(keep), ignored=ignored,
+                           ignored_objects=ignored_objects)
 
 
 def tile_fractions(coords: np.ndarray, tile_size: float, region: BaseGeometry) -> np.ndarray:
@@ -156,4 +178,5 @@ def params_from_config(cfg: dict[str, Any] | None) -> AnnotationParams:
     cfg = dict(cfg or {})
     classes: Sequence[str] = cfg.get("classes", DEFAULT_CLASSES)
     return AnnotationParams(classes=tuple(classes), include_unclassified=bool(cfg.get("include_unclassified", False)),
-                            min_fraction=float(cfg.get("min_fraction", 0.5)))
+                            min_fraction=float(cfg.get("min_fraction", 0.5)),
+                            object_types=tuple(cfg.get("object_types", DEFAULT_OBJECT_TYPES)))

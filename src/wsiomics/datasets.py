@@ -84,16 +84,27 @@ class FeatureCache:
 
     Slides larger than a quarter of the bound are never cached: their windows are read from the store
     directly (one contiguous slice when the store is in raster order), so one huge slide cannot flush
-    the cache.
+    the cache. The cache belongs to one process: pickled (a DataLoader worker started by spawn or
+    forkserver) it arrives empty, with a lock of its own, and fills from the stores there.
     """
 
     def __init__(self, max_bytes: float) -> None:
         self.max_bytes = float(max_bytes)
+        self._clear()
+
+    def _clear(self) -> None:
         self._items: OrderedDict[str, np.ndarray] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+
+    def __getstate__(self) -> dict:
+        return {"max_bytes": self.max_bytes}  # neither the lock nor the parent's arrays travel
+
+    def __setstate__(self, state: dict) -> None:
+        self.max_bytes = state["max_bytes"]
+        self._clear()
 
     @property
     def nbytes(self) -> int:
@@ -321,12 +332,20 @@ class FoldData:
         return PatientDataset(self.role(*roles), self.classes, len(self.genes), params, train)
 
     def loader(self, dataset: PatientDataset, batch_size: int, shuffle: bool, num_workers: int = 0,
-               seed: int = 0) -> torch.utils.data.DataLoader:
+               seed: int = 0, multiprocessing_context: str | None = None) -> torch.utils.data.DataLoader:
+        """Workers persist across epochs, so each keeps its feature cache; the epoch reaches them inside
+        the ``(index, epoch)`` keys the batch sampler draws in this process, never as worker state.
+        The loader draws its workers' base seed from a generator of its own: from the global RNG it
+        would take one draw per epoch without persistent workers and one in all with them, shifting the
+        model's dropout masks (nothing here uses the workers' seeds; every choice comes from the keys).
+        ``multiprocessing_context``: fork, spawn or forkserver (None: the platform's default)."""
         sampler = EpochBatches(len(dataset), batch_size, seed, shuffle)
         dim, n_genes = self.feature_dim, len(self.genes)
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_Collate(dim, n_genes),
-            persistent_workers=False, prefetch_factor=4 if num_workers else None)
+            persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
+            multiprocessing_context=multiprocessing_context if num_workers else None,
+            generator=torch.Generator().manual_seed(seed))
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,11 @@ log = logging.getLogger(__name__)
 
 # What the evaluation of a pretrained model adds to the fine-tuned metrics.json (from pretrain/metrics.json).
 PRETRAIN_KEYS = ("n_retrieval", "recall_i2g@1", "recall_i2g@5", "recall_g2i@1", "recall_g2i@5",
-                 "linear_probe_balanced_accuracy", "linear_probe_accuracy", "n_linear_probe")
+                 "linear_probe_balanced_accuracy", "linear_probe_accuracy", "n_linear_probe", "recall_chance@1",
+                 "recall_chance@5")
 # Of those, the ones the cohort summary reports.
-SUMMARY_KEYS = ("recall_i2g@1", "recall_i2g@5", "recall_g2i@1", "recall_g2i@5", "linear_probe_balanced_accuracy")
+SUMMARY_KEYS = ("recall_i2g@1", "recall_i2g@5", "recall_g2i@1", "recall_g2i@5", "linear_probe_balanced_accuracy",
+                "recall_chance@1", "recall_chance@5")
 
 
 def evaluate_embeddings(model: torch.nn.Module, data: FoldData, device: torch.device, dparams: DatasetParams,

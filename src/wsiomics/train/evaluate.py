@@ -7,6 +7,7 @@ of ``results/models/<method>/fold<k>/`` (README "Training and evaluation").
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,9 @@ from sklearn import metrics as skm
 from wsiomics.datasets import DatasetParams, FoldData, PatientRecord
 from wsiomics.io import atomic_path, atomic_zarr, json_safe, write_text
 from wsiomics.train.loop import autocast
+from wsiomics.train.methods import METHODS
+
+log = logging.getLogger(__name__)
 
 EMBEDDINGS = ("image", "gene", "fused")
 
@@ -196,26 +200,34 @@ def write_tile_maps(out_dir: str | Path, results: list[PatientResult], kind: str
     return written
 
 
+TIE_TOLERANCE = 1e-6  # cosine similarities this close count as tied (float32 embeddings resolve ~1e-7)
+
+
 def retrieval_metrics(image: np.ndarray, gene: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, Any]:
     """Image->gene and gene->image recall@k of paired rows (row i of each is one patient), cosine similarity.
 
-    A query counts as a hit at k when fewer than k candidates score strictly higher than its true
-    partner (ties go to the query). With fewer than k candidates recall@k is 1 by construction, so
-    ``n_retrieval`` is reported beside it.
+    Ties are broken uniformly at random, in expectation: a query whose partner has ``b`` candidates scoring
+    strictly higher and ``t`` others tied with it (within ``TIE_TOLERANCE``) is equally likely at any of
+    the ranks b+1 .. b+t+1, so it adds ``clip(k - b, 0, t + 1) / (t + 1)`` to recall@k. A collapsed model
+    (one embedding for everyone) thus scores chance, ``min(k, n) / n``, which is reported beside as
+    ``recall_chance@k`` with ``n_retrieval``, the candidates per query (recall@k is 1 whenever n <= k).
     """
     image, gene = np.asarray(image, np.float64), np.asarray(gene, np.float64)
     n = len(image)
     out: dict[str, Any] = {"n_retrieval": n}
     if n == 0:
-        return {**out, **{f"recall_{d}@{k}": None for d in ("i2g", "g2i") for k in ks}}
+        return {**out, **{f"recall_{d}@{k}": None for d in ("i2g", "g2i", "chance") for k in ks}}
     i = image / np.clip(np.linalg.norm(image, axis=1, keepdims=True), 1e-12, None)
     g = gene / np.clip(np.linalg.norm(gene, axis=1, keepdims=True), 1e-12, None)
     sim = i @ g.T  # (N, N): image queries x gene candidates
     for name, s in (("i2g", sim), ("g2i", sim.T)):
         true = np.diag(s)[:, None]
-        rank = (s > true + 1e-12).sum(axis=1)  # candidates strictly better than the partner
+        better = (s > true + TIE_TOLERANCE).sum(axis=1)  # (N,) candidates strictly above the partner
+        tied = (np.abs(s - true) <= TIE_TOLERANCE).sum(axis=1) - 1  # (N,) others level with it
         for k in ks:
-            out[f"recall_{name}@{k}"] = float((rank < k).mean())
+            out[f"recall_{name}@{k}"] = float((np.clip(k - better, 0, tied + 1) / (tied + 1)).mean())
+    for k in ks:
+        out[f"recall_chance@{k}"] = min(k, n) / n
     return out
 
 
@@ -273,9 +285,15 @@ def write_tumour_heatmap(path: str | Path, coords: np.ndarray, probs: np.ndarray
     plt.close(fig)
 
 
+BASELINE = "linear"  # the deep methods' bar (METHODS.md: a deep method that does not beat it says so)
+VS_BASELINE = {"balanced_accuracy_vs_linear_mean": "float64", "folds_won_vs_linear": "Int64",
+               "n_folds_vs_linear": "Int64", "beats_linear": "boolean"}  # summary columns and their dtypes
+
+
 def summarize(paths: list[str]) -> pd.DataFrame:
-    """One row per method: mean and std over folds of each metric the method reports (the metrics each task
-    names, :func:`wsiomics.train.tasks.summary_metrics`)."""
+    """One row per method: mean and std over folds of each metric the method reports, then each deep
+    method's balanced accuracy paired with ``linear``'s over the folds both have (:func:`versus_baseline`).
+    The metrics are those the tasks name (:func:`wsiomics.train.tasks.summary_metrics`)."""
     from wsiomics.train.tasks import summary_metrics
 
     names = summary_metrics()
@@ -295,7 +313,40 @@ def summarize(paths: list[str]) -> pd.DataFrame:
                 row[f"{k}_mean"] = values.mean()
                 row[f"{k}_std"] = values.std(ddof=0)
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    return table.join(versus_baseline(frame), on="method")
+
+
+def versus_baseline(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each deep method's balanced accuracy against ``linear``'s, fold by fold (``frame``: one row per
+    method and fold): the mean difference, the folds won (strictly higher) and the folds both report. A
+    method beats ``linear`` when the mean difference is positive and it wins more folds than it loses;
+    every deep method that does not is named in a warning. Empty cells for ``linear``, the other
+    scikit-learn methods and methods without a balanced accuracy."""
+    methods = pd.Index(frame["method"].unique(), name="method")
+    out = pd.DataFrame({c: pd.Series(index=methods, dtype=t) for c, t in VS_BASELINE.items()})
+    metric = "balanced_accuracy"
+    if metric not in frame:
+        return out
+    scores = frame.dropna(subset=[metric]).pivot_table(index="fold", columns="method", values=metric, aggfunc="first")
+    if BASELINE not in scores:
+        log.info("no %s baseline among the metrics: the deep methods are not compared with it", BASELINE)
+        return out
+    for method in methods:
+        spec = METHODS.get(method)
+        if method == BASELINE or method not in scores or (spec is not None and spec.is_sklearn):
+            continue
+        paired = scores[[method, BASELINE]].dropna()
+        if paired.empty:
+            continue
+        diff = paired[method] - paired[BASELINE]  # (folds,)
+        won, lost = int((diff > 0).sum()), int((diff < 0).sum())
+        beats = bool(diff.mean() > 0 and won > lost)
+        out.loc[method] = [float(diff.mean()), won, len(diff), beats]
+        if not beats:
+            log.warning("%s does not beat %s: %s %+.4f on average over %d paired folds, won %d of %d (lost %d)",
+                        method, BASELINE, metric, diff.mean(), len(diff), won, len(diff), lost)
+    return out
 
 
 def write_summary(path: str | Path, table: pd.DataFrame) -> None:
