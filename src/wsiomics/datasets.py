@@ -60,6 +60,7 @@ class PatientRecord:
     role: str
     slides: list[SlideRecord] = field(default_factory=list)
     genes: np.ndarray | None = None  # (G,) float32 normalised expression, None when missing
+    outcome: np.ndarray | None = None  # (K,) float32 patient-level task target (survival: time, event); None = none
 
     @property
     def n_tokens(self) -> int:
@@ -77,6 +78,7 @@ class PatientItem:
     genes: np.ndarray | None  # (G,)
     label: int
     targets: np.ndarray | None = None  # (L,) float32 per-token target (NaN = none); None when no slide has targets
+    outcome: np.ndarray | None = None  # (K,) float32 patient-level target (NaN = none); None = none
 
 
 class FeatureCache:
@@ -249,6 +251,7 @@ class PatientDataset(torch.utils.data.Dataset):
             genes=patient.genes,
             label=self.class_index.get(patient.label, -1),
             targets=np.concatenate(targets).astype(np.float32) if has_targets else None,
+            outcome=patient.outcome,
         )
 
 
@@ -278,6 +281,13 @@ def collate(items: list[PatientItem], feature_dim: int, n_genes: int) -> Batch:
         for i, it in enumerate(items):
             if it.targets is not None and len(it.targets):
                 tile_targets[i, :len(it.targets)] = torch.from_numpy(it.targets)
+    outcomes = None
+    widths = {len(it.outcome) for it in items if it.outcome is not None}
+    if widths:
+        outcomes = torch.full((b, max(widths)), float("nan"))
+        for i, it in enumerate(items):
+            if it.outcome is not None:
+                outcomes[i, :len(it.outcome)] = torch.from_numpy(np.asarray(it.outcome, np.float32))
     return Batch(
         features=features, positions=positions, slide_index=slide_index, token_mask=slide_index >= 0,
         genes=genes,
@@ -285,7 +295,7 @@ def collate(items: list[PatientItem], feature_dim: int, n_genes: int) -> Batch:
         has_gene=torch.tensor([it.genes is not None for it in items]),
         labels=torch.tensor([it.label for it in items], dtype=torch.long),
         patient_index=torch.tensor([it.index for it in items], dtype=torch.long),
-        tile_targets=tile_targets,
+        tile_targets=tile_targets, outcomes=outcomes,
     )
 
 

@@ -103,7 +103,7 @@ class GeneOnly(HeadSplit):
         return ModelOutput(logits=self.head(gene), gene=gene)
 
 
-FUSION_RULES = ("sum_logits", "mean_prob")
+FUSION_RULES = ("sum_logits", "mean_prob", "sum")
 
 
 @dataclass
@@ -152,10 +152,13 @@ class LateFusion(HeadSplit):
         image = torch.where(batch.has_image[:, None], cls, self.image_missing.to(cls.dtype))  # (B, Di)
         gcls, _ = self.gene_encoder(batch.genes)
         gene = torch.where(batch.has_gene[:, None], gcls, self.gene_missing.to(gcls.dtype))  # (B, Dg)
-        logp = torch.stack([self.image_head(image).float().log_softmax(-1),
-                            self.gene_head(gene).float().log_softmax(-1)], dim=1)  # (B, 2, C)
+        raw = torch.stack([self.image_head(image).float(), self.gene_head(gene).float()], dim=1)  # (B, 2, C)
         present = torch.stack([batch.has_image, batch.has_gene], dim=1)  # (B, 2)
         present = present | ~present.any(dim=1, keepdim=True)  # neither: both missing-token branches
+        if self.cfg.fusion_rule == "sum":  # outputs that are not class scores (survival hazards, log-risk): added
+            return ModelOutput(logits=(raw * present[..., None].float()).sum(1), image=image, gene=gene,
+                               attention=attention)
+        logp = raw.log_softmax(-1)  # (B, 2, C)
         if self.cfg.fusion_rule == "sum_logits":  # product of the present branches' probabilities, renormalised
             logits = (logp * present[..., None].float()).sum(1)  # (B, C)
             return ModelOutput(logits=logits.log_softmax(-1), image=image, gene=gene, attention=attention)

@@ -5,7 +5,8 @@ Padding positions have ``token_mask`` False and ``slide_index`` -1; a patient wi
 valid token at all (``has_image`` False), one without expression has zeros in ``genes``
 (``has_gene`` False). ``labels`` is -1 where a patient has no label. ``tile_targets`` is optional
 (None unless some slide of the dataset carries per-tile targets, e.g. tumour labels for segmentation);
-it is NaN where a token has no target (padding, unannotated slides).
+it is NaN where a token has no target (padding, unannotated slides). ``outcomes`` likewise holds a task's
+patient-level targets (survival: follow-up time and event), NaN for a patient without them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class Batch:
     labels: torch.Tensor  # (B,) long: class index, -1 = unlabelled
     patient_index: torch.Tensor  # (B,) long: index of the patient in its dataset (instance identity)
     tile_targets: torch.Tensor | None = None  # (B, L) float per-token target, NaN = none; None = no targets
+    outcomes: torch.Tensor | None = None  # (B, K) float patient-level target (survival: time, event), NaN = none
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(

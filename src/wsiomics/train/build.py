@@ -165,4 +165,4 @@ def build_model(method: Method, cfg: dict[str, Any], data: FoldData) -> torch.nn
 
     if method.model not in MODEL_BUILDERS:
         raise KeyError(f"method {method.name}: no model builder {method.model!r} (known: {sorted(MODEL_BUILDERS)})")
-    return MODEL_BUILDERS[method.model](cfg, data, get_task(method.task).head_outputs(data))
+    return MODEL_BUILDERS[method.model](cfg, data, get_task(method.task).head_outputs(data, cfg))

@@ -32,7 +32,9 @@ EMBEDDINGS = ("image", "gene", "fused")
 @dataclass
 class PatientResult:
     patient: PatientRecord
-    probs: np.ndarray | None = None  # (C,)
+    probs: np.ndarray | None = None  # (C,) softmax of the head's outputs
+    logits: np.ndarray | None = None  # (C,) the head's outputs (survival: hazard logits or log-risk)
+    risk: float | None = None  # survival: higher = earlier event
     embeddings: dict[str, np.ndarray] = field(default_factory=dict)
     attention: list[np.ndarray] = field(default_factory=list)  # per slide, raster order
     tile_scores: list[np.ndarray] = field(default_factory=list)  # per slide, raster order
@@ -51,6 +53,7 @@ def run_model(model: torch.nn.Module, data: FoldData, roles: tuple[str, ...], de
             out = model(batch.to(device))
         res = PatientResult(patient)
         if out.logits is not None:
+            res.logits = out.logits.float()[0].cpu().numpy()
             res.probs = torch.softmax(out.logits.float(), dim=-1)[0].cpu().numpy()
         for name in EMBEDDINGS:
             value = getattr(out, name)

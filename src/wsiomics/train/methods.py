@@ -19,7 +19,7 @@ class Method:
     name: str
     model: str  # key of MODEL_BUILDERS, or "sklearn_*" for the scikit-learn baselines
     pretrain: bool = False  # has a pretraining stage before fine-tuning
-    task: str = "classify"  # classify | segment
+    task: str = "classify"  # a registered task: classify | segment | survival (wsiomics.train.tasks)
     modalities: tuple[str, ...] = ("image", "gene")
     overrides: dict[str, Any] = field(default_factory=dict)
     description: str = ""
@@ -92,6 +92,20 @@ for _m in (
     Method("image_seg", "segmenter", task="segment", modalities=("image",),
            overrides={"model": {"seg_conditioning": "none"}},
            description="tumour segmentation from the slide transformer alone (the same decoder, no genes)"),
+    # Survival (task "survival"): the survival heads of the same networks; the pretrained ones start from their
+    # method's pretraining checkpoint (encoders; the head is new). coxph is the linear baseline.
+    Method("gimp_survival", "gimp", task="survival", pretrained_from="gimp",
+           description="GiMP's pretrained encoders + a survival head (discrete-time hazards or Cox)"),
+    Method("mgi_survival", "mgi", task="survival", pretrained_from="mgi", overrides=_mgi_overrides("mamba"),
+           description="MGI's pretrained encoders + a survival head"),
+    Method("late_fusion_survival", "late_fusion", task="survival", overrides={"model": {"fusion_rule": "sum"}},
+           description="slide transformer and GMSA, one survival head each, outputs added; no pretraining"),
+    Method("image_only_survival", "image_only", task="survival", modalities=("image",),
+           description="gated attention MIL (ABMIL) + survival head"),
+    Method("gene_only_survival", "gene_only", task="survival", modalities=("gene",),
+           description="GMSA gene encoder + survival head"),
+    Method("coxph", "sklearn_coxph", task="survival", description="penalised linear Cox model on PCA scores of "
+           "mean-pooled patch features and genes (scikit-survival)"),
 ):
     register(_m)
 

@@ -205,9 +205,25 @@ def _initial_model(ctx: StageContext) -> tuple[torch.nn.Module, dict[str, Any], 
             model.load_state_dict(state["model"])
             log.info("initialised from %s (pretrained %s epochs)", ctx.pretrained, state["metadata"].get("best_epoch"))
         else:
-            loaded = model.load_pretrained(state["model"])
+            loaded = (model.load_pretrained(state["model"]) if hasattr(model, "load_pretrained")
+                      else load_encoders(model, state["model"]))
             log.info("initialised %d encoder tensors from %s", len(loaded), ctx.pretrained)
     return model, cfg, state is not None
+
+
+def load_encoders(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Copy every tensor of ``state`` whose name and shape this model shares (another method's checkpoint of
+    the same network with another head, such as gimp's for gimp_survival); each encoder parameter must be
+    among them. Returns the names loaded."""
+    own = model.state_dict()
+    loaded = [k for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)]
+    encoder = {id(p) for p in model.encoder_parameters()} if hasattr(model, "encoder_parameters") else set()
+    missing = [name for name, p in model.named_parameters() if id(p) in encoder and name not in loaded]
+    if missing:
+        raise ValueError(f"the pretrained checkpoint does not fit this network's encoders: {missing[:5]} missing or "
+                         "of another shape; pretrain with the same train.model settings")
+    model.load_state_dict({k: state[k] for k in loaded}, strict=False)
+    return loaded
 
 
 def fit_network(task: Task, ctx: StageContext) -> dict[str, Any]:

@@ -55,7 +55,7 @@ class Task:
         """The fold's data with this task's targets attached and checked (a clear error when unusable)."""
         return ctx.data
 
-    def head_outputs(self, data: FoldData) -> int:
+    def head_outputs(self, data: FoldData, cfg: dict[str, Any]) -> int:
         """Width of the model's output head."""
         return max(2, len(data.classes))
 

@@ -101,7 +101,7 @@ class Segment(Task):
         ctx.found["geometry"] = attach_tumour_labels(ctx.data, annotations, params_from_config(seg))["geometry"]
         return ctx.data
 
-    def head_outputs(self, data: FoldData) -> int:
+    def head_outputs(self, data: FoldData, cfg: dict[str, Any]) -> int:
         return 1
 
     def training_data(self, ctx: StageContext) -> FoldData:

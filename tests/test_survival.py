@@ -1,0 +1,158 @@
+"""Survival: the losses and c-index against hand computations, and the survival methods end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from test_datasets import grid_coords, write_store
+
+from wsiomics.datasets import load_fold
+from wsiomics.models.survival import bin_index, cox_nll, discrete_time_nll, discrete_time_risk, time_bins
+from wsiomics.train.methods import METHODS, method_config
+from wsiomics.train.stages import finetune, pretrain
+from wsiomics.train.tasks.survival import read_outcomes, survival_metrics
+
+
+def test_discrete_time_nll_equals_the_hand_computed_likelihood():
+    logits = torch.tensor([[0.2, -0.4, 1.0], [-1.0, 0.5, 0.0]])
+    h = torch.sigmoid(logits).tolist()
+    # patient 0: event in bin 1 -> survived bin 0, event in bin 1; patient 1: censored in bin 2 -> survived 0..2
+    expected = (-(math.log(1 - h[0][0]) + math.log(h[0][1]))
+                - (math.log(1 - h[1][0]) + math.log(1 - h[1][1]) + math.log(1 - h[1][2]))) / 2
+    got = discrete_time_nll(logits, torch.tensor([1, 2]), torch.tensor([1.0, 0.0]))
+    assert float(got) == pytest.approx(expected, rel=1e-6)
+    # an event in bin 0 only needs the first hazard
+    first = discrete_time_nll(logits[:1], torch.tensor([0]), torch.tensor([1.0]))
+    assert float(first) == pytest.approx(-math.log(h[0][0]))
+
+
+def test_discrete_time_risk_orders_patients_by_hazard():
+    low, high = torch.full((1, 4), -3.0), torch.full((1, 4), 1.0)
+    assert float(discrete_time_risk(high)) > float(discrete_time_risk(low))
+    s = torch.cumprod(1 - torch.sigmoid(high), 1)
+    assert float(discrete_time_risk(high)) == pytest.approx(-float(s.sum()))
+
+
+def test_cox_partial_likelihood_with_breslow_ties():
+    eta = torch.tensor([0.5, -0.2, 1.0, 0.3])
+    times = torch.tensor([2.0, 2.0, 5.0, 1.0])
+    events = torch.tensor([1.0, 1.0, 0.0, 0.0])  # two tied events at t=2; patient 3 censored before them
+    denom = math.log(math.exp(0.5) + math.exp(-0.2) + math.exp(1.0))  # Breslow: both tied events share the set
+    expected = -((0.5 - denom) + (-0.2 - denom)) / 2
+    assert float(cox_nll(eta, times, events)) == pytest.approx(expected, rel=1e-6)
+    assert float(cox_nll(eta, times, torch.zeros(4))) == 0.0
+
+
+def test_time_bins_are_quantiles_of_event_times():
+    cuts = time_bins(np.array([10.0, 20.0, 30.0, 40.0, 50.0]), 4)
+    np.testing.assert_allclose(cuts, [20.0, 30.0, 40.0])
+    bins = bin_index(torch.tensor([5.0, 20.0, 35.0, 99.0]), torch.tensor(cuts, dtype=torch.float32))
+    assert bins.tolist() == [0, 1, 2, 3]
+
+
+def test_harrell_c_index_by_hand_with_ties_and_censoring():
+    time = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    event = np.array([1, 0, 1, 1, 0])
+    risk = np.array([0.9, 0.1, 0.5, 0.5, 0.2])
+    # comparable pairs: (0,1) (0,2) (0,3) (0,4) (2,3) (2,4) (3,4) -- an event before the other's time
+    # concordant: risk_i > risk_j: 0>1, 0>2, 0>3, 0>4, 2>4, 3>4 -> 6; (2,3) tied risk -> 0.5
+    expected = 6.5 / 7
+    train = (np.array([1.0, 2.0, 3.0, 6.0]), np.array([1, 1, 0, 1]), np.array([0.3, 0.2, 0.1, 0.0]))
+    found = survival_metrics(*train, time, event, risk)
+    assert found["c_index"] == pytest.approx(expected)
+    assert found["n_events"] == 3 and found["n_test"] == 5
+
+
+def test_sheet_outcomes_list_every_bad_row(tmp_path):
+    sheet = tmp_path / "samples.tsv"
+    sheet.write_text("patient_id\tslide_id\ttime\tevent\nA\ta\t100\t1\nB\tb\t-5\t0\nC\tc\t\t\n"
+                     "D\td\tx\t1\nE\te\t7\t2\n")
+    with pytest.raises(ValueError, match=r"3 patients with unusable survival data: B: .*>= 0; D: .*; E: .*1 \(event\)"):
+        read_outcomes(sheet)
+    sheet.write_text("patient_id\tslide_id\ttime\tevent\nA\ta\t100\t1\nC\tc\t\t\n")
+    assert read_outcomes(sheet).to_dict("index") == {"A": {"time": 100.0, "event": 1}}
+
+
+CFG = {"seed": 0, "device": "cpu", "threads": 1, "num_workers": 0,
+       "data": {"batch_size": 4, "max_tokens": 12, "crop": "window", "cache_mb": 64},
+       "model": {"dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 2.0, "dropout": 0.0, "n_groups": 4, "fusion_dim": 16,
+                 "mask_length": 4, "embed_dim": 8, "genes_per_token": 2, "d_state": 4},
+       "pretrain": {"epochs": 2, "lr": 3e-3, "warmup_epochs": 1, "patience": 0, "min_epochs": 1},
+       "finetune": {"epochs": 30, "lr": 3e-3, "encoder_lr_scale": 0.5, "warmup_epochs": 1, "patience": 0,
+                    "min_epochs": 1, "weight_decay": 0.0},
+       "survival": {"loss": "nll", "n_bins": 4}, "methods": {}}
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """60 patients; a per-patient factor z shifts the patch features and the genes and sets the hazard
+    (exp(2 z)); uniform censoring. Roles: 36 train, 8 val, 16 test."""
+    root = tmp_path_factory.mktemp("survival")
+    rng = np.random.default_rng(3)
+    n = 60
+    z = rng.normal(size=n)
+    slides, rows, genes = [], [], []
+    roles = ["train"] * 36 + ["val"] * 8 + ["test"] * 16
+    for i in range(n):
+        pid, sid = f"P{i:02d}", f"P{i:02d}-S0"
+        coords = grid_coords(4, 3, 224)
+        write_store(root / "features" / f"{sid}.zarr", coords, rng.normal(size=(len(coords), 6)) + z[i], 224.0)
+        slides.append({"patient_id": pid, "slide_id": sid})
+        g = rng.normal(size=8)
+        g[:4] += 2 * z[i]
+        genes.append(g)
+        t, censor = rng.exponential(400.0 * np.exp(-2.0 * z[i])), rng.uniform(100, 1500)
+        rows.append((pid, roles[(i * 7) % n], "ab"[i % 2], min(t, censor), int(t <= censor)))
+    table = pd.DataFrame(rows, columns=["patient_id", "role", "label", "time", "event"])
+    folds = table[["patient_id", "role", "label"]].assign(fold=0)[["patient_id", "fold", "role", "label"]]
+    ad.AnnData(X=np.array(genes, np.float32), obs=pd.DataFrame(index=table["patient_id"]),
+               var=pd.DataFrame(index=[f"G{j}" for j in range(8)])).write_zarr(root / "fold0.zarr")
+    outcomes = table.set_index("patient_id")[["time", "event"]]
+    return folds, pd.DataFrame(slides), root / "features", root / "fold0.zarr", outcomes
+
+
+@pytest.mark.parametrize(("name", "loss"), [("gene_only_survival", "nll"), ("late_fusion_survival", "cox"),
+                                            ("coxph", "nll")])
+def test_survival_methods_write_risks_metrics_and_km(cohort, tmp_path, name, loss):
+    folds, slides, stores, expr, outcomes = cohort
+    cfg = method_config({**CFG, "survival": {"loss": loss, "n_bins": 4}}, name)
+    modalities = METHODS[name].modalities
+    data = load_fold(folds, 0, slides, stores if "image" in modalities else None,
+                     expr if "gene" in modalities else None)
+    finetune(name, cfg, data, tmp_path, outcomes=outcomes)
+    risks = pd.read_csv(tmp_path / "risks.tsv", sep="\t")
+    assert list(risks.columns) == ["patient_id", "role", "risk", "time", "event"]
+    test = risks[risks["role"] == "test"]
+    assert sorted(test["patient_id"]) == sorted(p.patient_id for p in data.role("test"))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["c_index"] == pytest.approx(survival_metrics(
+        *[risks[risks.role.isin(["train", "val"])][c].to_numpy() for c in ("time", "event", "risk")],
+        *[test[c].to_numpy() for c in ("time", "event", "risk")])["c_index"])
+    assert metrics["c_index"] >= 0.6, metrics  # z sets the hazard and shifts the features and genes; chance 0.5
+    assert (tmp_path / "km.png").stat().st_size > 1000 and "km_logrank_p" in metrics
+
+
+def test_gimp_survival_starts_from_gimps_pretrained_encoders(cohort, tmp_path):
+    from wsiomics.train import stages
+
+    folds, slides, stores, expr, outcomes = cohort
+    data = load_fold(folds, 0, slides, stores, expr)
+    pretrain("gimp", method_config(CFG, "gimp"), data, tmp_path / "gimp")
+    checkpoint = torch.load(tmp_path / "gimp" / "pretrain" / "model.pt", weights_only=True)["model"]
+    model, _, initialised = stages._initial_model(stages._context(
+        METHODS["gimp_survival"], method_config(CFG, "gimp_survival"), data, tmp_path / "s", "finetune",
+        tmp_path / "gimp" / "pretrain" / "model.pt"))
+    assert initialised
+    own = model.state_dict()
+    encoder = [k for k in own if k.startswith(("image_encoder.", "gene_encoder."))]
+    assert encoder and all(torch.equal(own[k], checkpoint[k]) for k in encoder)
+    assert own["head.weight"].shape[0] == 4 and checkpoint["head.weight"].shape[0] == 2  # a new survival head
+    finetune("gimp_survival", method_config(CFG, "gimp_survival"), data, tmp_path / "s",
+             pretrained=tmp_path / "gimp" / "pretrain" / "model.pt", outcomes=outcomes)
+    assert json.loads((tmp_path / "s" / "metrics.json").read_text())["c_index"] is not None
