@@ -69,13 +69,18 @@ def test_harrell_c_index_by_hand_with_ties_and_censoring():
     assert found["n_events"] == 3 and found["n_test"] == 5
 
 
-def test_sheet_outcomes_list_every_bad_row(tmp_path):
+def test_sheet_outcomes_come_from_the_checked_sheet(tmp_path):
+    from wsiomics.samples import SampleSheetError
+
+    for name in ("a.tsv", "b.tsv", "c.tsv"):
+        (tmp_path / name).write_text("gene_id\tunstranded\n")
     sheet = tmp_path / "samples.tsv"
-    sheet.write_text("patient_id\tslide_id\ttime\tevent\nA\ta\t100\t1\nB\tb\t-5\t0\nC\tc\t\t\n"
-                     "D\td\tx\t1\nE\te\t7\t2\n")
-    with pytest.raises(ValueError, match=r"3 patients with unusable survival data: B: .*>= 0; D: .*; E: .*1 \(event\)"):
+    sheet.write_text("patient_id\tslide_id\tslide_path\texpression_path\ttime\tevent\n"
+                     "A\t\t\ta.tsv\t100\t1\nB\t\t\tb.tsv\t-5\t0\nC\t\t\tc.tsv\t\t\n")
+    with pytest.raises(SampleSheetError, match="time '-5' is not a number >= 0"):
         read_outcomes(sheet)
-    sheet.write_text("patient_id\tslide_id\ttime\tevent\nA\ta\t100\t1\nC\tc\t\t\n")
+    sheet.write_text("patient_id\tslide_id\tslide_path\texpression_path\ttime\tevent\n"
+                     "A\t\t\ta.tsv\t100\t1\nC\t\t\tc.tsv\t\t\n")
     assert read_outcomes(sheet).to_dict("index") == {"A": {"time": 100.0, "event": 1}}
 
 

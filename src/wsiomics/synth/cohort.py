@@ -50,6 +50,24 @@ class CohortConfig:
     n_genes: int = 2000
     faults: bool = True
     latent_factors: int = 0  # shared image/expression factors per patient (0: none; at most 2)
+    survival: bool = False  # follow-up columns time (days) and event in the sheet
+
+
+# Log-hazard of the synthetic follow-up: the latent factors are seen by both modalities (stain, a gene set),
+# the tissue type by the image only and the programme by the genes only, so a model of both ranks best.
+SURVIVAL_WEIGHTS = {"latent0": 1.2, "latent1": 1.2, "tissue_type": 0.8, "programme": 0.8}
+BASELINE_DAYS = 900.0  # mean event time at zero log-hazard
+CENSOR_DAYS = (400.0, 3000.0)  # uniform end of follow-up
+
+
+def follow_up(patients: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """``time`` (days, rounded) and ``event`` (1 = event, 0 = censored) per patient, from its own stream."""
+    rng = np.random.default_rng([seed, 11])
+    log_hazard = sum(w * patients[k].to_numpy(float) for k, w in SURVIVAL_WEIGHTS.items())
+    event_time = rng.exponential(BASELINE_DAYS * np.exp(-log_hazard))
+    censor = rng.uniform(*CENSOR_DAYS, len(patients))
+    return pd.DataFrame({"time": np.maximum(1.0, np.round(np.minimum(event_time, censor))),
+                         "event": (event_time <= censor).astype(int)}, index=patients.index)
 
 
 @dataclass
@@ -203,17 +221,22 @@ def write_cohort(out_dir: str | Path, cfg: CohortConfig, workers: int = 1, progr
             _write_one(job)
 
     label = dict(zip(patients.patient_id, patients.label, strict=True))
+    if cfg.survival:
+        patients = patients.join(follow_up(patients, cfg.seed))
+    outcome = {p.patient_id: {"time": f"{p.time:.0f}", "event": str(p.event)} for p in patients.itertuples()
+               } if cfg.survival else {}
     rows = []
     for s in slides:
         has_annotation = (out / "annotations" / f"{s.slide_id}.geojson").exists()
         rows.append({"patient_id": s.patient_id, "slide_id": s.slide_id, "slide_path": f"slides/{s.slide_id}.{s.fmt}",
                      "label": label[s.patient_id], "mpp": "" if s.mpp_override is None else f"{s.mpp_override}",
                      "annotation_path": f"annotations/{s.slide_id}.geojson" if has_annotation else "",
-                     "expression_path": expression_paths.get(s.patient_id, "")})
+                     "expression_path": expression_paths.get(s.patient_id, ""), **outcome.get(s.patient_id, {})})
     for p in patients.itertuples():
         if not p.has_slide:
             rows.append({"patient_id": p.patient_id, "slide_id": "", "slide_path": "", "label": p.label, "mpp": "",
-                         "annotation_path": "", "expression_path": expression_paths.get(p.patient_id, "")})
+                         "annotation_path": "", "expression_path": expression_paths.get(p.patient_id, ""),
+                         **outcome.get(p.patient_id, {})})
     patients.to_csv(out / "patients_truth.tsv", sep="\t", index=False)
     (out / "cohort.json").write_text(json.dumps(
         {"config": asdict(cfg), "slides": [asdict(s) for s in slides]}, indent=1))

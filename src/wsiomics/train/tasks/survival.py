@@ -43,35 +43,18 @@ def settings(cfg: dict[str, Any]) -> tuple[str, int]:
 
 
 def read_outcomes(samples: str | Path) -> pd.DataFrame:
-    """Per-patient ``time`` (days) and ``event`` (1 = event, 0 = censored) from the sample sheet; patients
-    with both empty have no outcome. Missing, negative or non-numeric values are listed in one error."""
-    sheet = pd.read_csv(samples, sep="\t", dtype=str, keep_default_na=False)
-    missing = {"time", "event"} - set(sheet.columns)
-    if missing:
-        raise ValueError(f"{samples}: survival methods need the columns time (days of follow-up) and event "
-                         f"(1 = event, 0 = censored); missing {sorted(missing)}")
-    rows = sheet.groupby("patient_id", sort=True)[["time", "event"]].first()
-    errors = []
-    out = []
-    for pid, r in rows.iterrows():
-        if r["time"] == "" and r["event"] == "":
-            continue
-        try:
-            time, event = float(r["time"]), float(r["event"])
-        except ValueError:
-            errors.append(f"{pid}: time {r['time']!r}, event {r['event']!r} are not numbers")
-            continue
-        if not np.isfinite(time) or time < 0:
-            errors.append(f"{pid}: time {r['time']!r} (days) must be a number >= 0")
-        elif event not in (0.0, 1.0):
-            errors.append(f"{pid}: event {r['event']!r} must be 1 (event) or 0 (censored)")
-        else:
-            out.append((pid, time, int(event)))
-    if errors:
-        raise ValueError(f"{samples}: {len(errors)} patients with unusable survival data: " + "; ".join(errors[:10])
-                         + (" ..." if len(errors) > 10 else "") + ". Fix the time/event columns (or leave both "
-                         "empty for a patient without follow-up)")
-    return pd.DataFrame(out, columns=["patient_id", "time", "event"]).set_index("patient_id")
+    """Per-patient ``time`` (days) and ``event`` (1 = event, 0 = censored) from the sample sheet, which
+    :func:`wsiomics.samples.load_sample_sheet` checks (a bad or conflicting value is a sheet error naming
+    its row); patients with both empty have no follow-up and are left out of survival training."""
+    from wsiomics.samples import load_sample_sheet
+
+    sheet = load_sample_sheet(samples)
+    given = sheet[(sheet["time"] != "") & (sheet["event"] != "")]
+    if given.empty:
+        raise ValueError(f"{samples}: no patient has survival data; survival methods need the columns time (days "
+                         "of follow-up) and event (1 = event, 0 = censored)")
+    rows = given.groupby("patient_id", sort=True)[["time", "event"]].first()
+    return rows.astype({"time": float, "event": int})
 
 
 def _structured(times: np.ndarray, events: np.ndarray) -> np.ndarray:
