@@ -287,6 +287,62 @@ def test_three_problems_reported_together(data_dir: Path) -> None:
     assert isinstance(err, ValueError)
 
 
+# --- survival columns (time, event) ---------------------------------------------------------------
+
+SURV_HEADER = [*HEADER, "time", "event"]
+SURV_ROWS = [
+    ["P1", "S1a", "slides/s1a.svs", "tumor", "", "", "expr/p1.tsv", "1234", "1"],
+    ["P1", "S1b", "slides/s1b.svs", "tumor", "", "", "expr/p1.tsv", "1234.0", "1"],
+    ["P2", "S2", "slides/s2.svs", "normal", "", "", "", "0", "0"],
+    ["P3", "", "", "tumor", "", "", "expr/p3.tsv", "", ""],
+]
+
+
+def test_survival_columns_are_accepted_and_kept(data_dir: Path) -> None:
+    df = load_sample_sheet(write_sheet(data_dir / "samples.tsv", SURV_ROWS, header=SURV_HEADER))
+    assert list(df["time"]) == ["1234", "1234.0", "0", ""] and list(df["event"]) == ["1", "1", "0", ""]
+    # a sheet without them still loads, with the columns empty
+    df = load_sample_sheet(write_sheet(data_dir / "plain.tsv", VALID_ROWS))
+    assert (df["time"] == "").all() and (df["event"] == "").all()
+
+
+@pytest.mark.parametrize(
+    ("time", "event", "expected"),
+    [
+        ("-3", "1", "column 'time': time '-3' is not a number >= 0"),
+        ("abc", "0", "column 'time': time 'abc' is not a number >= 0"),
+        ("12", "2", "column 'event': event '2' is not 0 or 1"),
+        ("12", "yes", "column 'event': event 'yes' is not 0 or 1"),
+        ("12", "", "time is given without event"),
+        ("", "1", "event is given without time"),
+    ],
+)
+def test_bad_survival_values(data_dir: Path, time: str, event: str, expected: str) -> None:
+    rows = [["P2", "S2", "slides/s2.svs", "", "", "", "", time, event]]
+    msg = errors_of(write_sheet(data_dir / "s.tsv", rows, header=SURV_HEADER))
+    assert "row 2" in msg and expected in msg
+
+
+def test_conflicting_survival_of_one_patient(data_dir: Path) -> None:
+    rows = [SURV_ROWS[0], [*SURV_ROWS[1][:7], "99", "0"]]
+    msg = errors_of(write_sheet(data_dir / "s.tsv", rows, header=SURV_HEADER))
+    assert "patient 'P1' has conflicting survival times" in msg
+    assert "patient 'P1' has conflicting survival events" in msg
+
+
+def test_schema_accepts_and_rejects_survival_values(data_dir: Path) -> None:
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    df = load_sample_sheet(write_sheet(data_dir / "samples.tsv", SURV_ROWS, header=SURV_HEADER))
+    validate(df.drop(columns="row"), str(SCHEMA))
+    for column, value in (("time", "-1"), ("time", "x"), ("event", "2")):
+        bad = df.drop(columns="row")
+        bad.loc[0, column] = value
+        with pytest.raises(WorkflowError):
+            validate(bad, str(SCHEMA))
+
+
 # --- Snakemake schema ------------------------------------------------------------------------------
 
 

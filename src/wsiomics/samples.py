@@ -7,14 +7,17 @@ One sheet (TSV; ``.csv`` is read comma-separated) drives the whole pipeline. Eac
 * an **expression-only row**: ``slide_id`` and ``slide_path`` empty, ``expression_path`` given.
 
 Columns: ``patient_id``, ``slide_id``, ``slide_path`` are required; ``label``, ``mpp``,
-``annotation_path``, ``expression_path`` are optional; any other column is an error (it is almost
-always a typo that would otherwise be silently ignored).
+``annotation_path``, ``expression_path``, ``time``, ``event`` are optional; any other column is an error
+(it is almost always a typo that would otherwise be silently ignored). ``time`` (days, a number >= 0) and
+``event`` (1 = the event, e.g. death, was observed; 0 = censored) carry a patient's survival; tasks that do
+not use them ignore them.
 
 Rules: ``patient_id`` is never empty; ``slide_id`` is unique and file-name safe
 (``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$``) because it names output files; every path must exist,
 relative paths resolve against the sheet's own folder (not the working directory); ``mpp`` is a
 decimal in (0, 100) and overrides the slide's metadata; a patient has at most one distinct label
-and at most one distinct expression file across its rows.
+and at most one distinct expression file, survival time and event across its rows; ``time`` and
+``event`` are given together or not at all.
 
 All problems are collected and raised together as one :class:`SampleSheetError`, so a user fixes
 the sheet in one pass instead of one error per run. ``workflow/schemas/samples.schema.yaml``
@@ -38,7 +41,7 @@ from typing import Any
 import pandas as pd
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("patient_id", "slide_id", "slide_path")
-OPTIONAL_COLUMNS: tuple[str, ...] = ("label", "mpp", "annotation_path", "expression_path")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("label", "mpp", "annotation_path", "expression_path", "time", "event")
 ALLOWED_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 PATH_COLUMNS: tuple[str, ...] = ("slide_path", "annotation_path", "expression_path")
 
@@ -47,6 +50,9 @@ SLIDE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: A plain positive decimal (no sign, no exponent); kept identical to the schema's mpp pattern.
 MPP_RE = re.compile(r"0*[1-9][0-9]*(\.[0-9]*)?|0*\.[0-9]*[1-9][0-9]*")
 MPP_MAX = 100.0
+#: Survival time: a plain non-negative decimal (days); kept identical to the schema's time pattern.
+TIME_RE = re.compile(r"[0-9]+(\.[0-9]*)?|\.[0-9]+")
+EVENTS = ("0", "1")
 
 __all__ = [
     "ALLOWED_COLUMNS",
@@ -286,15 +292,33 @@ def _check_rows(df: pd.DataFrame, base: Path, problems: _Problems) -> None:
                 line, "mpp", "mpp is given on a row without a slide", "clear it or move it to the slide's row"
             )
 
+        time, event = rec.get("time", ""), rec.get("event", "")
+        if time and not TIME_RE.fullmatch(time):
+            problems.row(line, "time", f"time '{time}' is not a number >= 0",
+                         "give the survival time in days as a plain decimal such as 1234, or leave it empty")
+        if event and event not in EVENTS:
+            problems.row(line, "event", f"event '{event}' is not 0 or 1",
+                         "give 1 when the event (e.g. death) was observed, 0 when censored, or leave it empty")
+        if bool(time) != bool(event):
+            given, missing = ("time", "event") if time else ("event", "time")
+            problems.row(line, missing, f"{given} is given without {missing}",
+                         "give both time and event, or neither")
+
     if "patient_id" not in cols:
         return
     # Per-patient consistency: label and expression file must not conflict across rows.
-    for col, what in (("label", "labels"), ("expression_path", "expression files")):
+    for col, what in (("label", "labels"), ("expression_path", "expression files"), ("time", "survival times"),
+                      ("event", "survival events")):
         if col not in cols:
             continue
         given = df[(df[col] != "") & (df["patient_id"] != "")]
         for patient, group in given.groupby("patient_id", sort=False):
-            keys = group[col].map(lambda v: _resolve(v, base)) if col == "expression_path" else group[col]
+            if col == "expression_path":
+                keys = group[col].map(lambda v: _resolve(v, base))
+            elif col == "time":
+                keys = group[col].map(lambda v: float(v) if TIME_RE.fullmatch(v) else v)  # 1234 == 1234.0
+            else:
+                keys = group[col]
             if keys.nunique() > 1:
                 detail = ", ".join(f"'{v}' (row {r})" for v, r in zip(group[col], group["row"], strict=True))
                 problems.rows(
