@@ -379,3 +379,30 @@ def test_cli_writes_both_tables_and_the_sheet_loads(nsclc, tmp_path: Path) -> No
     assert main(["sheet", "--sample-sheet", str(sheets[0]), "--downloads", str(tmp_path / "work"),
                  "--out", str(empty_out)]) == 1
     assert not empty_out.exists() and unplaced_path(empty_out).is_file()
+
+
+def test_multiclass_label_from_cbioportal_patient_table(tmp_path: Path) -> None:
+    """BRCA PAM50 from cBioPortal's data_clinical_patient.txt: '#' header lines, PATIENT_ID, SUBTYPE."""
+    t = GdcTree(tmp_path)
+    cases = {"TCGA-A1-A0SB": "BRCA_LumA", "TCGA-A2-A04P": "BRCA_Basal", "TCGA-A2-A0CM": "BRCA_Her2",
+             "TCGA-AR-A1AX": "BRCA_LumB", "TCGA-B6-A0RU": "", "TCGA-E2-A1B5": "BRCA_Normal"}
+    rows = [row for c in cases for row in (t.slide(c, project="TCGA-BRCA"), t.rna(c, project="TCGA-BRCA"))]
+    sheet = t.sheet("brca.tsv", rows, "new")
+    lines = ["#Patient Identifier\tSubtype\tOverall Survival (Months)", "#Identifier\tSubtype\tOS",
+             "#STRING\tSTRING\tNUMBER", "#1\t1\t1", "PATIENT_ID\tSUBTYPE\tOS_MONTHS"]
+    lines += [f"{c}\t{s}\t#N/A" for c, s in cases.items()]
+    table = tmp_path / "data_clinical_patient.txt"
+    table.write_text("\n".join(lines) + "\n")
+    result = build_sheet([sheet], [t.downloads], label="column:SUBTYPE", clinical=[table])
+    got = result.sheet.drop_duplicates("patient_id").set_index("patient_id")["label"].to_dict()
+    assert got == {c: s for c, s in cases.items() if s}
+    assert set(result.unplaced["case_id"]) == {"TCGA-B6-A0RU"} and len(result.unplaced) == 2
+    assert "time" not in result.sheet.columns  # no OS/OS.time or vital status: no survival columns
+    # a table keyed by sample barcodes (--clinical-id): each barcode counts for its patient
+    by_sample = write_tsv(tmp_path / "subtypes.tsv", [{"pan.samplesID": f"{c}-01A-11R-A144-07", "Subtype_mRNA": s}
+                                                       for c, s in cases.items()])
+    result = build_sheet([sheet], [t.downloads], label="column:Subtype_mRNA", clinical=[by_sample],
+                         clinical_id="pan.samplesID")
+    assert result.sheet.drop_duplicates("patient_id").set_index("patient_id")["label"].to_dict() == got
+    with pytest.raises(GdcError, match="no patient column"):
+        build_sheet([sheet], [t.downloads], label="column:Subtype_mRNA", clinical=[by_sample])

@@ -11,8 +11,9 @@ Inputs, as the GDC portal and ``gdc-client`` give them:
   filename md5 size state``). A manifest says nothing about cases: its slides are placed by the TCGA
   barcode in their file names, its expression files only when a sample sheet also lists them.
 * download folders in gdc-client's layout ``<file id>/<file name>``.
-* optionally clinical tables: GDC's ``clinical.tsv`` (``case_submitter_id`` or ``cases.submitter_id``) or
-  the TCGA pan-cancer clinical table (``bcr_patient_barcode``).
+* optionally clinical tables: GDC's ``clinical.tsv`` (``case_submitter_id`` or ``cases.submitter_id``), the
+  TCGA pan-cancer clinical table (``bcr_patient_barcode``), cBioPortal's patient table (``PATIENT_ID``, its
+  ``#`` header lines skipped), or any TSV whose patient column ``--clinical-id`` names.
 
 What is placed: slide images (diagnostic FFPE ``-DX`` by default; frozen ``-TS``/``-BS``/``-MS`` with
 ``--slides frozen``; ``all``), every slide of a patient's best-ranked sample type kept; and STAR
@@ -72,7 +73,8 @@ SAMPLE_TYPE_CODES = {
 }
 #: Newer sheet's "Tumor Descriptor" of a tumour sample -> TCGA code.
 DESCRIPTOR_CODES = {"primary": "01", "recurrence": "02", "new primary": "05", "metastatic": "06"}
-CLINICAL_ID_COLUMNS = ("case_submitter_id", "cases.submitter_id", "bcr_patient_barcode")
+#: Patient column of GDC clinical.tsv (older, newer), the TCGA pan-cancer table, and cBioPortal's patient table.
+CLINICAL_ID_COLUMNS = ("case_submitter_id", "cases.submitter_id", "bcr_patient_barcode", "PATIENT_ID")
 #: Cells that mean "no value" in GDC and TCGA clinical tables.
 MISSING = frozenset({"", "'--", "--", "na", "n/a", "nan", "none", "null", "#n/a", "not reported", "unknown"})
 UNPLACED_COLUMNS = ("file_id", "file_name", "kind", "case_id", "sample_id", "listed_in", "path", "reason")
@@ -122,11 +124,16 @@ def _missing(value: object) -> bool:
     return text.lower() in MISSING or (text.startswith("[") and text.endswith("]"))  # [Not Available] etc.
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def _read_table(path: Path, skip_comments: bool = False) -> pd.DataFrame:
     if not path.is_file():
         raise GdcError(f"{path}: file not found. Fix: check the path.")
+    skip = 0
+    if skip_comments:  # cBioPortal tables start with '#' description lines ("#N/A" cells stay cells)
+        with open(path, encoding="utf-8-sig") as f:
+            while f.readline().startswith("#"):
+                skip += 1
     try:
-        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, encoding="utf-8-sig")
+        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, encoding="utf-8-sig", skiprows=skip)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise GdcError(f"{path}: not a readable tab-separated table ({exc}). Fix: give the file as the GDC "
                        "portal or gdc-client wrote it.") from None
@@ -364,20 +371,26 @@ def _choose_slides(recs: list[GdcFile], slides: str, sample_types: Sequence[str]
 # Clinical tables: labels and survival
 
 
-def _id_column(df: pd.DataFrame, path: Path) -> str:
+def _id_column(df: pd.DataFrame, path: Path, given: str | None) -> str:
+    if given:
+        if given not in df.columns:
+            raise GdcError(f"{path}: no column '{given}' (--clinical-id). Fix: name the table's patient column.")
+        return given
     for name in CLINICAL_ID_COLUMNS:
         if name in df.columns:
             return name
     raise GdcError(f"{path}: no patient column ({', '.join(CLINICAL_ID_COLUMNS)}). Fix: give GDC's clinical.tsv "
-                   "or the TCGA pan-cancer clinical table.")
+                   "or the TCGA pan-cancer clinical table, or name the column with --clinical-id.")
 
 
-def read_clinical(paths: Sequence[str | os.PathLike]) -> pd.DataFrame:
-    """All clinical tables stacked, one column ``case`` with the patient; missing markers become ''."""
+def read_clinical(paths: Sequence[str | os.PathLike], id_column: str | None = None) -> pd.DataFrame:
+    """All clinical tables stacked, one column ``case`` with the patient (a TCGA sample barcode counts for its
+    patient, the first 12 characters); missing markers become ''."""
     frames = []
     for p in paths:
-        df = _read_table(Path(p))
-        df = df.assign(case=df[_id_column(df, Path(p))].str.strip().str.upper())
+        df = _read_table(Path(p), skip_comments=True)
+        ids = df[_id_column(df, Path(p), id_column)].map(lambda v: patient_of(v)[0].upper())
+        df = df.assign(case=ids)
         frames.append(df.map(lambda v: "" if _missing(v) else str(v).strip()))
     return pd.concat(frames, ignore_index=True, sort=False).fillna("") if frames else pd.DataFrame({"case": []})
 
@@ -455,7 +468,7 @@ class Result:
 
 def build_sheet(listings: Sequence[str | os.PathLike], downloads: Sequence[str | os.PathLike], *,
                 label: str | None = None, clinical: Sequence[str | os.PathLike] = (), slides: str = "diagnostic",
-                sample_types: Sequence[str] = DEFAULT_SAMPLE_TYPES) -> Result:
+                sample_types: Sequence[str] = DEFAULT_SAMPLE_TYPES, clinical_id: str | None = None) -> Result:
     """The sample sheet (absolute paths) and the unplaced files; see the module docstring for the rules."""
     if slides not in SLIDE_CHOICES:
         raise GdcError(f"--slides {slides}: choose one of {', '.join(SLIDE_CHOICES)}")
@@ -491,7 +504,7 @@ def build_sheet(listings: Sequence[str | os.PathLike], downloads: Sequence[str |
     unplaced += [r for r in placeable if r.reason]
     cases = sorted(set(rna) | {c for c, v in slide_sets.items() if v})
 
-    table = read_clinical(clinical) if clinical else None
+    table = read_clinical(clinical, clinical_id) if clinical else None
     survival = clinical_survival(table) if table is not None else None
     labels: dict[str, tuple[str, str]] = {}
     if label == "project":
@@ -586,6 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--label", help="'project' (e.g. TCGA-LUAD vs TCGA-LUSC) or 'column:NAME' of --clinical")
     p.add_argument("--clinical", nargs="+", default=[], metavar="TSV",
                    help="GDC clinical.tsv or the TCGA pan-cancer clinical table: labels and survival")
+    p.add_argument("--clinical-id", metavar="COLUMN",
+                   help=f"patient column of --clinical (default: the first of {', '.join(CLINICAL_ID_COLUMNS)})")
     p.add_argument("--slides", choices=SLIDE_CHOICES, default="diagnostic",
                    help="diagnostic FFPE (-DX, default), frozen (-TS/-BS/-MS) or all")
     p.add_argument("--sample-types", nargs="+", default=list(DEFAULT_SAMPLE_TYPES), metavar="CODE",
@@ -595,7 +610,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = build_sheet(args.sample_sheet, args.downloads, label=args.label, clinical=args.clinical,
-                             slides=args.slides, sample_types=args.sample_types)
+                             slides=args.slides, sample_types=args.sample_types, clinical_id=args.clinical_id)
         if result.sheet.empty:  # an empty sheet would only fail later: say why, and leave just the reasons
             write_text(unplaced_path(args.out), result.unplaced.to_csv(sep="\t", index=False))
             raise GdcError(f"no file could be placed, so {args.out} was not written; every file and its reason is "
