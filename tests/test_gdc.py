@@ -406,3 +406,124 @@ def test_multiclass_label_from_cbioportal_patient_table(tmp_path: Path) -> None:
     assert result.sheet.drop_duplicates("patient_id").set_index("patient_id")["label"].to_dict() == got
     with pytest.raises(GdcError, match="no patient column"):
         build_sheet([sheet], [t.downloads], label="column:Subtype_mRNA", clinical=[by_sample])
+
+
+# --- the TCGA reproduction configs -----------------------------------------------------------------
+
+CONFIGS = {"tcga_nsclc": 2, "tcga_brca": 5}  # config -> number of classes of its label
+
+
+def load_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def leaf_keys(d: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in d.items():
+        keys |= leaf_keys(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}"}
+    return keys
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_has_every_key_of_config_yaml_and_validates(name: str) -> None:
+    from snakemake.utils import validate
+
+    config = load_yaml(REPO / "config" / f"{name}.yaml")
+    assert leaf_keys(config) == leaf_keys(load_yaml(REPO / "config.yaml"))
+    validate(config, str(REPO / "workflow" / "schemas" / "config.schema.yaml"))
+    assert config["splits"]["n_folds"] == 5 and config["features"]["pretrained"] is True
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_runs_gimp_mgi_their_ablations_and_baselines_at_20x(name: str) -> None:
+    from wsiomics.datasets import FoldData
+    from wsiomics.encoders.presets import PRESETS
+    from wsiomics.train.build import build_model
+    from wsiomics.train.methods import get_method, method_config
+
+    config = load_yaml(REPO / "config" / f"{name}.yaml")
+    preset = PRESETS[config["features"]["encoder"]]
+    assert preset.hub and preset.name != "resnet50_trunc"  # a pathology foundation model, not ImageNet
+    assert config["tiling"]["target_mpp"] == 0.5  # 20x
+    assert config["tiling"]["patch_size"] == preset.input_size  # the encoder sees 0.5 um/px, not coarser
+    run = config["train"]["run"]
+    assert {"gimp", "gimp_no_mpm", "gimp_no_triplet", "gimp_no_pretrain", "mgi", "mgi_transformer_genes",
+            "mgi_mlp_genes", "mgi_no_pretrain", "linear", "gene_only", "image_only", "late_fusion", "cca"} <= set(run)
+    assert all(get_method(m).task != "segment" for m in run)  # TCGA has no tumour annotations
+    # every deep method's network builds with these settings at the cohort's shapes
+    data = FoldData(fold=0, patients=[], classes=[f"c{i}" for i in range(CONFIGS[name])],
+                    genes=[f"G{i}" for i in range(config["expression"]["n_top_genes"])], gene_groups=None,
+                    feature_dim=preset.feature_dim)
+    for m in run:
+        method = get_method(m)
+        if method.model.startswith("sklearn"):
+            continue
+        model = build_model(method, method_config(config["train"], m), data)
+        assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def fake_tcga_tree(root: Path, projects: dict[str, list[str]]) -> tuple[GdcTree, list[Path]]:
+    t = GdcTree(root)
+    sheets = []
+    for project, cases in projects.items():
+        rows = [r for c in cases for r in (t.slide(c, project=project), t.rna(c, project=project))]
+        sheets.append(t.sheet(f"gdc_sample_sheet.{project}.tsv", rows, "new"))
+    return t, sheets
+
+
+def dry_run(config: str, work: Path) -> str:
+    cmd = [str(Path(sys.executable).parent / "snakemake"), "-s", str(REPO / "Snakefile"), "--cores", "2",
+           "--configfile", str(REPO / "config" / f"{config}.yaml"), "--directory", str(work), "-n"]
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def job_counts(out: str) -> dict[str, int]:
+    table = out.split("Job stats:")[1].split("total")[0].splitlines()[3:]
+    return {line.split()[0]: int(line.split()[1]) for line in table if line.strip()}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_nsclc_config_dry_run_from_gdc_downloads(tmp_path: Path) -> None:
+    """GDC tree -> importer -> snakemake -n with config/tcga_nsclc.yaml: every slide tiled and featurised with
+    UNI, 5 folds of every method (the slides are fake: the DAG never opens them)."""
+    luad = [f"TCGA-05-42{i:02d}" for i in range(5)]
+    lusc = [f"TCGA-18-34{i:02d}" for i in range(5)]
+    t, sheets = fake_tcga_tree(tmp_path, {"TCGA-LUAD": luad, "TCGA-LUSC": lusc})
+    work = tmp_path / "work"
+    assert main(["sheet", "--sample-sheet", *map(str, sheets), "--downloads", str(t.downloads),
+                 "--out", str(work / "samples.tsv"), "--label", "project"]) == 0
+    out = dry_run("tcga_nsclc", work)
+    counts = job_counts(out)
+    run = load_yaml(REPO / "config" / "tcga_nsclc.yaml")["train"]["run"]
+    assert counts["tile"] == counts["extract_features"] == 10
+    assert counts["normalize_expression"] == 5 and counts["finetune"] == 5 * len(run)
+    assert "results/features/uni/TCGA-05-4200-01Z-00-DX1.zarr" in out
+    for m in run:
+        assert f"results/models/{m}/fold4/metrics.json" in out
+    labels = pd.read_csv(work / "results" / "sheet" / "patients.tsv", sep="\t")["label"]
+    assert labels.value_counts().to_dict() == {"TCGA-LUAD": 5, "TCGA-LUSC": 5}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_brca_config_dry_run_with_a_clinical_label(tmp_path: Path) -> None:
+    subtypes = ["BRCA_LumA", "BRCA_LumB", "BRCA_Her2", "BRCA_Basal", "BRCA_Normal"]
+    cases = {f"TCGA-A2-A0{i:02d}": subtypes[i % 5] for i in range(10)}
+    t, sheets = fake_tcga_tree(tmp_path, {"TCGA-BRCA": list(cases)})
+    table = tmp_path / "data_clinical_patient.txt"
+    table.write_text("#Patient Identifier\tSubtype\n#STRING\tSTRING\nPATIENT_ID\tSUBTYPE\n"
+                     + "".join(f"{c}\t{s}\n" for c, s in cases.items()))
+    work = tmp_path / "work"
+    assert main(["sheet", "--sample-sheet", *map(str, sheets), "--downloads", str(t.downloads), "--out",
+                 str(work / "samples.tsv"), "--label", "column:SUBTYPE", "--clinical", str(table)]) == 0
+    out = dry_run("tcga_brca", work)
+    run = load_yaml(REPO / "config" / "tcga_brca.yaml")["train"]["run"]
+    assert job_counts(out)["finetune"] == 5 * len(run)
+    labels = pd.read_csv(work / "results" / "sheet" / "patients.tsv", sep="\t")["label"]
+    assert sorted(labels.unique()) == sorted(subtypes)
