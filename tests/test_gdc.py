@@ -527,3 +527,37 @@ def test_brca_config_dry_run_with_a_clinical_label(tmp_path: Path) -> None:
     assert job_counts(out)["finetune"] == 5 * len(run)
     labels = pd.read_csv(work / "results" / "sheet" / "patients.tsv", sep="\t")["label"]
     assert sorted(labels.unique()) == sorted(subtypes)
+
+
+def test_imported_sheet_feeds_the_expression_stage(nsclc, tmp_path: Path) -> None:
+    """The chosen STAR files are read by the expression stage, one row per patient with RNA."""
+    from wsiomics.expression import CohortParams, build_cohort
+    from wsiomics.gdc import write_result
+
+    t, f, sheets = nsclc
+    loaded = write_result(build_sheet(sheets, [t.downloads], label="project"), tmp_path / "w" / "samples.tsv")
+    cohort = build_cohort(loaded, CohortParams())
+    with_rna = sorted(loaded.loc[loaded["expression_path"] != "", "patient_id"].unique())
+    assert sorted(cohort.obs_names) == with_rna == ["TCGA-05-4244", "TCGA-05-4249", "TCGA-21-1070", "TCGA-22-4593"]
+    assert cohort.n_vars == 20
+
+
+def test_non_tcga_ids_use_the_sheet_sample_types(tmp_path: Path) -> None:
+    """Without TCGA barcodes (e.g. CPTAC), sample types come from the newer sheet's Tissue Type / Tumor Descriptor
+    and the slide kind from its Preservation Method."""
+    t = GdcTree(tmp_path)
+    met = t.rna("C3L-00001", "06A", project="CPTAC-3")
+    primary = t.rna("C3L-00001", "01A", project="CPTAC-3")
+    normal = t.rna("C3L-00001", "11A", project="CPTAC-3")
+    slide = t.slide("C3L-00001", project="CPTAC-3", name="C3L-00001-21.svs")
+    frozen = t.slide("C3L-00001", section="TS1", project="CPTAC-3", name="C3L-00001-22.svs")
+    for r, sample in ((met, "C3L-00001-06"), (primary, "C3L-00001-01"), (normal, "C3L-00001-11"),
+                      (slide, "C3L-00001-21"), (frozen, "C3L-00001-22")):
+        r["Sample ID"] = sample
+    result = build_sheet([t.sheet("cptac.tsv", [met, primary, normal, slide, frozen], "new")], [t.downloads])
+    assert result.sheet[["patient_id", "slide_id", "expression_path"]].values.tolist() == [
+        ["C3L-00001", "C3L-00001-21", t.path(primary)]]
+    why = reasons(result)
+    assert why[met["File ID"]].startswith("another sample of the patient ranks first")
+    assert why[normal["File ID"]].startswith("RNA of a normal sample (type 11)")
+    assert why[frozen["File ID"]].startswith("slide kind frozen")
