@@ -38,7 +38,7 @@ import re
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -110,8 +110,7 @@ class GdcFile:
     type_code: str = ""
     slide_id: str = ""
     slide_kind: str = ""
-    reason: str = ""
-    extra: list[str] = field(default_factory=list)
+    reason: str = ""  # why it is not in the sheet ("" = placed)
 
 
 def _split(cell: str) -> tuple[str, ...]:
@@ -274,8 +273,9 @@ def _identify(rec: GdcFile) -> None:
     if len(rec.samples) > 1:
         rec.reason = f"one file of several samples ({', '.join(rec.samples)}); cannot say whose it is"
         return
-    rec.sample = rec.samples[0] if rec.samples else (barcode[:16] if barcode else "")
-    from_barcode = patient_of(barcode or rec.sample)[0] if (barcode or rec.sample).upper().startswith("TCGA-") else ""
+    rec.sample = rec.samples[0] if rec.samples else barcode[:16]  # TCGA-05-4244-01Z of TCGA-05-4244-01Z-00-DX1
+    tcga = barcode or rec.sample
+    from_barcode = patient_of(tcga)[0] if tcga.upper().startswith("TCGA-") else ""
     if len(rec.cases) > 1:
         rec.reason = f"one file of several cases ({', '.join(rec.cases)})"
         return
@@ -462,6 +462,9 @@ def clinical_survival(clinical: pd.DataFrame) -> dict[str, tuple[str, str]] | No
 
 @dataclass
 class Result:
+    """The sheet (absolute paths; ``label`` only with a label, ``time``/``event`` only with survival data) and
+    the unplaced files (UNPLACED_COLUMNS), one row per file."""
+
     sheet: pd.DataFrame
     unplaced: pd.DataFrame
 
