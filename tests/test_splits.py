@@ -284,3 +284,24 @@ def test_folds_are_not_rewritten_by_new_expression_or_an_unrelated_mpp(tmp_path)
     rows.loc[0, "label"] = "c1"  # a label change is a patient-level change: the folds are redone
     rows.to_csv(sheet, sep="\t", index=False)
     assert planned() == {"expression_cohort", "splits", "normalize_expression"}
+
+
+def test_survival_cohorts_are_stratified_by_event_and_label():
+    """Each fold tests a share of the events close to the cohort's; the patient table without an event
+    column (a cohort without follow-up) gives the folds it always gave."""
+    rng = np.random.default_rng(0)
+    n = 60
+    labels = np.array(["a", "b"] * (n // 2))
+    events = (np.arange(n) % 5 < 2).astype(int).astype(str)  # 40% events, spread over both labels
+    pts = pd.DataFrame({"patient_id": [f"P{i:02d}" for i in rng.permutation(n)], "label": labels, "event": events})
+    table = make_splits(pts, SplitParams(n_folds=4, seed=3))
+    event_of = pts.set_index("patient_id")["event"]
+    tested = table[table.role == "test"]
+    shares = tested.groupby("fold")["patient_id"].apply(lambda ids: (event_of[ids] == "1").mean())
+    assert shares.between(0.33, 0.47).all(), shares
+    label_only = make_splits(pts.drop(columns="event"), SplitParams(n_folds=4, seed=3))
+    pd.testing.assert_frame_equal(label_only, make_splits(pts.assign(event=""), SplitParams(n_folds=4, seed=3)))
+    unlabelled = make_splits(pts.assign(label=""), SplitParams(n_folds=4, seed=3))
+    shares = unlabelled[unlabelled.role == "test"].groupby("fold")["patient_id"].apply(
+        lambda ids: (event_of[ids] == "1").mean())
+    assert shares.between(0.33, 0.47).all(), shares

@@ -385,11 +385,12 @@ def slides(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def patients(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per patient_id (first-appearance order): label, expression_path, n_slides, flags."""
+    """One row per patient_id (first-appearance order): label, expression_path, n_slides, flags, survival event."""
     records = []
     for patient, group in df.groupby("patient_id", sort=False):
         labels = [v for v in group["label"] if v]
         expressions = [v for v in group["expression_path"] if v]
+        events = [v for v in group["event"] if v] if "event" in group else []
         n_slides = int((group["slide_id"] != "").sum())
         records.append(
             {
@@ -399,9 +400,10 @@ def patients(df: pd.DataFrame) -> pd.DataFrame:
                 "n_slides": n_slides,
                 "has_slide": n_slides > 0,
                 "has_expression": bool(expressions),
+                "event": events[0] if events else "",
             }
         )
-    columns = ["patient_id", "label", "expression_path", "n_slides", "has_slide", "has_expression"]
+    columns = ["patient_id", "label", "expression_path", "n_slides", "has_slide", "has_expression", "event"]
     return pd.DataFrame.from_records(records, columns=columns).set_index("patient_id")
 
 

@@ -19,6 +19,9 @@ of the sample sheet does not matter):
    is too small to be spread (a class with a single patient, or fewer ``val`` places than labels), that
    subset is drawn unstratified and the log says so.
 
+Survival cohorts (an ``event`` column in the patient table) are stratified by label and event together
+(``label|event``), or by event alone when no patient has a label.
+
 Labels: with ``stratify`` every patient needs one (unless no patient has one: unstratified folds). A label
 with fewer patients than folds is allowed but logged: some folds then test none of it; when every label is
 that small (tiny demo cohorts) the folds are drawn unstratified, also logged.
@@ -67,11 +70,18 @@ class SplitParams:
 
 
 def _labels(patients: pd.DataFrame, stratify: bool) -> np.ndarray | None:
-    """Per-patient labels to stratify on, or None for unstratified splits."""
+    """Per-patient strata, or None for unstratified splits: the label, combined with the survival event
+    (``label|event``) when the table has an ``event`` column with any value (survival cohorts)."""
     labels = patients["label"].fillna("").astype(str).to_numpy()
     if not stratify:
         return None
+    events = patients["event"].fillna("").astype(str).to_numpy() if "event" in patients else None
+    if events is not None and (events == "").all():
+        events = None
     if (labels == "").all():
+        if events is not None:
+            log.info("no patient has a label: folds are stratified by survival event")
+            return np.array([f"event{e}" for e in events])
         log.info("no patient has a label: folds are not stratified")
         return None
     missing = patients.index[labels == ""].tolist()
@@ -79,6 +89,9 @@ def _labels(patients: pd.DataFrame, stratify: bool) -> np.ndarray | None:
         raise SplitError(f"{len(missing)} of {len(labels)} patients have no label ({', '.join(missing[:8])}"
                          f"{' ...' if len(missing) > 8 else ''}), so they cannot be stratified. Fix: fill in "
                          "their label in the sample sheet, or set splits.stratify: false.")
+    if events is not None:
+        log.info("folds are stratified by label and survival event")
+        return np.array([f"{label}|event{e}" for label, e in zip(labels, events, strict=True)])
     return labels
 
 
@@ -137,8 +150,9 @@ def make_splits(patients: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
         if n - n_held < k:
             raise SplitError(f"{n} patients, {n_held} of them held out (test_fraction {params.test_fraction}), "
                              f"leave {n - n_held} for {k} folds. Fix: lower splits.n_folds or test_fraction.")
+        strata = None if labels is None else pd.Series(labels, index=ids)
         ids, heldout = _split_off(ids, labels, n_held, params.seed, "held-out test set")
-        labels = None if labels is None else pts.loc[ids, "label"].to_numpy()
+        labels = None if strata is None else strata.loc[ids].to_numpy()
     largest_test = -(-len(ids) // k)
     if len(ids) < k or len(ids) - largest_test < 2:  # every fold: test patients, and a train and a val patient
         raise SplitError(f"{len(ids)} patients for cross-validation but splits.n_folds is {k}: each fold needs at "
@@ -236,12 +250,13 @@ def read_splits(path: str | Path) -> pd.DataFrame:
 
 
 def read_patients(path: str | Path) -> pd.DataFrame:
-    """The patient table the workflow writes from the sample sheet: index patient_id, column label."""
+    """The patient table the workflow writes from the sample sheet: index patient_id, column label (and event,
+    for a cohort with follow-up)."""
     table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     missing = {"patient_id", "label"} - set(table.columns)
     if missing:
         raise SplitError(f"{path}, line 1: missing columns {sorted(missing)} (expected patient_id, label)")
-    return table[["patient_id", "label"]].set_index("patient_id")
+    return table[["patient_id", "label", *(["event"] if "event" in table else [])]].set_index("patient_id")
 
 
 def summary(table: pd.DataFrame) -> str:

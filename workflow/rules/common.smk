@@ -105,7 +105,7 @@ def uses_demo_cohort():
 # parsing (before the DAG, whose file-existence cache must not see them appear), or for the demo right
 # after checkpoint synth_cohort (the cache is off by then). Job steps on a cluster only read them.
 SHEET_VIEWS = {
-    "patients": "results/sheet/patients.tsv",  # patient_id, label, sorted by patient_id: the folds' input
+    "patients": "results/sheet/patients.tsv",  # patient_id, label (, event), by patient_id: the folds' input
     "expression": "results/sheet/expression_patients.tsv",  # what the expression cohort reads, sheet order
     "slides": "results/sheet/slides.tsv",  # slide_id, patient_id, sorted by slide_id: slide -> patient
 }
@@ -116,7 +116,10 @@ def _write_views(sheet):
         return
     pts = patient_rows(sheet).reset_index()
     frames = {
-        "patients": pts[["patient_id", "label"]].sort_values("patient_id", kind="stable"),
+        # event only when the sheet has follow-up (folds are then stratified by label and event)
+        "patients": pts[["patient_id", "label", *(["event"] if (pts["event"] != "").any() else [])]].sort_values(
+            "patient_id", kind="stable"
+        ),
         "expression": pts[["patient_id", "label", "n_slides", "expression_path"]],
         "slides": slide_rows(sheet).reset_index()[["slide_id", "patient_id"]].sort_values("slide_id"),
     }
