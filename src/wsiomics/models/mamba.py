@@ -31,8 +31,11 @@ exist at once and no (B, D, L) intermediate is kept between forward and backward
 
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -40,6 +43,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+log = logging.getLogger(__name__)
 
 # Chosen with bench/gene_encoders.py on 2 CPU cores (d_inner 256, d_state 16): chunk 16 beat 8 and 32 on a
 # loaded machine and was within noise of 32 on a quiet one; segments of 256 and 512 positions ran equally
@@ -53,6 +58,7 @@ __all__ = [
     "BiMambaConfig",
     "Mamba",
     "MambaConfig",
+    "scan_backend",
     "selective_scan",
     "selective_scan_ref",
 ]
@@ -386,13 +392,55 @@ class _ScanReplay(_ChunkedScan):
         return (*_ChunkedScan.backward(ctx, gout, glast), None, None, None)
 
 
-def _cuda_kernel() -> Callable | None:
-    """``mamba_ssm``'s ``selective_scan_fn`` when the package imports, else None."""
+def _load_kernel() -> tuple[Callable | None, str]:
+    """``mamba_ssm``'s ``selective_scan_fn`` and a description, or None and why not.
+
+    The function is taken only when the compiled extension ``selective_scan_cuda`` imports: mamba_ssm's main
+    branch imports without it (setting it to None) and its function then raises on every call.
+    """
     try:
         module = importlib.import_module("mamba_ssm.ops.selective_scan_interface")
-    except Exception:  # noqa: BLE001 - missing package, missing CUDA extension or a broken build: fall back
-        return None
-    return getattr(module, "selective_scan_fn", None)
+    except Exception as e:  # noqa: BLE001 - missing package or a broken build: fall back
+        return None, f"mamba_ssm does not import ({type(e).__name__}: {e})"
+    fn = getattr(module, "selective_scan_fn", None)
+    if fn is None:
+        return None, "mamba_ssm has no selective_scan_fn"
+    if getattr(module, "selective_scan_cuda", None) is None:
+        try:
+            importlib.import_module("selective_scan_cuda")
+        except Exception as e:  # noqa: BLE001 - not built, or built against another torch/CUDA
+            return None, (f"mamba_ssm imports but its compiled extension selective_scan_cuda does not "
+                          f"({type(e).__name__}: {e}); reinstall it built for this torch "
+                          "(pip install mamba-ssm --no-build-isolation)")
+    version = getattr(sys.modules.get("mamba_ssm"), "__version__", "?")
+    return fn, f"mamba_ssm CUDA kernel (mamba_ssm {version})"
+
+
+@functools.cache
+def _cuda_kernel() -> Callable | None:
+    """The CUDA kernel or None, decided once per process (and logged)."""
+    fn, why = _load_kernel()
+    _CHOICE["cuda"] = why if fn is not None else f"pure-PyTorch chunked scan: {why}"
+    _announce("cuda")
+    return fn
+
+
+_CHOICE = {"cpu": "pure-PyTorch chunked scan"}
+_announced: set[str] = set()
+
+
+def _announce(device_type: str) -> None:
+    if device_type not in _announced:
+        _announced.add(device_type)
+        log.info("selective scan on %s: %s", device_type, _CHOICE.get(device_type, _CHOICE["cpu"]))
+
+
+def scan_backend(device: torch.device | str) -> str:
+    """Which selective scan runs for tensors on ``device``, and on CUDA why (decides the kernel if not yet)."""
+    if torch.device(device).type == "cuda":
+        _cuda_kernel()
+        return _CHOICE["cuda"]
+    return _CHOICE["cpu"]
 
 
 def _is_cuda(t: Tensor) -> bool:
@@ -400,8 +448,10 @@ def _is_cuda(t: Tensor) -> bool:
 
 
 def _use_kernel(*tensors: Tensor | None) -> Callable | None:
-    """The CUDA kernel when every given tensor is on CUDA and ``mamba_ssm`` is installed, else None."""
+    """The CUDA kernel when every given tensor is on CUDA and ``mamba_ssm`` is installed with its compiled
+    extension, else None."""
     if not all(_is_cuda(t) for t in tensors if t is not None):
+        _announce("cpu")
         return None
     return _cuda_kernel()
 
@@ -413,8 +463,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
                    ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan with ``mamba_ssm.selective_scan_fn``'s arguments and results (see the module docstring).
 
-    On CUDA with ``mamba_ssm`` installed this calls its kernel (``chunk_size``/``segment_size`` then do not
-    apply); otherwise the chunked pure-PyTorch scan. ``return_last_state`` gives ``(out, last_state)`` with
+    On CUDA with ``mamba_ssm`` and its compiled extension this calls its kernel (``chunk_size``/``segment_size``
+    then do not apply); otherwise the chunked pure-PyTorch scan. ``return_last_state`` gives ``(out, last_state)`` with
     last_state (batch, dim, d_state) in fp32. ``initial_state`` (batch, dim, d_state), the state before the
     first position (differentiable; default zeros), is an extension the CUDA kernel lacks: with it the
     pure-PyTorch scan always runs.
