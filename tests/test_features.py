@@ -538,3 +538,27 @@ def test_resnet50_trunc_is_layer3_average_pooled():
         h = full.maxpool(full.act1(full.bn1(full.conv1(x))))
         h = full.layer3(full.layer2(full.layer1(h)))
         torch.testing.assert_close(enc.model(x), h.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("precision, tf32", [("fp32", False), ("bf16", True)])
+def test_fp32_extraction_turns_tf32_off_while_encoding(encoder, precision, tf32):
+    """cuDNN's default TF32 convolutions (and TF32 matmuls) would make ``precision: fp32`` features differ from
+    fp32 on a GPU: they are off while an fp32 encoder runs, and the user's setting is back afterwards. The
+    flags are process-wide and only matter on CUDA, so the CPU path shows the switching."""
+    seen = []
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        encoding = extract_mod.Encoding(encoder, torch.device("cpu"), precision, True, 8)
+        model = encoding.model
+
+        def recording(x):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return model(x)
+
+        encoding.model = recording
+        encoding(torch.randint(0, 255, (3, 3, 160, 160), dtype=torch.uint8))
+        assert seen == [(tf32, tf32)]
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

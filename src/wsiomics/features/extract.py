@@ -8,6 +8,7 @@ written chunk by chunk so memory does not grow with the slide. Output rows follo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -151,6 +152,23 @@ def resolve_compile(spec: str | bool, device: torch.device, n_tiles: int) -> boo
     return device.type == "cpu" and n_tiles >= COMPILE_MIN_TILES and cpp_compiler() is not None
 
 
+@contextlib.contextmanager
+def tf32_disabled(active: bool = True):
+    """TF32 off for cuDNN convolutions and CUDA matmuls inside the block, the caller's setting restored after.
+
+    cuDNN convolves in TF32 (10-bit mantissa) by default, so ``precision: fp32`` would not be fp32 on a GPU.
+    """
+    if not active:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
@@ -186,7 +204,7 @@ class Encoding:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         dtype = PRECISIONS[self.precision]
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+        with tf32_disabled(dtype is None), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             return self._run(x)[:b].float()
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
