@@ -102,3 +102,35 @@ def test_driver_report_without_driver(tmp_path):
 def test_min_capability_of_this_build():
     # the pinned CUDA wheel lists sm_75 as its oldest; a CPU build lists none and falls back to the same
     assert devices.min_capability() == (7, 5)
+
+
+def _shm(monkeypatch, free_mb: int) -> None:
+    usage = devices.shutil.disk_usage(".")
+    monkeypatch.setattr(devices.shutil, "disk_usage", lambda p: usage._replace(free=free_mb * 2**20))
+
+
+def test_small_shm_lowers_prefetch_then_workers(monkeypatch, caplog):
+    batch = 128 * 3 * 224 * 224  # 19.3 MB of uint8 tiles
+    _shm(monkeypatch, 10_000)
+    assert devices.shm_loader_limits(8, batch) == (8, 4)
+    assert devices.shm_loader_limits(0, batch) == (0, None)
+    _shm(monkeypatch, 400)  # 200 MB budget: 8 x 1 batch fits, 8 x 4 does not
+    with caplog.at_level("WARNING", logger="wsiomics.devices"):
+        assert devices.shm_loader_limits(8, batch) == (8, 1)
+    assert "--shm-size" in caplog.text
+    _shm(monkeypatch, 64)  # a container's default: 32 MB budget, one 19 MB batch at a time
+    assert devices.shm_loader_limits(8, batch) == (1, 1)
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create")
+def test_extraction_loader_follows_shm(monkeypatch):
+    from wsiomics.features import extract
+    from wsiomics.features.tiles import TileBatches, TileGeometry
+
+    dataset = TileBatches("unused.svs", [[0, 0]] * 1000, TileGeometry(0, 224, 224), 128)
+    _shm(monkeypatch, 64)
+    loader = extract._loader(dataset, 8, torch.device("cpu"))
+    assert (loader.num_workers, loader.prefetch_factor) == (1, 1)
+    _shm(monkeypatch, 10_000)
+    loader = extract._loader(dataset, 8, torch.device("cpu"))
+    assert (loader.num_workers, loader.prefetch_factor) == (8, 4)

@@ -7,13 +7,17 @@ its few CPU threads. It fails instead, naming the driver, the GPU and the fix.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # The NVIDIA driver's own report (present whenever its kernel module is loaded, even when CUDA is unusable).
 NVIDIA_PROC = Path("/proc/driver/nvidia")
@@ -21,6 +25,8 @@ NVIDIA_PROC = Path("/proc/driver/nvidia")
 FALLBACK_MIN_CAPABILITY = (7, 5)
 # CUDA major version -> oldest Linux driver branch that runs it (NVIDIA's CUDA toolkit release notes).
 MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+# Where DataLoader workers hand their batches to the main process (shared-memory files).
+SHM = Path("/dev/shm")
 
 
 def gpu_given(environ: Mapping[str, str] | None = None) -> str | None:
@@ -118,3 +124,32 @@ def resolve_device(spec: str, key: str = "device", error: type[Exception] = Runt
     if device.type == "cuda":
         check_cuda(device, key, f"{key} is '{spec}'", error)
     return device
+
+
+def shm_loader_limits(workers: int, batch_bytes: int, prefetch: int = 4, path: Path | None = None
+                      ) -> tuple[int, int | None]:
+    """(workers, prefetch_factor) whose batches in flight fit in half of the free shared memory.
+
+    Each of ``workers`` DataLoader processes keeps up to ``prefetch`` batches of ``batch_bytes`` in /dev/shm,
+    which containers cap at 64 MB by default (8 x 4 x 19 MB would need 600 MB): a full /dev/shm kills the
+    workers with a bus error. The prefetch is lowered first, then the workers; a warning says how to give
+    the container more. ``prefetch`` is None when there are no workers (DataLoader's rule).
+    """
+    if workers <= 0:
+        return 0, None
+    path = SHM if path is None else path
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:  # no /dev/shm (not Linux): workers pass batches some other way
+        return workers, prefetch
+    budget = free // 2
+    fit = budget // max(1, workers * batch_bytes)
+    if fit >= prefetch:
+        return workers, prefetch
+    new_workers = workers if fit >= 1 else max(1, budget // max(1, batch_bytes))
+    new_prefetch = max(1, min(prefetch, fit))
+    log.warning("%s has %.0f MB free: %d workers x %d batches of %.1f MB would not fit, so using %d workers x %d. "
+                "Fix: give the container more shared memory (docker run --shm-size=2g; Kubernetes: an emptyDir "
+                "with medium: Memory at /dev/shm), or lower the batch size", path, free / 2**20, workers,
+                prefetch, batch_bytes / 2**20, new_workers, new_prefetch)
+    return new_workers, new_prefetch

@@ -433,10 +433,11 @@ def _write_store(out, attrs: dict[str, Any], coords: np.ndarray, encode) -> dict
 
 
 def _loader(dataset: TileBatches, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
-    workers = min(workers, len(dataset))
+    size = dataset.geometry.out_size
+    workers, prefetch = devices.shm_loader_limits(min(workers, len(dataset)), dataset.batch_size * 3 * size * size)
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None, persistent_workers=False)
+        prefetch_factor=prefetch, persistent_workers=False)
 
 
 def _encode_into(feats, coords, geometry, slide_path, slide_id, encoder, device, precision, params, batch_size,
