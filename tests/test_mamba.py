@@ -349,3 +349,39 @@ def test_bimamba_sees_both_directions(shared):
     assert torch.allclose(summed(x), 2 * y, atol=1e-6)
     with pytest.raises(ValueError, match="combine"):
         BiMamba(16, combine="max")
+
+
+def test_scan_under_bf16_autocast_stays_fp32():
+    """The output contraction <C, h> (an einsum, i.e. a bmm that autocast would run in bf16) and the backward's
+    matmuls run with autocast off: the scan under CPU bf16 autocast equals the fp32 scan, gradients too."""
+    results = []
+    for autocast in (False, True):
+        inputs = _inputs(5, batch=2, dim=16, n=8, length=300)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, last = selective_scan(**inputs, delta_softplus=True, return_last_state=True, chunk_size=8,
+                                       segment_size=64)
+            (out.square().sum() + last.sum()).backward()  # a backward inside autocast, as _SegmentRecompute runs
+        results.append([out.detach(), last.detach()] + [inputs[k].grad for k in ("u", "delta", "B", "C", "z")])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_sizes_per_device():
+    cpu = mm.scan_sizes(torch.device("cpu"), batch=4, dim=256, d_state=16)
+    assert cpu == (mm.CHUNK_SIZE, mm.SEGMENT_SIZE)
+    small = mm.scan_sizes(torch.device("cuda"), batch=1, dim=256, d_state=16)
+    big = mm.scan_sizes(torch.device("cuda"), batch=64, dim=1024, d_state=16)
+    # fewer, larger launches on a GPU, while one (batch, segment, dim, d_state) fp32 work buffer stays in budget
+    assert small[0] >= cpu[0] and small[1] > cpu[1]
+    assert big[1] < small[1]
+    for (T, S), (b, d) in ((small, (1, 256)), (big, (64, 1024))):
+        assert S % T == 0 and S >= T
+        assert b * S * d * 16 * 4 <= mm.CUDA_SEGMENT_BYTES or S == T
+
+
+def test_chunked_scan_matches_reference_at_gpu_sizes():
+    """The sizes chosen for a GPU give the reference result (checked on the CPU, where any sizes run)."""
+    inputs = {k: (v.detach() if v is not None else None) for k, v in _inputs(6, length=700).items()}
+    T, S = mm.scan_sizes(torch.device("cuda"), batch=2, dim=8, d_state=4)
+    out = selective_scan(**inputs, delta_softplus=True, chunk_size=T, segment_size=S)
+    assert _rel(out, selective_scan_ref(**inputs, delta_softplus=True)) < 1e-5

@@ -52,6 +52,13 @@ log = logging.getLogger(__name__)
 # against 361 MB).
 CHUNK_SIZE = 16
 SEGMENT_SIZE = 256
+# On a GPU each op is a kernel launch (~5-10 us), and the CPU sizes make a 16k-token scan thousands of small
+# launches: longer chunks and segments cut their number (the sweeps are 2 * chunk launches per segment, the
+# chunk scan log2(segment / chunk)). A segment is as long as keeps one (batch, segment, dim, d_state) fp32 work
+# buffer within CUDA_SEGMENT_BYTES (the backward holds three). Not yet measured on a GPU (bench/gpu_check.py).
+CUDA_CHUNK_SIZE = 32
+CUDA_SEGMENT_SIZE = 4096
+CUDA_SEGMENT_BYTES = 256 * 2**20
 
 __all__ = [
     "BiMamba",
@@ -59,6 +66,7 @@ __all__ = [
     "Mamba",
     "MambaConfig",
     "scan_backend",
+    "scan_sizes",
     "selective_scan",
     "selective_scan_ref",
 ]
@@ -257,7 +265,14 @@ class _Segment:
 def _scan_forward(u, delta, A, Bg, Cg, D, z, delta_bias, softplus: bool, T: int, S: int, h_init=None
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """:class:`_ChunkedScan`'s forward computation: out (B, D, L), the last state (B, D, N) and the state
-    at each segment start (B, n_segments, D, N), all its backward needs besides the inputs."""
+    at each segment start (B, n_segments, D, N), all its backward needs besides the inputs. In fp32 whatever
+    the caller's autocast (which would run the output einsum, a bmm, in bf16)."""
+    with torch.autocast(u.device.type, enabled=False):
+        return _scan_forward_fp32(u, delta, A, Bg, Cg, D, z, delta_bias, softplus, T, S, h_init)
+
+
+def _scan_forward_fp32(u, delta, A, Bg, Cg, D, z, delta_bias, softplus: bool, T: int, S: int, h_init=None
+                       ) -> tuple[Tensor, Tensor, Tensor]:
     batch, dim, length = u.shape
     groups, n = Bg.shape[1], Bg.shape[2]
     hpg = dim // groups
@@ -302,6 +317,11 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout: Tensor, glast: Tensor | None):
+        with torch.autocast(gout.device.type, enabled=False):  # fp32 matmuls even in a backward under autocast
+            return _ChunkedScan._backward(ctx, gout, glast)
+
+    @staticmethod
+    def _backward(ctx, gout: Tensor, glast: Tensor | None):
         u, delta, A, Bg, Cg, D, z, delta_bias, Hseg = ctx.saved_tensors
         T, S = ctx.T, ctx.S
         batch, dim, length = u.shape
@@ -478,6 +498,16 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     return (out, last) if return_last_state else out
 
 
+def scan_sizes(device: torch.device, batch: int, dim: int, d_state: int) -> tuple[int, int]:
+    """Default (chunk, segment) lengths of the pure-PyTorch scan for tensors on ``device``: the CPU-tuned
+    CHUNK_SIZE / SEGMENT_SIZE, or on CUDA longer ones, the segment bounded by CUDA_SEGMENT_BYTES."""
+    if device.type != "cuda":
+        return CHUNK_SIZE, SEGMENT_SIZE
+    T = CUDA_CHUNK_SIZE
+    fit = CUDA_SEGMENT_BYTES // max(1, batch * dim * d_state * 4)
+    return T, max(T, min(CUDA_SEGMENT_SIZE, fit) // T * T)
+
+
 def _operands(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
               delta_bias: Tensor | None, initial_state: Tensor | None, chunk_size: int | None,
               segment_size: int | None) -> tuple[tuple[Tensor | None, ...], int, int]:
@@ -487,11 +517,12 @@ def _operands(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tens
     if initial_state is not None and initial_state.shape != (u.shape[0], u.shape[1], A.shape[1]):
         raise ValueError(f"initial_state must be (batch, dim, d_state) = {(u.shape[0], u.shape[1], A.shape[1])}; "
                          f"got {tuple(initial_state.shape)}")
-    T = int(chunk_size or CHUNK_SIZE)
-    S = int(segment_size or SEGMENT_SIZE)
+    batch, dim, length = u.shape
+    T_default, S_default = scan_sizes(u.device, batch, dim, A.shape[1])
+    T = int(chunk_size or T_default)
+    S = int(segment_size or S_default)
     if T < 1 or S < 1:
         raise ValueError(f"chunk_size and segment_size must be >= 1; got {T} and {S}")
-    batch, _, length = u.shape
     T = max(1, min(T, length))  # a short sequence is one chunk
     S = max(T, S // T * T)  # a segment is whole chunks
     f = lambda t: t.float() if t is not None else None  # noqa: E731
