@@ -538,3 +538,63 @@ def test_resnet50_trunc_is_layer3_average_pooled():
         h = full.maxpool(full.act1(full.bn1(full.conv1(x))))
         h = full.layer3(full.layer2(full.layer1(h)))
         torch.testing.assert_close(enc.model(x), h.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("precision, tf32", [("fp32", False), ("bf16", True)])
+def test_fp32_extraction_turns_tf32_off_while_encoding(encoder, precision, tf32):
+    """cuDNN's default TF32 convolutions (and TF32 matmuls) would make ``precision: fp32`` features differ from
+    fp32 on a GPU: they are off while an fp32 encoder runs, and the user's setting is back afterwards. The
+    flags are process-wide and only matter on CUDA, so the CPU path shows the switching."""
+    seen = []
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        encoding = extract_mod.Encoding(encoder, torch.device("cpu"), precision, True, 8)
+        model = encoding.model
+
+        def recording(x):
+            seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+            return model(x)
+
+        encoding.model = recording
+        encoding(torch.randint(0, 255, (3, 3, 160, 160), dtype=torch.uint8))
+        assert seen == [(tf32, tf32)]
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_multi_slide_cli_prepares_the_encoder_once(tiled, tmp_path, monkeypatch):
+    """One job's slides share one Encoding (BatchNorm folding, the device copy, a compile), and each still gets
+    its own features."""
+    from wsiomics.features.__main__ import main
+
+    built = []
+    real = extract_mod.Encoding
+
+    def counting(*a, **k):
+        built.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(extract_mod, "Encoding", counting)
+    outs = [tmp_path / "a.zarr", tmp_path / "b.zarr"]
+    assert main(["extract", "--tiles", str(tiled["pen20"]), str(tiled["tiff40"]), "--out", *map(str, outs),
+                 "--encoder", ENCODER, "--no-pretrained", "--no-progress", "--num-workers", "0", "--batch-size",
+                 "16", "--precision", "fp32", "--dtype", "float32", "--device", "cpu"]) == 0
+    assert len(built) == 1
+    for name, out in zip(("pen20", "tiff40"), outs, strict=True):
+        feats, coords, _ = read(out)
+        ref_feats, ref_coords = direct_features(tiled[name], build_encoder(ENCODER, pretrained=False, seed=0), 8)
+        np.testing.assert_array_equal(coords[:8], ref_coords)
+        np.testing.assert_allclose(feats[:8], ref_feats, rtol=1e-4, atol=1e-4)
+
+
+def test_gpu_waiting_for_tiles_is_warned():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    starved = {"wait_for_tiles_s": 30.0, "encode_s": 20.0, "num_workers": 1}
+    advice = extract_mod.tile_wait_warning(starved, cuda)
+    assert advice is not None and "30.0 s" in advice and "60%" in advice and "features.threads" in advice
+    assert extract_mod.tile_wait_warning(starved, cpu) is None  # on the CPU reading shares the cores by design
+    assert extract_mod.tile_wait_warning({"wait_for_tiles_s": 3.0, "encode_s": 60.0}, cuda) is None  # 5%
+    assert extract_mod.tile_wait_warning({"wait_for_tiles_s": 1.0, "encode_s": 0.5}, cuda) is None  # too short
+    assert extract_mod.tile_wait_warning({}, cuda) is None  # an empty slide

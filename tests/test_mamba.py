@@ -146,29 +146,84 @@ def test_shape_errors_name_the_argument():
         selective_scan(**{**inputs, "A": torch.zeros(8, 4, dtype=torch.complex64)})
 
 
-def test_cuda_kernel_dispatch(monkeypatch):
+def _fake_mamba_ssm(monkeypatch, fn, extension: bool) -> None:
+    """A stand-in ``mamba_ssm`` whose interface module imports; ``extension``: whether the compiled
+    ``selective_scan_cuda`` does too (mamba_ssm's main branch imports without it, then raises on a call)."""
+    fake = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
+    fake.selective_scan_fn = fn
+    fake.selective_scan_cuda = types.ModuleType("selective_scan_cuda") if extension else None
+    for name in ("mamba_ssm", "mamba_ssm.ops"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", fake)
+    monkeypatch.setitem(sys.modules, "selective_scan_cuda", fake.selective_scan_cuda)
+    mm._cuda_kernel.cache_clear()
+    monkeypatch.setattr(mm, "_announced", set())
+
+
+@pytest.fixture
+def fresh_kernel_choice():
+    mm._cuda_kernel.cache_clear()
+    yield
+    mm._cuda_kernel.cache_clear()
+
+
+def test_cuda_kernel_dispatch(monkeypatch, fresh_kernel_choice, caplog):
     calls = []
 
     def fake_fn(*args):
         calls.append(args)
         return "kernel"
 
-    fake = types.ModuleType("mamba_ssm.ops.selective_scan_interface")
-    fake.selective_scan_fn = fake_fn
-    for name in ("mamba_ssm", "mamba_ssm.ops"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", fake)
+    _fake_mamba_ssm(monkeypatch, fake_fn, extension=True)
     inputs = {k: (v.detach() if v is not None else None) for k, v in _inputs(2, length=9).items()}
     # CPU tensors: the pure-PyTorch scan even though the package imports
     assert isinstance(selective_scan(**inputs, delta_softplus=True), torch.Tensor) and not calls
-    # "CUDA" tensors: the kernel, with the arguments in selective_scan_fn's order
+    # "CUDA" tensors: the kernel, with the arguments in selective_scan_fn's order, and the choice logged once
     monkeypatch.setattr(mm, "_is_cuda", lambda t: True)
-    assert selective_scan(**inputs, delta_softplus=True, return_last_state=True) == "kernel"
+    with caplog.at_level("INFO", logger="wsiomics.models.mamba"):
+        assert selective_scan(**inputs, delta_softplus=True, return_last_state=True) == "kernel"
+        selective_scan(**inputs)
     expected = [inputs[k] for k in NAMES] + [True, True]
-    assert len(calls) == 1 and all(a is b for a, b in zip(calls[0], expected, strict=True))
-    # package missing: back to the pure-PyTorch scan
+    assert len(calls) == 2 and all(a is b for a, b in zip(calls[0], expected, strict=True))
+    assert sum("mamba_ssm CUDA kernel" in r.getMessage() for r in caplog.records) == 1
+    # package missing: the pure-PyTorch scan
+    mm._cuda_kernel.cache_clear()
     monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", None)
-    assert isinstance(selective_scan(**inputs), torch.Tensor) and len(calls) == 1
+    assert isinstance(selective_scan(**inputs), torch.Tensor) and len(calls) == 2
+
+
+def test_cuda_kernel_needs_the_compiled_extension(monkeypatch, fresh_kernel_choice, caplog):
+    """mamba_ssm importing without ``selective_scan_cuda``: its function would raise on every call, so the
+    pure-PyTorch scan runs, and the log says why."""
+    def broken(*args):
+        raise TypeError("'NoneType' object has no attribute 'fwd'")
+
+    _fake_mamba_ssm(monkeypatch, broken, extension=False)
+    monkeypatch.setattr(mm, "_is_cuda", lambda t: True)
+    inputs = {k: (v.detach() if v is not None else None) for k, v in _inputs(3, length=9).items()}
+    with caplog.at_level("INFO", logger="wsiomics.models.mamba"):
+        out = selective_scan(**inputs, delta_softplus=True)
+    assert torch.allclose(out, selective_scan_ref(**inputs, delta_softplus=True), atol=1e-5)
+    assert any("pure-PyTorch" in r.getMessage() and "selective_scan_cuda" in r.getMessage() for r in caplog.records)
+    assert "selective_scan_cuda" in mm.scan_backend(torch.device("cuda"))
+
+
+def test_cuda_kernel_decided_once_per_process(monkeypatch, fresh_kernel_choice):
+    imports = []
+    real = mm.importlib.import_module
+
+    def counting(name, *a, **k):
+        imports.append(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", None)  # not installed
+    monkeypatch.setattr(mm.importlib, "import_module", counting)
+    monkeypatch.setattr(mm, "_is_cuda", lambda t: True)
+    inputs = {k: (v.detach() if v is not None else None) for k, v in _inputs(4, length=5).items()}
+    for _ in range(3):
+        selective_scan(**inputs)
+    assert imports.count("mamba_ssm.ops.selective_scan_interface") == 1
+    assert mm.scan_backend(torch.device("cpu")).startswith("pure-PyTorch")
 
 
 # ----------------------------------------------------------------------------------------------- blocks
@@ -294,3 +349,39 @@ def test_bimamba_sees_both_directions(shared):
     assert torch.allclose(summed(x), 2 * y, atol=1e-6)
     with pytest.raises(ValueError, match="combine"):
         BiMamba(16, combine="max")
+
+
+def test_scan_under_bf16_autocast_stays_fp32():
+    """The output contraction <C, h> (an einsum, i.e. a bmm that autocast would run in bf16) and the backward's
+    matmuls run with autocast off: the scan under CPU bf16 autocast equals the fp32 scan, gradients too."""
+    results = []
+    for autocast in (False, True):
+        inputs = _inputs(5, batch=2, dim=16, n=8, length=300)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out, last = selective_scan(**inputs, delta_softplus=True, return_last_state=True, chunk_size=8,
+                                       segment_size=64)
+            (out.square().sum() + last.sum()).backward()  # a backward inside autocast, as _SegmentRecompute runs
+        results.append([out.detach(), last.detach()] + [inputs[k].grad for k in ("u", "delta", "B", "C", "z")])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_scan_sizes_per_device():
+    cpu = mm.scan_sizes(torch.device("cpu"), batch=4, dim=256, d_state=16)
+    assert cpu == (mm.CHUNK_SIZE, mm.SEGMENT_SIZE)
+    small = mm.scan_sizes(torch.device("cuda"), batch=1, dim=256, d_state=16)
+    big = mm.scan_sizes(torch.device("cuda"), batch=64, dim=1024, d_state=16)
+    # fewer, larger launches on a GPU, while one (batch, segment, dim, d_state) fp32 work buffer stays in budget
+    assert small[0] >= cpu[0] and small[1] > cpu[1]
+    assert big[1] < small[1]
+    for (T, S), (b, d) in ((small, (1, 256)), (big, (64, 1024))):
+        assert S % T == 0 and S >= T
+        assert b * S * d * 16 * 4 <= mm.CUDA_SEGMENT_BYTES or S == T
+
+
+def test_chunked_scan_matches_reference_at_gpu_sizes():
+    """The sizes chosen for a GPU give the reference result (checked on the CPU, where any sizes run)."""
+    inputs = {k: (v.detach() if v is not None else None) for k, v in _inputs(6, length=700).items()}
+    T, S = mm.scan_sizes(torch.device("cuda"), batch=2, dim=8, d_state=4)
+    out = selective_scan(**inputs, delta_softplus=True, chunk_size=T, segment_size=S)
+    assert _rel(out, selective_scan_ref(**inputs, delta_softplus=True)) < 1e-5

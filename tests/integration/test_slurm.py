@@ -19,7 +19,7 @@ Choices the test makes, and why:
   (``--gpus=1 --cpus-per-gpu=<threads>``) is accepted by a real controller. The encoder runs with
   ``device: cpu`` (SLURM exports CUDA_VISIBLE_DEVICES=0 for the fake GPU; on a machine with a real GPU the
   outputs could otherwise differ from the CPU reference run).
-* The node declares the machine's CPUs and memory, but at least 2 CPUs and 17000 MB (``SlurmdParameters=
+* The node declares the machine's CPUs and memory, but at least 8 CPUs and 17000 MB (``SlurmdParameters=
   config_overrides``; nothing is enforced without cgroups): the profile asks 8000 MB for extraction and twice
   that on a retry, and a request that fits no node is refused by sbatch.
 * Status polling is made quick (``--slurm-init-seconds-before-status-checks 2``,
@@ -153,7 +153,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _node_resources() -> tuple[int, int]:
-    cpus = max(os.cpu_count() or 1, 2)
+    cpus = max(os.cpu_count() or 1, 8)  # the profile asks 8 CPUs per GPU for extract_features
     mem_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
     return cpus, max(int(mem_mb * 0.9), 17000)
 
@@ -388,7 +388,8 @@ def test_profile_resources_reach_sbatch(slurm_run):
     extract = sbatch_calls(out, "extract_features")
     tile = sbatch_calls(out, "tile")
     assert len(extract) == 2 and len(tile) == 2
-    threads = yaml.safe_load((REPO / "config.yaml").read_text())["features"]["threads"]  # the rule's threads
+    profile = yaml.safe_load((REPO / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
+    threads = profile["set-threads"]["extract_features"]  # the profile's threads for GPU extraction
     for call in extract:
         assert all(opt in call.split() for opt in ("--gpus=1", f"--cpus-per-gpu={threads}", "--mem", "8000", "-t",
                                                    "120"))

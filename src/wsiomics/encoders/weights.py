@@ -158,8 +158,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, ignorable: tuple[str, ...] = ()):
-    """Load strictly; only keys under ``ignorable`` prefixes (a classifier the encoder drops) may be extra."""
+def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str, ignorable: tuple[str, ...] = (),
+              assign: bool = False):
+    """Load strictly; only keys under ``ignorable`` prefixes (a classifier the encoder drops) may be extra.
+
+    ``assign``: the checkpoint's tensors become the module's (cast to its dtypes), for a module built on the
+    meta device: no second copy of the weights.
+    """
     own = model.state_dict()
     unexpected = [k for k in state if k not in own and not k.startswith(ignorable)]
     missing = [k for k in own if k not in state]
@@ -174,4 +179,8 @@ def load_into(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str
                  f"{len(wrong)} with the wrong shape ({head(wrong)})" if wrong else ""]
         raise WeightsError(f"{where} does not fit the architecture: " + "; ".join(p for p in parts if p)
                            + ". Check that features.encoder names the model these weights were trained for.")
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+    keep = {k: v for k, v in state.items() if k in own}
+    if assign:  # the module's dtypes, one tensor at a time (no copy where they already match)
+        for k, v in keep.items():
+            keep[k] = v.to(own[k].dtype)
+    model.load_state_dict(keep, strict=True, assign=assign)

@@ -18,7 +18,7 @@ import torch
 
 from wsiomics.cli import add_dataclass_options, configure_logging, dataclass_from_args
 from wsiomics.encoders import PRESETS, WeightsError, build_encoder
-from wsiomics.features.extract import ExtractParams, FeatureError, extract_slide
+from wsiomics.features.extract import EncodingCache, ExtractParams, FeatureError, extract_slide
 from wsiomics.features.interop import add_cli as add_interop_cli
 
 log = logging.getLogger("wsiomics.features")
@@ -43,10 +43,11 @@ def _extract(args: argparse.Namespace) -> int:
     log.info("encoder %s (%d-d, weights: %s %s, sha256 %s) ready in %.1f s", args.encoder, encoder.feature_dim,
              encoder.weights.source, encoder.weights.name, encoder.weights.sha256, time.perf_counter() - started)
     failed = 0
+    encodings = EncodingCache()  # the encoder prepared on the device once for all slides
     for tiles, out in zip(args.tiles, args.out, strict=True):
         try:
             extract_slide(tiles, out, encoder, params, strict=args.strict, force=args.force,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, encodings=encodings)
         except (FeatureError, FileNotFoundError, RuntimeError) as e:
             log.error("%s", e)
             failed += 1

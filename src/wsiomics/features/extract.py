@@ -8,6 +8,7 @@ written chunk by chunk so memory does not grow with the slide. Output rows follo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -151,6 +152,23 @@ def resolve_compile(spec: str | bool, device: torch.device, n_tiles: int) -> boo
     return device.type == "cpu" and n_tiles >= COMPILE_MIN_TILES and cpp_compiler() is not None
 
 
+@contextlib.contextmanager
+def tf32_disabled(active: bool = True):
+    """TF32 off for cuDNN convolutions and CUDA matmuls inside the block, the caller's setting restored after.
+
+    cuDNN convolves in TF32 (10-bit mantissa) by default, so ``precision: fp32`` would not be fp32 on a GPU.
+    """
+    if not active:
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError) or (
         isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
@@ -186,7 +204,7 @@ class Encoding:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         dtype = PRECISIONS[self.precision]
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+        with tf32_disabled(dtype is None), torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
             return self._run(x)[:b].float()
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,6 +257,41 @@ class Encoding:
                 continue
             start += size
         return torch.cat(out).cpu()
+
+
+class EncodingCache:
+    """The :class:`Encoding` of each (encoder, device, precision, options) used by one job's slides, so BatchNorm
+    folding, the copy to the GPU and a compile are paid once per job, not once per slide."""
+
+    def __init__(self) -> None:
+        self._items: dict[tuple, tuple[Encoder, Encoding]] = {}
+        self.built = 0
+
+    def get(self, encoder: Encoder, device: torch.device, precision: str, params: ExtractParams, batch_size: int,
+            compiled: bool) -> Encoding:
+        key = (id(encoder), str(device), precision, params.channels_last, params.fold_batchnorm, compiled, batch_size)
+        if key not in self._items:  # the encoder is kept with it, so its id is not reused while cached
+            self._items[key] = encoder, Encoding(
+                encoder, device, precision, params.channels_last, batch_size, params.fold_batchnorm,
+                compile_model=compiled, compile_required=str(params.compile).lower() == "true")
+            self.built += 1
+        return self._items[key][1]
+
+
+# The GPU waiting for tiles longer than this (seconds, and share of the encoding loop) is worth a warning.
+TILE_WAIT_WARN_S = 2.0
+TILE_WAIT_WARN_SHARE = 0.2
+
+
+def tile_wait_warning(timings: dict[str, Any], device: torch.device) -> str | None:
+    """Why and how to fix it, when a GPU spent a good part of a slide waiting for its tile readers."""
+    wait, encode = timings.get("wait_for_tiles_s", 0.0), timings.get("encode_s", 0.0)
+    if device.type != "cuda" or wait < TILE_WAIT_WARN_S or wait < TILE_WAIT_WARN_SHARE * (wait + encode):
+        return None
+    return (f"the GPU waited {wait:.1f} s for tiles ({100 * wait / (wait + encode):.0f}% of the encoding loop) with "
+            f"{timings.get('num_workers', '?')} tile-reading process(es). Fix: give the job more CPUs "
+            "(features.threads: num_workers auto starts one fewer than the job's CPUs, up to 8) or set "
+            "features.num_workers")
 
 
 class RowWriter:
@@ -335,12 +388,12 @@ def effective_mpp(tiles_attrs: dict[str, Any], input_size: int) -> float | None:
 
 def extract_slide(tiles_store: str | os.PathLike, out: str | os.PathLike, encoder: Encoder,
                   params: ExtractParams = ExtractParams(), *, strict: bool = False, force: bool = False,
-                  progress: bool = True) -> ExtractResult:
+                  progress: bool = True, encodings: EncodingCache | None = None) -> ExtractResult:
     """Encode every tile of ``tiles_store`` into ``out`` (written atomically; skipped when already current).
 
-    A slide whose tiling status is not ``ok`` gets a store with zero rows and that status; tiles that
-    cannot be read give status ``unreadable`` (or an error in strict mode); non-finite features are
-    always an error.
+    ``encodings``: share one across the slides of a job to prepare the encoder on the device once. A slide
+    whose tiling status is not ``ok`` gets a store with zero rows and that status; tiles that cannot be read give
+    status ``unreadable`` (or an error in strict mode); non-finite features are always an error.
     """
     if params.dtype not in STORE_DTYPES:
         raise ValueError(f"dtype must be one of {STORE_DTYPES}; got {params.dtype!r}")
@@ -384,7 +437,7 @@ def extract_slide(tiles_store: str | os.PathLike, out: str | os.PathLike, encode
     try:
         timings = _write_store(out, attrs, coords, lambda feats: _encode_into(
             feats, coords, geometry, tattrs["slide_path"], slide_id, encoder, device, precision, params, batch_size,
-            workers, compiled, progress))
+            workers, compiled, progress, encodings or EncodingCache()))
     except TileReadError as e:
         if strict:
             raise
@@ -394,6 +447,8 @@ def extract_slide(tiles_store: str | os.PathLike, out: str | os.PathLike, encode
         timings = _write_store(out, attrs, coords, None)
     log.info("%s: %s, %d tiles -> %s (%s, %s on %s) in %.1f s (%.1f tiles/s)", slide_id, status, len(coords), out,
              encoder.name, precision, device, timings["seconds"], timings["patches_per_s"])
+    if (advice := tile_wait_warning(timings, device)) is not None:
+        log.warning("%s: %s", slide_id, advice)
     return ExtractResult(slide_id, status, len(coords), timings["seconds"])
 
 
@@ -415,16 +470,16 @@ def _write_store(out, attrs: dict[str, Any], coords: np.ndarray, encode) -> dict
 
 
 def _loader(dataset: TileBatches, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
-    workers = min(workers, len(dataset))
+    size = dataset.geometry.out_size
+    workers, prefetch = devices.shm_loader_limits(min(workers, len(dataset)), dataset.batch_size * 3 * size * size)
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None, persistent_workers=False)
+        prefetch_factor=prefetch, persistent_workers=False)
 
 
 def _encode_into(feats, coords, geometry, slide_path, slide_id, encoder, device, precision, params, batch_size,
-                 workers, compiled, progress) -> dict[str, Any]:
-    encoding = Encoding(encoder, device, precision, params.channels_last, batch_size, params.fold_batchnorm,
-                        compile_model=compiled, compile_required=str(params.compile).lower() == "true")
+                 workers, compiled, progress, encodings: EncodingCache) -> dict[str, Any]:
+    encoding = encodings.get(encoder, device, precision, params, batch_size, compiled)
     dataset = TileBatches(slide_path, coords, geometry, batch_size)
     writer = RowWriter(feats, feats.chunks[0])
     wait = compute = 0.0

@@ -94,8 +94,9 @@ def batch_hard_triplet_loss(embeddings: torch.Tensor, ids: torch.Tensor, margin:
     farthest positive and the nearest negative in Euclidean distance; loss = mean over those anchors
     of relu(d_ap - d_an + margin). 0 (attached to the graph) when no anchor qualifies.
     """
-    e = F.normalize(embeddings.float(), dim=-1)  # (B, E)
-    d2 = (2.0 - 2.0 * (e @ e.T)).clamp(min=1e-12)  # (B, B); |a-b|^2 for unit vectors
+    with torch.autocast(embeddings.device.type, enabled=False):  # distances in fp32 under any autocast
+        e = F.normalize(embeddings.float(), dim=-1)  # (B, E)
+        d2 = (2.0 - 2.0 * (e @ e.T)).clamp(min=1e-12)  # (B, B); |a-b|^2 for unit vectors
     dist = d2.sqrt()
     n = e.shape[0]
     valid = torch.ones(n, dtype=torch.bool, device=e.device) if valid is None else valid.to(e.device)

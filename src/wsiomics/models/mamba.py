@@ -31,8 +31,11 @@ exist at once and no (B, D, L) intermediate is kept between forward and backward
 
 from __future__ import annotations
 
+import functools
 import importlib
+import logging
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Literal
@@ -41,18 +44,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+log = logging.getLogger(__name__)
+
 # Chosen with bench/gene_encoders.py on 2 CPU cores (d_inner 256, d_state 16): chunk 16 beat 8 and 32 on a
 # loaded machine and was within noise of 32 on a quiet one; segments of 256 and 512 positions ran equally
 # fast (16,384 tokens, 2 threads: 1.18 / 1.16 s), 256 with 4 MiB per work buffer instead of 8 (peak 306
 # against 361 MB).
 CHUNK_SIZE = 16
 SEGMENT_SIZE = 256
+# On a GPU each op is a kernel launch (~5-10 us), and the CPU sizes make a 16k-token scan thousands of small
+# launches: longer chunks and segments cut their number (the sweeps are 2 * chunk launches per segment, the
+# chunk scan log2(segment / chunk)). A segment is as long as keeps one (batch, segment, dim, d_state) fp32 work
+# buffer within CUDA_SEGMENT_BYTES (the backward holds three). Not yet measured on a GPU (bench/gpu_check.py).
+CUDA_CHUNK_SIZE = 32
+CUDA_SEGMENT_SIZE = 4096
+CUDA_SEGMENT_BYTES = 256 * 2**20
 
 __all__ = [
     "BiMamba",
     "BiMambaConfig",
     "Mamba",
     "MambaConfig",
+    "scan_backend",
+    "scan_sizes",
     "selective_scan",
     "selective_scan_ref",
 ]
@@ -251,7 +265,14 @@ class _Segment:
 def _scan_forward(u, delta, A, Bg, Cg, D, z, delta_bias, softplus: bool, T: int, S: int, h_init=None
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """:class:`_ChunkedScan`'s forward computation: out (B, D, L), the last state (B, D, N) and the state
-    at each segment start (B, n_segments, D, N), all its backward needs besides the inputs."""
+    at each segment start (B, n_segments, D, N), all its backward needs besides the inputs. In fp32 whatever
+    the caller's autocast (which would run the output einsum, a bmm, in bf16)."""
+    with torch.autocast(u.device.type, enabled=False):
+        return _scan_forward_fp32(u, delta, A, Bg, Cg, D, z, delta_bias, softplus, T, S, h_init)
+
+
+def _scan_forward_fp32(u, delta, A, Bg, Cg, D, z, delta_bias, softplus: bool, T: int, S: int, h_init=None
+                       ) -> tuple[Tensor, Tensor, Tensor]:
     batch, dim, length = u.shape
     groups, n = Bg.shape[1], Bg.shape[2]
     hpg = dim // groups
@@ -296,6 +317,11 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gout: Tensor, glast: Tensor | None):
+        with torch.autocast(gout.device.type, enabled=False):  # fp32 matmuls even in a backward under autocast
+            return _ChunkedScan._backward(ctx, gout, glast)
+
+    @staticmethod
+    def _backward(ctx, gout: Tensor, glast: Tensor | None):
         u, delta, A, Bg, Cg, D, z, delta_bias, Hseg = ctx.saved_tensors
         T, S = ctx.T, ctx.S
         batch, dim, length = u.shape
@@ -386,13 +412,55 @@ class _ScanReplay(_ChunkedScan):
         return (*_ChunkedScan.backward(ctx, gout, glast), None, None, None)
 
 
-def _cuda_kernel() -> Callable | None:
-    """``mamba_ssm``'s ``selective_scan_fn`` when the package imports, else None."""
+def _load_kernel() -> tuple[Callable | None, str]:
+    """``mamba_ssm``'s ``selective_scan_fn`` and a description, or None and why not.
+
+    The function is taken only when the compiled extension ``selective_scan_cuda`` imports: mamba_ssm's main
+    branch imports without it (setting it to None) and its function then raises on every call.
+    """
     try:
         module = importlib.import_module("mamba_ssm.ops.selective_scan_interface")
-    except Exception:  # noqa: BLE001 - missing package, missing CUDA extension or a broken build: fall back
-        return None
-    return getattr(module, "selective_scan_fn", None)
+    except Exception as e:  # noqa: BLE001 - missing package or a broken build: fall back
+        return None, f"mamba_ssm does not import ({type(e).__name__}: {e})"
+    fn = getattr(module, "selective_scan_fn", None)
+    if fn is None:
+        return None, "mamba_ssm has no selective_scan_fn"
+    if getattr(module, "selective_scan_cuda", None) is None:
+        try:
+            importlib.import_module("selective_scan_cuda")
+        except Exception as e:  # noqa: BLE001 - not built, or built against another torch/CUDA
+            return None, (f"mamba_ssm imports but its compiled extension selective_scan_cuda does not "
+                          f"({type(e).__name__}: {e}); reinstall it built for this torch "
+                          "(pip install mamba-ssm --no-build-isolation)")
+    version = getattr(sys.modules.get("mamba_ssm"), "__version__", "?")
+    return fn, f"mamba_ssm CUDA kernel (mamba_ssm {version})"
+
+
+@functools.cache
+def _cuda_kernel() -> Callable | None:
+    """The CUDA kernel or None, decided once per process (and logged)."""
+    fn, why = _load_kernel()
+    _CHOICE["cuda"] = why if fn is not None else f"pure-PyTorch chunked scan: {why}"
+    _announce("cuda")
+    return fn
+
+
+_CHOICE = {"cpu": "pure-PyTorch chunked scan"}
+_announced: set[str] = set()
+
+
+def _announce(device_type: str) -> None:
+    if device_type not in _announced:
+        _announced.add(device_type)
+        log.info("selective scan on %s: %s", device_type, _CHOICE.get(device_type, _CHOICE["cpu"]))
+
+
+def scan_backend(device: torch.device | str) -> str:
+    """Which selective scan runs for tensors on ``device``, and on CUDA why (decides the kernel if not yet)."""
+    if torch.device(device).type == "cuda":
+        _cuda_kernel()
+        return _CHOICE["cuda"]
+    return _CHOICE["cpu"]
 
 
 def _is_cuda(t: Tensor) -> bool:
@@ -400,8 +468,10 @@ def _is_cuda(t: Tensor) -> bool:
 
 
 def _use_kernel(*tensors: Tensor | None) -> Callable | None:
-    """The CUDA kernel when every given tensor is on CUDA and ``mamba_ssm`` is installed, else None."""
+    """The CUDA kernel when every given tensor is on CUDA and ``mamba_ssm`` is installed with its compiled
+    extension, else None."""
     if not all(_is_cuda(t) for t in tensors if t is not None):
+        _announce("cpu")
         return None
     return _cuda_kernel()
 
@@ -413,8 +483,8 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
                    ) -> Tensor | tuple[Tensor, Tensor]:
     """Selective scan with ``mamba_ssm.selective_scan_fn``'s arguments and results (see the module docstring).
 
-    On CUDA with ``mamba_ssm`` installed this calls its kernel (``chunk_size``/``segment_size`` then do not
-    apply); otherwise the chunked pure-PyTorch scan. ``return_last_state`` gives ``(out, last_state)`` with
+    On CUDA with ``mamba_ssm`` and its compiled extension this calls its kernel (``chunk_size``/``segment_size``
+    then do not apply); otherwise the chunked pure-PyTorch scan. ``return_last_state`` gives ``(out, last_state)`` with
     last_state (batch, dim, d_state) in fp32. ``initial_state`` (batch, dim, d_state), the state before the
     first position (differentiable; default zeros), is an extension the CUDA kernel lacks: with it the
     pure-PyTorch scan always runs.
@@ -428,6 +498,16 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D:
     return (out, last) if return_last_state else out
 
 
+def scan_sizes(device: torch.device, batch: int, dim: int, d_state: int) -> tuple[int, int]:
+    """Default (chunk, segment) lengths of the pure-PyTorch scan for tensors on ``device``: the CPU-tuned
+    CHUNK_SIZE / SEGMENT_SIZE, or on CUDA longer ones, the segment bounded by CUDA_SEGMENT_BYTES."""
+    if device.type != "cuda":
+        return CHUNK_SIZE, SEGMENT_SIZE
+    T = CUDA_CHUNK_SIZE
+    fit = CUDA_SEGMENT_BYTES // max(1, batch * dim * d_state * 4)
+    return T, max(T, min(CUDA_SEGMENT_SIZE, fit) // T * T)
+
+
 def _operands(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
               delta_bias: Tensor | None, initial_state: Tensor | None, chunk_size: int | None,
               segment_size: int | None) -> tuple[tuple[Tensor | None, ...], int, int]:
@@ -437,11 +517,12 @@ def _operands(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tens
     if initial_state is not None and initial_state.shape != (u.shape[0], u.shape[1], A.shape[1]):
         raise ValueError(f"initial_state must be (batch, dim, d_state) = {(u.shape[0], u.shape[1], A.shape[1])}; "
                          f"got {tuple(initial_state.shape)}")
-    T = int(chunk_size or CHUNK_SIZE)
-    S = int(segment_size or SEGMENT_SIZE)
+    batch, dim, length = u.shape
+    T_default, S_default = scan_sizes(u.device, batch, dim, A.shape[1])
+    T = int(chunk_size or T_default)
+    S = int(segment_size or S_default)
     if T < 1 or S < 1:
         raise ValueError(f"chunk_size and segment_size must be >= 1; got {T} and {S}")
-    batch, _, length = u.shape
     T = max(1, min(T, length))  # a short sequence is one chunk
     S = max(T, S // T * T)  # a segment is whole chunks
     f = lambda t: t.float() if t is not None else None  # noqa: E731

@@ -59,16 +59,18 @@ def info_nce(image: torch.Tensor, gene: torch.Tensor, logit_scale: torch.Tensor 
 
     image, gene: (N, E) embeddings, row i of one paired with row i of the other (normalised here);
     logit_scale: the multiplier s = 1 / temperature (already exponentiated and clamped). N = 0 gives 0.
+    Computed in fp32 with autocast off, whatever the caller's autocast.
     """
     if image.shape != gene.shape:
         raise ValueError(f"paired embeddings need equal shapes, got {tuple(image.shape)} and {tuple(gene.shape)}")
     if image.shape[0] == 0:
         return image.sum() * 0.0 + gene.sum() * 0.0
-    i = F.normalize(image.float(), dim=-1)
-    g = F.normalize(gene.float(), dim=-1)
-    logits = logit_scale * (i @ g.T)  # (N, N): image rows, gene columns
-    target = torch.arange(i.shape[0], device=i.device)
-    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    with torch.autocast(image.device.type, enabled=False):  # bf16 logits at scale 100 would step by 0.5
+        i = F.normalize(image.float(), dim=-1)
+        g = F.normalize(gene.float(), dim=-1)
+        logits = logit_scale * (i @ g.T)  # (N, N): image rows, gene columns
+        target = torch.arange(i.shape[0], device=i.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 def _projection(kind: str, in_dim: int, out_dim: int) -> nn.Module:
