@@ -340,11 +340,12 @@ def train(root: Path, method: str, device: str, out: Path, kill_after_first_epoc
     SIGKILLs itself as soon as the fine-tuning's first epoch is saved (a pre-empted job)."""
     from wsiomics.train import loop
     from wsiomics.train.methods import method_config
-    from wsiomics.train.run import finetune, pretrain
+    from wsiomics.train.stages import finetune, pretrain
 
     cfg = method_config({**TRAIN_CFG, "device": device}, method)
     data = _fold(root)
-    pretrain(method, cfg, data, out)
+    if not (out / "pretrain" / "model.pt").exists():  # a resumed job keeps its finished pretraining (as Snakemake)
+        pretrain(method, cfg, data, out)
     if kill_after_first_epoch:
         real = loop._save_state
 
@@ -363,7 +364,8 @@ def predict_on_cpu(root: Path, method: str, model_path: Path) -> list[list[float
     from wsiomics.train.build import build_model
     from wsiomics.train.loop import load_model_state
     from wsiomics.train.methods import get_method, method_config
-    from wsiomics.train.run import EVAL_ROLES, data_params
+    from wsiomics.train.roles import EVAL_ROLES
+    from wsiomics.train.stages import data_params
 
     assert not torch.cuda.is_available(), "this process was meant to have no CUDA"
     cfg = method_config(TRAIN_CFG, method)
