@@ -38,13 +38,16 @@ def relabel(demo: Path, mode: str) -> Path:
     return out
 
 
-def run_mode(demo: Path, mode: str, out: Path, methods: list[str], extra: list[str]) -> pd.DataFrame:
+def run_mode(demo: Path, mode: str, out: Path, methods: list[str], extra: list[str], sheet: Path | None = None
+             ) -> pd.DataFrame:
+    """The workflow in ``out/<mode>`` on the demo's finished tiles and features (hard links) with ``sheet``
+    (default: the demo's sheet relabelled by ``mode``): only folds, expression and training run."""
     work = out / mode
     (work / "results").mkdir(parents=True, exist_ok=True)
     for sub in ("tiles", "features", "qc"):
         if not (work / "results" / sub).exists():
             subprocess.run(["cp", "-al", str(demo / "results" / sub), str(work / "results" / sub)], check=True)
-    sheet = relabel(demo, mode)
+    sheet = sheet or relabel(demo, mode)
     run = [str(Path(sys.executable).parent / "snakemake"), "-s", str(REPO / "Snakefile"), "--cores", "2",
            "--directory", str(work), "--rerun-triggers", "mtime", "--config", f"samples={sheet}",
            f"train={{run: [{', '.join(methods)}]}}", *extra]

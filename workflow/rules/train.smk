@@ -97,6 +97,38 @@ rule finetune_segmentation:
         " --folds {input.folds:q} --out-dir {params.out_dir:q} --threads {threads} {params.options} > {log:q} 2>&1"
 
 
+# Survival (task "survival" methods): follow-up from the sheet's time and event columns; per fold the patients'
+# risks (risks.tsv), c-index / td-AUC / IBS in metrics.json and a Kaplan-Meier figure of the test patients.
+rule finetune_survival:
+    wildcard_constraints:
+        method=SURVIVAL_METHODS,
+    input:
+        unpack(survival_inputs),
+    output:
+        metrics="results/models/{method}/fold{fold}/metrics.json",
+        risks="results/models/{method}/fold{fold}/risks.tsv",
+        km="results/models/{method}/fold{fold}/km.png",
+        history="results/models/{method}/fold{fold}/history.tsv",
+    params:
+        options=train_options,
+        config=lambda wildcards: method_config(TRAIN, wildcards.method),
+        out_dir=lambda wildcards: f"results/models/{wildcards.method}/fold{wildcards.fold}",
+    log:
+        "logs/train/{method}/fold{fold}/finetune.log",
+    benchmark:
+        "benchmarks/train/{method}/fold{fold}/finetune.tsv"
+    threads: TRAIN["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1,
+    conda:
+        "../../envs/train.yaml"
+    shell:
+        "python -m wsiomics.train finetune --method {wildcards.method} --fold {wildcards.fold}"
+        " --folds {input.folds:q} --out-dir {params.out_dir:q} --threads {threads} {params.options} > {log:q} 2>&1"
+
+
 rule summarize_models:
     input:
         model_metrics,

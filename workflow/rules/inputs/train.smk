@@ -15,9 +15,21 @@ wildcard_constraints:
     fold=r"\d+",
 
 
-# finetune and finetune_segmentation write the same metrics.json: each rule takes only its own methods.
-CLASSIFY_METHODS = "|".join(re.escape(m) for m, v in METHODS.items() if v.task != "segment")
-SEGMENT_METHODS = "|".join(re.escape(m) for m, v in METHODS.items() if v.task == "segment")
+# finetune, finetune_segmentation and finetune_survival write the same metrics.json: each rule takes only the
+# methods of its task.
+def _methods_of(task):
+    return "|".join(re.escape(m) for m, v in METHODS.items() if v.task == task)
+
+
+CLASSIFY_METHODS = _methods_of("classify")
+SEGMENT_METHODS = _methods_of("segment")
+SURVIVAL_METHODS = _methods_of("survival")
+
+
+def has_follow_up():
+    """Some patient of the sheet has survival time and event."""
+    sheet = sample_sheet()
+    return "time" in sheet.columns and bool((sheet["time"] != "").any())
 
 
 def annotation_files():
@@ -40,6 +52,9 @@ def runnable_methods():
             continue
         if method.model == "sklearn_cca" and not (has_genes and has_slides):
             logger.warning(f"train.run: {name} skipped, CCA needs both slides and expression")
+            continue
+        if method.task == "survival" and not has_follow_up():
+            logger.warning(f"train.run: {name} skipped, no patient has survival time and event in the sheet")
             continue
         if method.task == "segment" and not (has_slides and annotation_files()):
             logger.warning(f"train.run: {name} skipped, no slide has an annotation_path (tumour GeoJSON)")
@@ -88,6 +103,13 @@ def segmentation_inputs(wildcards):
     inputs["sheet"] = ancient(config["samples"])
     inputs.setdefault("slide_status", SLIDE_STATUS)
     inputs["annotations"] = annotation_files()
+    return inputs
+
+
+def survival_inputs(wildcards):
+    """finetune_inputs plus the sheet (always: it holds the follow-up)."""
+    inputs = finetune_inputs(wildcards)
+    inputs["sheet"] = ancient(config["samples"])
     return inputs
 
 
