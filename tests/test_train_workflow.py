@@ -71,3 +71,29 @@ def test_training_jobs_depend_on_the_cohort_status_not_on_every_feature_store(sh
     into_finetune = {rule_of[a] for a, b in edges if rule_of[b] == "finetune"}
     assert "slide_status" in into_finetune and "extract_features" not in into_finetune, into_finetune
     assert "extract_features" in {rule_of[a] for a, b in edges if rule_of[b] == "slide_status"}
+
+
+def test_survival_methods_run_on_a_sheet_with_follow_up_and_are_skipped_without(sheet, tmp_path):
+    import pandas as pd
+
+    with_follow_up = sheet.with_name("samples_survival.tsv")
+    table = pd.read_csv(sheet, sep="\t", dtype=str, keep_default_na=False)
+    table["time"] = [str(100 + 10 * int(p[-2:])) for p in table["patient_id"]]
+    table["event"] = [str(int(p[-1]) % 2) for p in table["patient_id"]]
+    table.to_csv(with_follow_up, sep="\t", index=False)
+    run = "train={run: [gimp_survival, gene_only_survival, coxph]}"
+    proc = dry_run(with_follow_up, tmp_path / "with", run)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    commands = [line for line in out.splitlines() if "python -m wsiomics.train " in line]
+    pre = [c for c in commands if " pretrain " in c]
+    assert len(pre) == 2 and all("--method gimp " in c for c in pre)  # gimp_survival needs gimp's pretraining
+    fine = [c for c in commands if " finetune " in c]
+    assert len(fine) == 6 and all("--samples" in c for c in fine)  # the sheet carries the follow-up
+    assert all("--pretrained results/models/gimp/fold" in c for c in fine if "--method gimp_survival " in c)
+    assert "finetune_survival" in out and "event" in (tmp_path / "with" / "results/sheet/patients.tsv").read_text()
+    proc = dry_run(sheet, tmp_path / "without", run)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "gimp_survival skipped, no patient has survival time and event" in out
+    assert "finetune_survival" not in out
