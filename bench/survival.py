@@ -49,6 +49,28 @@ def main() -> None:
     table = run_mode(demo, "survival", out, args.methods, args.config, sheet=sheet_with_follow_up(demo, args.seed))
     cols = ["method", "n_folds"] + [c for c in table.columns if c.startswith(("c_index", "td_auc", "integrated"))]
     print(table[cols + ["workflow_s"]].to_string(index=False))
+    print("oracle (the generator's log-hazard) c-index per fold:", oracle(demo, out / "survival"))
+
+
+def oracle(demo: Path, work: Path) -> list[float]:
+    """Harrell's c-index of the true log-hazard on each fold's test patients: the ceiling of any model."""
+    from sksurv.metrics import concordance_index_censored
+
+    from wsiomics.synth.cohort import SURVIVAL_WEIGHTS
+
+    truth = pd.read_csv(demo / "results" / "demo_cohort" / "patients_truth.tsv", sep="\t",
+                        dtype={"patient_id": str}).set_index("patient_id")
+    hazard = sum(w * truth[k] for k, w in SURVIVAL_WEIGHTS.items())
+    sheet = pd.read_csv(demo / "results" / "demo_cohort" / "samples_survival.tsv", sep="\t", dtype={"patient_id": str})
+    follow = sheet.drop_duplicates("patient_id").set_index("patient_id")
+    folds = pd.read_csv(work / "results" / "splits" / "folds.tsv", sep="\t", dtype={"patient_id": str})
+    out = []
+    for _, part in folds[folds.role == "test"].groupby("fold"):
+        ids = part["patient_id"]
+        out.append(round(float(concordance_index_censored(follow.loc[ids, "event"].astype(bool).to_numpy(),
+                                                          follow.loc[ids, "time"].to_numpy(float),
+                                                          hazard.loc[ids].to_numpy())[0]), 3))
+    return out
 
 
 if __name__ == "__main__":

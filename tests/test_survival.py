@@ -161,3 +161,16 @@ def test_gimp_survival_starts_from_gimps_pretrained_encoders(cohort, tmp_path):
     finetune("gimp_survival", method_config(CFG, "gimp_survival"), data, tmp_path / "s",
              pretrained=tmp_path / "gimp" / "pretrain" / "model.pt", outcomes=outcomes)
     assert json.loads((tmp_path / "s" / "metrics.json").read_text())["c_index"] is not None
+
+
+def test_coxph_fits_a_small_fold(cohort, tmp_path):
+    """Fewer training patients than PCA components in the inner cross-validation's folds: still fits."""
+    from dataclasses import replace
+
+    folds, slides, stores, expr, outcomes = cohort
+    data = load_fold(folds, 0, slides, stores, expr)
+    small = replace(data, patients=[p for p in data.patients if p.role == "test"]
+                    + [p for p in data.patients if p.role != "test"][:20])
+    finetune("coxph", method_config(CFG, "coxph"), small, tmp_path, outcomes=outcomes)
+    history = pd.read_csv(tmp_path / "history.tsv", sep="\t")
+    assert history["pca_components"].iloc[0] < 16

@@ -55,7 +55,7 @@ class CohortConfig:
 
 # Log-hazard of the synthetic follow-up: the latent factors are seen by both modalities (stain, a gene set),
 # the tissue type by the image only and the programme by the genes only, so a model of both ranks best.
-SURVIVAL_WEIGHTS = {"latent0": 1.2, "latent1": 1.2, "tissue_type": 0.8, "programme": 0.8}
+SURVIVAL_WEIGHTS = {"latent0": 2.0, "latent1": 2.0, "tissue_type": 1.0, "programme": 1.0}
 BASELINE_DAYS = 900.0  # mean event time at zero log-hazard
 CENSOR_DAYS = (400.0, 3000.0)  # uniform end of follow-up
 

@@ -144,7 +144,8 @@ def fit_coxph(ctx: StageContext):
     x = vectors.fit(blocks).transform(blocks)
     y = Surv.from_arrays(event=np.array([p.outcome[1] == 1 for p in fit_patients]),
                          time=np.array([float(p.outcome[0]) for p in fit_patients]))
-    k = int(max(1, min(opts["pca_components"], len(fit_patients) - 1, x.shape[1])))
+    inner_fit = len(fit_patients) - -(-len(fit_patients) // 3)  # patients fitting each inner fold
+    k = int(max(1, min(opts["pca_components"], inner_fit - 1, x.shape[1])))
     pipeline = make_pipeline(StandardScaler(), PCA(k, random_state=seed), CoxPHSurvivalAnalysis())
     search = GridSearchCV(pipeline, {"coxphsurvivalanalysis__alpha": list(opts["alphas"])},
                           cv=KFold(3, shuffle=True, random_state=seed)).fit(x, y)
