@@ -174,3 +174,20 @@ def test_coxph_fits_a_small_fold(cohort, tmp_path):
     finetune("coxph", method_config(CFG, "coxph"), small, tmp_path, outcomes=outcomes)
     history = pd.read_csv(tmp_path / "history.tsv", sep="\t")
     assert history["pca_components"].iloc[0] < 16
+
+
+def test_summary_pools_the_folds_test_patients(tmp_path):
+    from wsiomics.train.evaluate import summarize
+
+    paths = []
+    for fold, (risk, time, event) in enumerate([([2.0, 1.0], [10.0, 20.0], [1, 1]), ([2.5, 3.0], [30.0, 5.0], [0, 1])]):
+        d = tmp_path / f"fold{fold}"
+        d.mkdir()
+        pd.DataFrame({"patient_id": [f"F{fold}a", f"F{fold}b"], "role": "test", "risk": risk, "time": time,
+                      "event": event}).to_csv(d / "risks.tsv", sep="\t", index=False)
+        (d / "metrics.json").write_text(json.dumps({"method": "coxph", "fold": fold, "c_index": 1.0}))
+        paths.append(str(d / "metrics.json"))
+    row = summarize(paths).set_index("method").loc["coxph"]
+    # comparable pairs (the earlier time has an event): F1b (t=5) before the 3 others, concordant (3 > 2, 1, 2.5);
+    # F0a (t=10) before F0b and F1a: 2 > 1 concordant, 2 < 2.5 not; F0b (t=20) before F1a: 1 < 2.5 not -> 4 of 6
+    assert row["c_index_pooled"] == pytest.approx(4 / 6) and row["c_index_mean"] == 1.0

@@ -297,19 +297,21 @@ def summarize(paths: list[str]) -> pd.DataFrame:
     """One row per method: mean and std over folds of each metric the method reports, then each deep
     method's balanced accuracy paired with ``linear``'s over the folds both have (:func:`versus_baseline`).
     The metrics are those the tasks name (:func:`wsiomics.train.tasks.summary_metrics`)."""
-    from wsiomics.train.tasks import summary_metrics
+    from wsiomics.train.tasks import get_task, summary_metrics
 
     names = summary_metrics()
     records = []
     for path in paths:
         with open(path) as f:
             m = json.load(f)
-        records.append({"method": m["method"], "fold": m["fold"],
+        records.append({"method": m["method"], "fold": m["fold"], "path": str(path),
                         **{k: m.get(k) for k in names if m.get(k) is not None}})
     frame = pd.DataFrame(records)
     rows = []
     for method, part in frame.groupby("method", sort=False):
         row: dict[str, Any] = {"method": method, "n_folds": len(part)}
+        if method in METHODS:  # metrics over every fold's test patients together, as the task defines them
+            row.update(get_task(METHODS[method].task).pooled_metrics([Path(p) for p in part["path"]]))
         for k in names:
             if k in part and part[k].notna().any():
                 values = part[k].dropna().astype(float)

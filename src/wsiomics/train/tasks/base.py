@@ -75,6 +75,11 @@ class Task:
         """Write the task's output files and ``metrics.json`` (``info``: training; ``extra``: more metrics)."""
         raise NotImplementedError
 
+    def pooled_metrics(self, metrics_paths: list[Path]) -> dict[str, Any]:
+        """Summary columns computed over every fold's test patients together, from the files beside each
+        fold's ``metrics.json`` (none by default)."""
+        return {}
+
 
 TASKS: dict[str, Task] = {}
 

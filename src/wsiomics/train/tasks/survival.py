@@ -237,5 +237,20 @@ class Survival(Task):
                  metrics["integrated_brier_score"], metrics["km_logrank_p"])
         return metrics
 
+    def pooled_metrics(self, metrics_paths: list[Path]) -> dict[str, Any]:
+        """Harrell's c-index over the test patients of every fold together (risks.tsv beside metrics.json)."""
+        from sksurv.metrics import concordance_index_censored
+
+        parts = [pd.read_csv(p.with_name("risks.tsv"), sep="\t") for p in metrics_paths
+                 if p.with_name("risks.tsv").exists()]
+        if not parts:
+            return {}
+        test = pd.concat(parts).query("role == 'test'").dropna(subset=["time", "event"])
+        if len(test) < 2 or test["event"].sum() == 0:
+            return {"c_index_pooled": None}
+        return {"c_index_pooled": float(concordance_index_censored(test["event"].astype(bool).to_numpy(),
+                                                                   test["time"].to_numpy(float),
+                                                                   test["risk"].to_numpy(float))[0])}
+
 
 register_task(Survival())
