@@ -159,7 +159,8 @@ def test_contrastive_training_aligns_paired_embeddings():
     model = _model()
     batch = _batch(b=4)
     batch.genes[:, :6] = batch.features.mean(1)  # a learnable image-gene pairing
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # seed-sensitive: at lr 1e-3, 4 to 6 of 8 initialisations reach recall 1 in 200 steps; at 3e-3, 5 to 7 of 8
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(200):
         opt.zero_grad()
         model.pretrain_loss(batch)["loss"].backward()

@@ -185,6 +185,9 @@ class GiMP(HeadSplit):
         for p in (self.image_missing, self.gene_missing, self.mask_token):
             trunc_normal_(p, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"image_missing", "gene_missing", "mask_token"}
+
     # -------------------------------------------------- encoders
 
     def _image(self, batch: Batch, tokens: torch.Tensor,

@@ -144,6 +144,10 @@ class MGI(HeadSplit):
         for p in (self.image_missing, self.gene_missing):
             trunc_normal_(p, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        learned = {"logit_scale"} if isinstance(self.logit_scale, nn.Parameter) else set()
+        return {"image_missing", "gene_missing", "gene_scale"} | learned
+
     # -------------------------------------------------- encoders
 
     def scale(self) -> torch.Tensor:

@@ -147,6 +147,9 @@ class TumourSegmenter(nn.Module):
 
     # -------------------------------------------------- parameters
 
+    def no_weight_decay(self) -> set[str]:
+        return {"gene_scale", "gene_missing"} if self.cfg.use_genes else set()
+
     def head_parameters(self) -> Iterator[nn.Parameter]:
         for module in (self.decoder, self.decoder_norm, self.out):
             yield from module.parameters()

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from wsiomics import devices
 from wsiomics.io import atomic_path
 from wsiomics.models.batch import Batch
+from wsiomics.train.optim import param_groups
 
 log = logging.getLogger(__name__)
 
@@ -61,17 +62,7 @@ def config_digest(config: dict[str, Any]) -> str:
 
 
 def _param_groups(model: torch.nn.Module, params: OptimParams) -> list[dict]:
-    encoder_ids = set()
-    if hasattr(model, "encoder_parameters"):
-        encoder_ids = {id(p) for p in model.encoder_parameters()}
-    enc, head = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (enc if id(p) in encoder_ids else head).append(p)
-    groups = [{"params": head, "lr": params.lr}]
-    if enc:
-        groups.append({"params": enc, "lr": params.lr * params.encoder_lr_scale})
-    return groups
+    return param_groups(model, params.lr, params.weight_decay, params.encoder_lr_scale)
 
 
 def _schedule(optimizer: torch.optim.Optimizer, params: OptimParams, steps_per_epoch: int):
