@@ -135,7 +135,7 @@ def test_bidirectional_gene_mamba_rescales_both_directions():
     bound = 1.0 / math.sqrt(model.blocks[0].mixer.forward_block.d_inner)
     for block in model.blocks:
         for mixer in (block.mixer.forward_block, block.mixer.backward_block):
-            assert float(mixer.out_proj.weight.abs().max()) <= bound / 2 + 1e-7
+            assert float(mixer.out_proj.weight.detach().abs().max()) <= bound / 2 + 1e-7
 
 
 # ---------------------------------------------------------------- the training loop
@@ -186,3 +186,43 @@ def test_fit_decays_weight_matrices_and_leaves_exempt_parameters(tmp_path):
     assert torch.equal(model.token.detach(), torch.ones(1, 1, 4))  # zero gradient, no decay: untouched
     assert float(model.unused.detach().max()) < 1.0  # zero gradient, decayed
 
+
+def test_a_batch_without_a_labelled_patient_leaves_every_parameter_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    model = _Tokens()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = _fit(model, [make_batch([[4], [5]], labels=[-1, -1])], tmp_path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # no decay, no momentum step
+    assert len(result.history) == 2
+
+
+def test_skipped_batches_neither_step_nor_count_and_the_schedule_follows_the_step_count(tmp_path):
+    labelled = make_batch([[4], [5], [3]], labels=[0, 1, 2])
+    torch.manual_seed(0)
+    a = _Tokens()
+    first = float(classify_objective(0.0)(a, labelled, None)["loss"].detach())
+    ra = _fit(a, [labelled, make_batch([[4]], labels=[-1])], tmp_path / "a", epochs=3)
+    assert ra.history[0]["train_loss"] == pytest.approx(first, rel=1e-6)  # the skipped batch is not a 0 in the mean
+    torch.manual_seed(0)
+    rc = _fit(_Tokens(), [labelled, labelled], tmp_path / "c", epochs=3)
+    assert [h["lr"] for h in ra.history] == [h["lr"] for h in rc.history]  # the LR schedule counts every batch
+
+
+def test_objectives_signal_a_batch_without_a_contributing_sample():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    triplet_only = GiMP(GiMPConfig(image=IMAGE, gene=GENE, n_classes=3, fusion_dim=16, use_mpm=False)).train()
+    one_class = make_batch([[4], [5], [3]], labels=[1, 1, -1])
+    assert not triplet_only.pretrain_loss(one_class, gen)["loss"].requires_grad  # no negative for any anchor
+    two_classes = make_batch([[4], [5], [3]], labels=[1, 1, 0])
+    assert triplet_only.pretrain_loss(two_classes, gen)["loss"].requires_grad
+    full = GiMP(GiMPConfig(image=IMAGE, gene=GENE, n_classes=3, fusion_dim=16, mask_length=2)).train()
+    assert full.pretrain_loss(one_class, gen)["loss"].requires_grad  # MPM learns from every image
+    no_image = make_batch([[], [], []], labels=[1, 1, -1])
+    assert not full.pretrain_loss(no_image, gen)["loss"].requires_grad
+    mgi = _mgi().train()
+    batch = make_batch([[4], [5], []], n_genes=20, has_gene=[True, False, True])
+    assert not mgi.pretrain_loss(batch)["loss"].requires_grad  # one image-gene pair: nothing to contrast
+    batch = make_batch([[4], [5], []], n_genes=20, has_gene=[True, True, True])
+    assert mgi.pretrain_loss(batch)["loss"].requires_grad
