@@ -321,8 +321,10 @@ class FoldData:
         return PatientDataset(self.role(*roles), self.classes, len(self.genes), params, train)
 
     def loader(self, dataset: PatientDataset, batch_size: int, shuffle: bool, num_workers: int = 0,
-               seed: int = 0) -> torch.utils.data.DataLoader:
-        sampler = EpochBatches(len(dataset), batch_size, seed, shuffle)
+               seed: int = 0, batch_sampler: torch.utils.data.Sampler | None = None) -> torch.utils.data.DataLoader:
+        """``batch_sampler`` (one with ``set_epoch``, e.g. :class:`wsiomics.samplers.ClassBalancedBatches`)
+        replaces the seeded shuffle."""
+        sampler = batch_sampler or EpochBatches(len(dataset), batch_size, seed, shuffle)
         dim, n_genes = self.feature_dim, len(self.genes)
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_Collate(dim, n_genes),

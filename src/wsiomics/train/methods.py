@@ -53,15 +53,21 @@ def _mgi_overrides(gene_encoder: str) -> dict[str, Any]:
 
 
 MGI_HEAD = {"head": "mlp"}
+# GiMP's pretraining batches: 2 classes x 4 patients. The batch-hard triplet with label positives learns only
+# from anchors with a same-class and an other-class patient in the batch, which random batches of 4 often
+# lack (with 4 classes: 4 patients of 4 classes have no positive at all); 4 per class gives each anchor 3
+# positives to pick the hardest from. The MPM-only ablation (gimp_no_triplet) keeps the same batches, so the
+# ablations differ in their loss alone. positives: instance ignores classes_per_batch (random batches).
+GIMP_PRETRAIN = {"pretrain": {"batch_size": 8, "classes_per_batch": 2}}
 MGI_FINETUNE = {"model": {"dropout": 0.3}}
 
 
 for _m in (
-    Method("gimp", "gimp", pretrain=True, description="GiMP: GMSA genes + slide transformer, MPM + triplet "
-           "pretraining, classification fine-tune"),
-    Method("gimp_no_mpm", "gimp", pretrain=True, overrides={"model": {"use_mpm": False}},
+    Method("gimp", "gimp", pretrain=True, overrides=GIMP_PRETRAIN, description="GiMP: GMSA genes + slide "
+           "transformer, MPM + triplet pretraining, classification fine-tune"),
+    Method("gimp_no_mpm", "gimp", pretrain=True, overrides={"model": {"use_mpm": False}, **GIMP_PRETRAIN},
            description="GiMP pretrained with the triplet loss only"),
-    Method("gimp_no_triplet", "gimp", pretrain=True, overrides={"model": {"use_triplet": False}},
+    Method("gimp_no_triplet", "gimp", pretrain=True, overrides={"model": {"use_triplet": False}, **GIMP_PRETRAIN},
            description="GiMP pretrained with masked patch modelling only"),
     Method("gimp_no_pretrain", "gimp", description="the GiMP network fine-tuned from random initialisation"),
     Method("late_fusion", "late_fusion", description="slide transformer and GMSA, one head each, class "
