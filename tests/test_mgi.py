@@ -136,10 +136,10 @@ def test_mgi_outputs_and_missing_modalities_leave_the_contrastive_loss(kind):
     batch.genes[2] += 5.0
     with torch.no_grad():
         assert abs(float(model.pretrain_loss(batch)["loss"]) - float(loss)) < 1e-6
-    # fewer than two pairs: zero loss, still attached to the graph
+    # fewer than two pairs: zero loss without grad, which tells the training loop to skip the batch
     batch.has_gene[1] = False
     lone = model.pretrain_loss(batch)["loss"]
-    assert float(lone) == 0.0 and lone.requires_grad
+    assert float(lone) == 0.0 and not lone.requires_grad
 
 
 def test_temperature_starts_at_0_07_and_is_clamped():
