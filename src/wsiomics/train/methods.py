@@ -125,12 +125,20 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def method_config(train_config: dict[str, Any], name: str) -> dict[str, Any]:
     """The resolved configuration of one method: shared ``train:`` settings, then the method's fixed
-    overrides, then the user's ``train.methods.<name>`` overrides."""
+    overrides, then the user's ``train.methods.<name>`` overrides. A model setting the user gives for this
+    method that its model does not read is an error (:func:`wsiomics.train.build.check_overrides`)."""
     method = get_method(name)
     shared = {k: v for k, v in train_config.items() if k not in ("methods", "run")}
     resolved = deep_merge(shared, method.overrides)
-    resolved = deep_merge(resolved, (train_config.get("methods") or {}).get(name) or {})
+    own = (train_config.get("methods") or {}).get(name) or {}
+    resolved = deep_merge(resolved, own)
     resolved["method"] = name
+    stages = [(section.get(stage) or {}).get("model") for section in (train_config, own)
+              for stage in ("pretrain", "finetune")]
+    if own.get("model") or any(stages):
+        from wsiomics.train.build import check_overrides  # imports torch: only when there is something to check
+
+        check_overrides(train_config, method, resolved)
     return resolved
 
 
