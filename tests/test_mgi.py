@@ -178,10 +178,10 @@ def test_mgi_outputs_and_missing_modalities_leave_the_contrastive_loss(kind):
     batch.genes[2] += 5.0
     with torch.no_grad():
         assert abs(float(model.pretrain_loss(batch)["loss"]) - float(loss)) < 1e-6
-    # fewer than two pairs: zero loss, still attached to the graph
+    # fewer than two pairs: zero loss without grad, which tells the training loop to skip the batch
     batch.has_gene[1] = False
     lone = model.pretrain_loss(batch)["loss"]
-    assert float(lone) == 0.0 and lone.requires_grad
+    assert float(lone) == 0.0 and not lone.requires_grad
 
 
 def test_temperature_starts_at_0_07_and_is_clamped():
@@ -201,7 +201,8 @@ def test_contrastive_training_aligns_paired_embeddings():
     model = _model()
     batch = _batch(b=4)
     batch.genes[:, :6] = batch.features.mean(1)  # a learnable image-gene pairing
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # seed-sensitive: at lr 1e-3, 4 to 6 of 8 initialisations reach recall 1 in 200 steps; at 3e-3, 5 to 7 of 8
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _ in range(200):
         opt.zero_grad()
         model.pretrain_loss(batch)["loss"].backward()

@@ -342,14 +342,17 @@ class FoldData:
         return PatientDataset(self.role(*roles), self.classes, len(self.genes), params, train)
 
     def loader(self, dataset: PatientDataset, batch_size: int, shuffle: bool, num_workers: int = 0,
-               seed: int = 0, multiprocessing_context: str | None = None) -> torch.utils.data.DataLoader:
+               seed: int = 0, multiprocessing_context: str | None = None,
+               batch_sampler: torch.utils.data.Sampler | None = None) -> torch.utils.data.DataLoader:
         """Workers persist across epochs, so each keeps its feature cache; the epoch reaches them inside
         the ``(index, epoch)`` keys the batch sampler draws in this process, never as worker state.
         The loader draws its workers' base seed from a generator of its own: from the global RNG it
         would take one draw per epoch without persistent workers and one in all with them, shifting the
         model's dropout masks (nothing here uses the workers' seeds; every choice comes from the keys).
-        ``multiprocessing_context``: fork, spawn or forkserver (None: the platform's default)."""
-        sampler = EpochBatches(len(dataset), batch_size, seed, shuffle)
+        ``multiprocessing_context``: fork, spawn or forkserver (None: the platform's default).
+        ``batch_sampler`` (one with ``set_epoch``, e.g. :class:`wsiomics.samplers.ClassBalancedBatches`)
+        replaces the seeded shuffle."""
+        sampler = batch_sampler or EpochBatches(len(dataset), batch_size, seed, shuffle)
         dim, n_genes = self.feature_dim, len(self.genes)
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_Collate(dim, n_genes),

@@ -65,6 +65,9 @@ class ImageOnlyMIL(HeadSplit):
         init_weights(self.head)
         trunc_normal_(self.image_missing, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"image_missing"}
+
     def forward(self, batch: Batch) -> ModelOutput:
         pooled, attention = self.mil(self.feature_norm(batch.features), batch.token_mask)  # (B, D), (B, L)
         image = torch.where(batch.has_image[:, None], pooled, self.image_missing.to(pooled.dtype))
@@ -96,6 +99,9 @@ class GeneOnly(HeadSplit):
         self.head = build_head(cfg.gene.dim, cfg.n_classes, cfg.head, cfg.dropout)
         init_weights(self.head)
         trunc_normal_(self.gene_missing, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"gene_missing"}
 
     def forward(self, batch: Batch) -> ModelOutput:
         cls, _ = self.gene_encoder(batch.genes)  # (B, D)
@@ -144,6 +150,9 @@ class LateFusion(HeadSplit):
         init_weights(self.gene_head)
         trunc_normal_(self.image_missing, std=0.02)
         trunc_normal_(self.gene_missing, std=0.02)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"image_missing", "gene_missing"}
 
     def forward(self, batch: Batch) -> ModelOutput:
         enc = self.image_encoder

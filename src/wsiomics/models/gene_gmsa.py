@@ -107,6 +107,9 @@ class GeneGMSA(nn.Module):
     def dim(self) -> int:
         return self.cfg.dim
 
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "group_embed", "group_bias"}
+
     @property
     def n_tokens(self) -> int:
         return int(self.gene_index.shape[0])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import Literal, NamedTuple
 
 import torch
@@ -25,7 +26,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from wsiomics.models.blocks import DropPath, SelfAttentionBlock, init_weights, trunc_normal_
-from wsiomics.models.mamba import BiMamba, Mamba
+from wsiomics.models.mamba import BiMamba, Mamba, init_mamba_weights
 
 HeadKind = Literal["linear", "mlp"]
 ProjectionKind = Literal["per_token", "shared"]
@@ -153,6 +154,9 @@ class GeneTokenizer(nn.Module):
         self.position = nn.Parameter(torch.zeros(1, self.n_tokens, dim))
         trunc_normal_(self.position, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"position"} | ({"bias"} if self.projection == "per_token" else set())
+
     def forward(self, genes: Tensor) -> Tensor:
         # genes: (B, G)
         if genes.dim() != 2 or genes.shape[1] != self.n_genes:
@@ -213,6 +217,7 @@ class GeneMambaEncoder(_GeneEncoderBase):
         self.blocks = nn.ModuleList(MambaResidualBlock(cfg, r) for r in rates)
         self.norm = _norm(cfg.norm, cfg.dim)
         self.head = _head(cfg.head, cfg.dim, self.out_dim)
+        self.apply(partial(init_mamba_weights, n_layer=cfg.depth))  # the reference stack's init
 
     def forward(self, genes: Tensor) -> GeneEncoding:
         # genes: (B, G)

@@ -85,6 +85,19 @@ def mpm_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> 
     return diff.pow(2).sum() / denom
 
 
+def triplet_anchors(ids: torch.Tensor, valid: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positive pairs (B, B), negative pairs (B, B) and anchors (B,) of a batch: an anchor is a valid sample with
+    at least one positive (same id, not itself) and one negative (another id) among the valid samples."""
+    n = ids.shape[0]
+    valid = torch.ones(n, dtype=torch.bool, device=ids.device) if valid is None else valid.to(ids.device)
+    pair = valid[:, None] & valid[None, :]
+    same = ids[:, None] == ids[None, :]
+    eye = torch.eye(n, dtype=torch.bool, device=ids.device)
+    pos, neg = pair & same & ~eye, pair & ~same
+    return pos, neg, valid & pos.any(dim=1) & neg.any(dim=1)
+
+
 def batch_hard_triplet_loss(embeddings: torch.Tensor, ids: torch.Tensor, margin: float = 0.3,
                             valid: torch.Tensor | None = None) -> torch.Tensor:
     """Batch-hard triplet margin loss (Hermans et al. 2017) on L2-normalised embeddings.
@@ -98,15 +111,9 @@ def batch_hard_triplet_loss(embeddings: torch.Tensor, ids: torch.Tensor, margin:
         e = F.normalize(embeddings.float(), dim=-1)  # (B, E)
         d2 = (2.0 - 2.0 * (e @ e.T)).clamp(min=1e-12)  # (B, B); |a-b|^2 for unit vectors
     dist = d2.sqrt()
-    n = e.shape[0]
-    valid = torch.ones(n, dtype=torch.bool, device=e.device) if valid is None else valid.to(e.device)
-    pair = valid[:, None] & valid[None, :]
-    same = ids[:, None] == ids[None, :]
-    eye = torch.eye(n, dtype=torch.bool, device=e.device)
-    pos, neg = pair & same & ~eye, pair & ~same
+    pos, neg, anchors = triplet_anchors(ids, valid)
     d_ap = dist.masked_fill(~pos, float("-inf")).amax(dim=1)  # (B,)
     d_an = dist.masked_fill(~neg, float("inf")).amin(dim=1)  # (B,)
-    anchors = valid & pos.any(dim=1) & neg.any(dim=1)
     hinge = F.relu(torch.where(anchors, d_ap, 0.0) - torch.where(anchors, d_an, 0.0) + margin)
     hinge = hinge * anchors.to(hinge.dtype)
     return hinge.sum() / anchors.sum().clamp(min=1)
@@ -186,6 +193,9 @@ class GiMP(HeadSplit):
         for p in (self.image_missing, self.gene_missing, self.mask_token):
             trunc_normal_(p, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        return {"image_missing", "gene_missing", "mask_token"}
+
     # -------------------------------------------------- encoders
 
     def _image(self, batch: Batch, tokens: torch.Tensor,
@@ -220,8 +230,8 @@ class GiMP(HeadSplit):
     # -------------------------------------------------- pre-training
 
     def _masked_view(self, batch: Batch, tokens: torch.Tensor, features: torch.Tensor, generator: torch.Generator,
-                     mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pre-training view: (fused (B, E), MPM loss scalar)."""
+                     mask: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pre-training view: (fused (B, E), MPM loss scalar, number of masked tokens)."""
         if mask:
             masked = span_mask(batch.slide_index, batch.token_mask & batch.has_image[:, None],
                                self.cfg.mask_length, generator)  # (B, L)
@@ -235,7 +245,7 @@ class GiMP(HeadSplit):
             mpm = self._reconstruction_loss(out, masked, gene_tokens, gene_mask, features)
         else:
             mpm = fused.new_zeros(())
-        return fused, mpm
+        return fused, mpm, masked.sum()
 
     def _reconstruction_loss(self, out: torch.Tensor, masked: torch.Tensor, gene_tokens: torch.Tensor,
                              gene_mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -263,20 +273,30 @@ class GiMP(HeadSplit):
         mask = cfg.use_mpm or cfg.positives == "instance"
         features = self.feature_norm(batch.features)  # (B, L, Din) z-scored: the MPM targets
         tokens = self.image_encoder.embed(features)  # (B, L, Di), shared by both views
-        fused, mpm = self._masked_view(batch, tokens, features, generator, mask)
+        fused, mpm, n_masked = self._masked_view(batch, tokens, features, generator, mask)
         zero = fused.sum() * 0.0
         triplet = zero
+        ids, valid = batch.labels, batch.labels >= 0
         if cfg.positives == "instance":
-            fused2, mpm2 = self._masked_view(batch, tokens, features, generator, mask)
+            fused2, mpm2, _ = self._masked_view(batch, tokens, features, generator, mask)
             mpm = (mpm + mpm2) / 2
+            ids, valid = torch.cat([batch.patient_index, batch.patient_index]), None
             if cfg.use_triplet:
-                ids = torch.cat([batch.patient_index, batch.patient_index])
                 triplet = batch_hard_triplet_loss(torch.cat([fused, fused2]), ids, cfg.triplet_margin)
         elif cfg.use_triplet:
-            triplet = batch_hard_triplet_loss(fused, batch.labels, cfg.triplet_margin, valid=batch.labels >= 0)
+            triplet = batch_hard_triplet_loss(fused, ids, cfg.triplet_margin, valid=valid)
         loss = zero
         if cfg.use_mpm:
             loss = loss + mpm
         if cfg.use_triplet:
             loss = loss + cfg.triplet_weight * triplet
+        if not self._contributes(n_masked, ids, valid):
+            loss = loss.detach()  # no sample to learn from: the training loop skips the batch
         return {"loss": loss, "mpm": mpm.detach(), "triplet": triplet.detach()}
+
+    def _contributes(self, n_masked: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor | None) -> bool:
+        """Whether some sample feeds the loss: MPM needs a masked token, the triplet an anchor with a positive
+        and a negative (one host sync per step, as the loop's loss logging already makes)."""
+        if self.cfg.use_mpm and int(n_masked) > 0:
+            return True
+        return self.cfg.use_triplet and bool(triplet_anchors(ids, valid)[2].any())

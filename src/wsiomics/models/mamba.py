@@ -686,6 +686,10 @@ class Mamba(nn.Module):
     def from_config(cls, config: MambaConfig) -> Mamba:
         return cls(**asdict(config))
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameters AdamW must not decay (timm's convention; the reference flags them ``_no_weight_decay``)."""
+        return {"A_log", "D"}
+
     @torch.no_grad()
     def reset_ssm_parameters(self) -> None:
         """The reference initialisation of dt_proj, A_log and D (call again after a generic re-init)."""
@@ -729,6 +733,25 @@ class Mamba(nn.Module):
                        delta_bias=self.dt_proj.bias.float(), delta_softplus=True, return_last_state=True,
                        initial_state=state)  # (B, d_inner, n)
         return self.out_proj(y.transpose(1, 2)), last  # (B, n, d_model), (B, d_inner, d_state)
+
+
+
+@torch.no_grad()
+def init_mamba_weights(module: nn.Module, n_layer: int, n_residuals_per_layer: int = 1) -> None:
+    """The reference initialisation of a stack of Mamba blocks (mamba_ssm ``mixer_seq_simple._init_weights``),
+    applied per module: ``stack.apply(partial(init_mamba_weights, n_layer=depth))``.
+
+    Linear biases are zeroed unless flagged ``_no_reinit`` (dt_proj's, which sets the initial step sizes);
+    each residual branch's output projection (``out_proj``, ``fc2``) is re-drawn as ``nn.Linear`` draws it
+    and divided by sqrt(n_residuals_per_layer * n_layer) (GPT-2's scheme), so the residual stream's variance
+    does not grow with depth. Re-drawing rather than scaling keeps it idempotent.
+    """
+    if isinstance(module, nn.Linear) and module.bias is not None and not getattr(module.bias, "_no_reinit", False):
+        nn.init.zeros_(module.bias)
+    for name, p in module.named_parameters():
+        if name in ("out_proj.weight", "fc2.weight"):
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+            p /= math.sqrt(n_residuals_per_layer * n_layer)
 
 
 @dataclass

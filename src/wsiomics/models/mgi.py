@@ -146,6 +146,10 @@ class MGI(HeadSplit):
         for p in (self.image_missing, self.gene_missing):
             trunc_normal_(p, std=0.02)
 
+    def no_weight_decay(self) -> set[str]:
+        learned = {"logit_scale"} if isinstance(self.logit_scale, nn.Parameter) else set()
+        return {"image_missing", "gene_missing", "gene_scale"} | learned
+
     # -------------------------------------------------- encoders
 
     def scale(self) -> torch.Tensor:
@@ -187,8 +191,8 @@ class MGI(HeadSplit):
         gene = self.encode_gene(batch)[0]
         paired = batch.has_image & batch.has_gene  # (B,)
         scale = self.scale()
-        if int(paired.sum()) < 2:  # no negatives: nothing to contrast
-            loss = image.sum() * 0.0 + gene.sum() * 0.0 + scale * 0.0
+        if int(paired.sum()) < 2:  # no negatives: nothing to contrast (no grad: the training loop skips the batch)
+            loss = image.new_zeros((), dtype=torch.float32)
         else:
             loss = info_nce(image[paired], gene[paired], scale)
         return {"loss": loss, "infonce": loss.detach(), "logit_scale": scale.detach()}

@@ -147,6 +147,9 @@ class TumourSegmenter(nn.Module):
 
     # -------------------------------------------------- parameters
 
+    def no_weight_decay(self) -> set[str]:
+        return {"gene_scale", "gene_missing"} if self.cfg.use_genes else set()
+
     def head_parameters(self) -> Iterator[nn.Parameter]:
         for module in (self.decoder, self.decoder_norm, self.out):
             yield from module.parameters()
@@ -196,7 +199,7 @@ class TumourSegmenter(nn.Module):
         valid = batch.token_mask & ~torch.isnan(batch.tile_targets)
         target = torch.nan_to_num(batch.tile_targets, nan=0.0)
         if not bool(valid.any()):
-            zero = logits.sum() * 0.0
+            zero = logits.new_zeros(())  # no grad: the training loop skips the batch
             return {"loss": zero, "bce": zero.detach(), "dice": zero.detach()}
         bce = F.binary_cross_entropy_with_logits(logits[valid], target[valid])
         dice = soft_dice_loss(torch.sigmoid(logits), target, valid)

@@ -74,6 +74,9 @@ class SlideTransformer(nn.Module):
     def dim(self) -> int:
         return self.cfg.dim
 
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token"}
+
     def embed(self, features: torch.Tensor) -> torch.Tensor:
         # features: (B, L, Din) -> (B, L, D)
         return self.proj(features)

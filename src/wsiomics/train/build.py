@@ -2,6 +2,8 @@
 
 Each component's dataclass config takes, from the shared ``train.model`` section, exactly the keys it
 has fields for; shapes (feature width, gene count, classes, gene groups) come from the fold's data.
+:func:`model_keys` lists the keys a method's model reads (its configs' fields less those the data fixes,
+plus the few the builder reads itself); a key no model reads is an error (:func:`check_model_keys`).
 """
 
 from __future__ import annotations
@@ -91,18 +93,26 @@ MGI_ENCODER_KEYS = ("standardize_features", "dim", "depth", "heads", "mlp_ratio"
                     "expand", "bidirectional", "gene_norm", "gene_hidden", "gene_scale", "embed_dim", "projection")
 
 
-def gene_encoder_options(model_cfg: dict[str, Any], kind: str) -> dict[str, Any]:
-    """:func:`build_gene_encoder` options for ``kind`` from the shared ``train.model`` keys (the encoder's own
-    projection head stays linear at width ``dim``; MGI's projection heads map it to ``embed_dim``)."""
+def _gene_option_keys(kind: str) -> dict[str, str]:
+    """``train.model`` key -> :func:`build_gene_encoder` option, for gene encoder ``kind``."""
     from wsiomics.models.gene_mamba import GENE_ENCODERS
 
     _, config_cls = GENE_ENCODERS[kind]
     names = {f.name for f in dataclasses.fields(config_cls)} - {"n_genes", "head", "out_dim", "hidden", "norm"}
-    options = {k: model_cfg[k] for k in names if k in model_cfg}
-    if kind == "mamba" and "gene_norm" in model_cfg:
-        options["norm"] = model_cfg["gene_norm"]
-    if kind == "mlp" and "gene_hidden" in model_cfg:
-        options["hidden"] = (int(model_cfg["gene_hidden"]),)
+    keys = {k: k for k in names}
+    if kind == "mamba":
+        keys["gene_norm"] = "norm"
+    if kind == "mlp":
+        keys["gene_hidden"] = "hidden"
+    return keys
+
+
+def gene_encoder_options(model_cfg: dict[str, Any], kind: str) -> dict[str, Any]:
+    """:func:`build_gene_encoder` options for ``kind`` from the shared ``train.model`` keys (the encoder's own
+    projection head stays linear at width ``dim``; MGI's projection heads map it to ``embed_dim``)."""
+    options = {option: model_cfg[key] for key, option in _gene_option_keys(kind).items() if key in model_cfg}
+    if "hidden" in options:
+        options["hidden"] = (int(options["hidden"]),)
     return options
 
 
@@ -159,10 +169,117 @@ def _segmenter(cfg: dict[str, Any], data: FoldData, n_outputs: int) -> torch.nn.
     return _standardize_inputs(TumourSegmenter(seg), cfg, data)
 
 
+# ---------------------------------------------------------------- the train.model keys each model reads
+
+
+def _fields(cls, *fixed: str) -> set[str]:
+    """``cls``'s fields less those the builder fixes from the data or from other keys."""
+    return {f.name for f in dataclasses.fields(cls)} - set(fixed)
+
+
+def _image_keys() -> set[str]:
+    from wsiomics.models.slide_transformer import SlideTransformerConfig
+
+    return _fields(SlideTransformerConfig, "in_dim") | {"standardize_features"}
+
+
+def _gmsa_keys() -> set[str]:
+    from wsiomics.models.gene_gmsa import GeneGMSAConfig
+
+    return _fields(GeneGMSAConfig, "n_genes", "group_of_gene") | {"gene_grouping"}
+
+
+def _gene_encoder_keys(model_cfg: dict[str, Any]) -> set[str]:
+    return set(_gene_option_keys(str(model_cfg.get("gene_encoder", "mamba")))) | {"gene_encoder"}
+
+
+def _keys_gimp(m: dict[str, Any]) -> set[str]:
+    from wsiomics.models.gimp import GiMPConfig
+
+    return _fields(GiMPConfig, "image", "gene", "n_classes") | _image_keys() | _gmsa_keys()
+
+
+def _keys_late_fusion(m: dict[str, Any]) -> set[str]:
+    from wsiomics.models.baselines import LateFusionConfig
+
+    return _fields(LateFusionConfig, "image", "gene", "n_classes") | _image_keys() | _gmsa_keys()
+
+
+def _keys_gene_only(m: dict[str, Any]) -> set[str]:
+    from wsiomics.models.baselines import GeneOnlyConfig
+
+    return _fields(GeneOnlyConfig, "gene", "n_classes") | _gmsa_keys()
+
+
+def _keys_image_only(m: dict[str, Any]) -> set[str]:
+    from wsiomics.models.abmil import ABMILConfig
+    from wsiomics.models.baselines import ImageOnlyMILConfig
+
+    return _fields(ABMILConfig, "in_dim") | _fields(ImageOnlyMILConfig, "mil", "n_classes") | {"standardize_features"}
+
+
+def _keys_mgi(m: dict[str, Any]) -> set[str]:
+    from wsiomics.models.mgi import MGIConfig
+
+    return _fields(MGIConfig, "image", "n_genes", "n_classes", "gene") | _image_keys() | _gene_encoder_keys(m)
+
+
+def _keys_segmenter(m: dict[str, Any]) -> set[str]:
+    from wsiomics.models.segmentation import SegmenterConfig
+
+    fixed = ("image", "n_genes", "use_genes", "conditioning", "gene", "decoder_depth")
+    return (_fields(SegmenterConfig, *fixed) | _image_keys() | _gene_encoder_keys(m)
+            | {"seg_conditioning", "seg_decoder_depth"})
+
+
+MODEL_KEYS = {"gimp": _keys_gimp, "late_fusion": _keys_late_fusion, "gene_only": _keys_gene_only,
+              "image_only": _keys_image_only, "mgi": _keys_mgi, "segmenter": _keys_segmenter}
+
+
+def model_keys(method: Method, model_cfg: dict[str, Any]) -> set[str]:
+    """The ``train.model`` keys ``method``'s model reads (given its resolved ``model_cfg``: MGI's depend on
+    ``gene_encoder``); none for the scikit-learn baselines."""
+    if method.is_sklearn:
+        return set()
+    return MODEL_KEYS[method.model](model_cfg)
+
+
+def all_model_keys() -> set[str]:
+    """Every key some model reads, whatever its gene encoder: what the shared ``train.model`` may hold."""
+    from wsiomics.models.gene_mamba import GENE_ENCODERS
+
+    return set().union(*(keys({"gene_encoder": kind}) for keys in MODEL_KEYS.values() for kind in GENE_ENCODERS))
+
+
+def check_model_keys(method: Method, settings: dict[str, Any], where: str = "train.model",
+                     allowed: set[str] | None = None) -> None:
+    """Raise naming the keys of ``settings`` (found at ``where``) outside ``allowed`` (default: every key
+    some model reads), the method and the allowed keys."""
+    allowed = all_model_keys() if allowed is None else allowed
+    unknown = sorted(set(settings) - allowed)
+    if unknown:
+        reads = f"allowed: {', '.join(sorted(allowed))}" if allowed else "allowed: none (it has no model settings)"
+        raise ValueError(f"{where}: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a setting of "
+                         f"method {method.name}'s model ({method.model}); {reads}")
+
+
+def check_overrides(train_config: dict[str, Any], method: Method, resolved: dict[str, Any]) -> None:
+    """The user's model settings for ``method``: ``train.methods.<m>.model`` (and its stages' ``model``) may hold
+    only keys this method's model reads; ``train.{pretrain,finetune}.model``, shared, only keys some model reads."""
+    own = (train_config.get("methods") or {}).get(method.name) or {}
+    reads = model_keys(method, resolved.get("model") or {})
+    check_model_keys(method, own.get("model") or {}, f"train.methods.{method.name}.model", reads)
+    for stage in ("pretrain", "finetune"):
+        stage_model = (own.get(stage) or {}).get("model") or {}
+        check_model_keys(method, stage_model, f"train.methods.{method.name}.{stage}.model", reads)
+        check_model_keys(method, (train_config.get(stage) or {}).get("model") or {}, f"train.{stage}.model")
+
+
 def build_model(method: Method, cfg: dict[str, Any], data: FoldData) -> torch.nn.Module:
     """The method's network for the fold, its output head sized by the method's task."""
     from wsiomics.train.tasks import get_task
 
     if method.model not in MODEL_BUILDERS:
         raise KeyError(f"method {method.name}: no model builder {method.model!r} (known: {sorted(MODEL_BUILDERS)})")
+    check_model_keys(method, cfg["model"], f"method {method.name}'s model settings")
     return MODEL_BUILDERS[method.model](cfg, data, get_task(method.task).head_outputs(data, cfg))

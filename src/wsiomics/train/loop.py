@@ -1,7 +1,11 @@
 """The one training loop: AdamW, warm-up + cosine, clipping, early stopping on ``val``, atomic resumable checkpoints.
 
 Every method trains through :func:`fit` with its own objective (a function of model, batch and a
-torch generator returning named loss tensors, ``loss`` first). After each epoch the whole state
+torch generator returning named loss tensors, ``loss`` first). An objective returns a ``loss`` that does
+not require grad when no sample of the batch contributes (no labelled patient, no valid triplet, fewer
+than two InfoNCE pairs): that batch is skipped, with no optimiser step (AdamW would apply weight decay
+and its stale momentum to a zero gradient) and no share in the epoch's mean loss; the learning-rate
+schedule still advances, so it stays a function of the batch count. After each epoch the whole state
 (model, optimiser, schedule, RNG states, early-stopping bookkeeping, history) is written atomically, so a
 killed job resumes from its last finished epoch and, on CPU, continues bit-identically: data order and
 crops are drawn from (seed, epoch), masks from a generator whose state is checkpointed.
@@ -15,6 +19,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +32,7 @@ from wsiomics import devices
 from wsiomics.io import atomic_path
 from wsiomics.models.batch import Batch
 from wsiomics.train.fingerprint import state_key_config
+from wsiomics.train.optim import param_groups
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +68,7 @@ def config_digest(config: dict[str, Any]) -> str:
 
 
 def _param_groups(model: torch.nn.Module, params: OptimParams) -> list[dict]:
-    encoder_ids = set()
-    if hasattr(model, "encoder_parameters"):
-        encoder_ids = {id(p) for p in model.encoder_parameters()}
-    enc, head = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (enc if id(p) in encoder_ids else head).append(p)
-    groups = [{"params": head, "lr": params.lr}]
-    if enc:
-        groups.append({"params": enc, "lr": params.lr * params.encoder_lr_scale})
-    return groups
+    return param_groups(model, params.lr, params.weight_decay, params.encoder_lr_scale)
 
 
 def _schedule(optimizer: torch.optim.Optimizer, params: OptimParams, steps_per_epoch: int):
@@ -86,6 +82,13 @@ def _schedule(optimizer: torch.optim.Optimizer, params: OptimParams, steps_per_e
         return params.min_lr_ratio + (1 - params.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _advance(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """One schedule step for a skipped batch (torch warns when that precedes the first optimiser step)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        scheduler.step()
 
 
 @dataclass
@@ -159,11 +162,16 @@ def fit(model: torch.nn.Module, objective: Objective, train_loader, val_loader, 
         train_loader.batch_sampler.set_epoch(epoch)
         sums: dict[str, float] = {}
         n, t0 = 0, time.perf_counter()
+        skipped = 0
         for batch in tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{params.epochs}", mininterval=10,
                           leave=False):
             batch = batch.to(device)
             with autocast(device):
                 losses = objective(model, batch, gen)
+            if not losses["loss"].requires_grad:  # nothing in the batch to learn from
+                skipped += 1
+                _advance(scheduler)
+                continue
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             if params.grad_clip > 0:
@@ -187,6 +195,9 @@ def fit(model: torch.nn.Module, objective: Objective, train_loader, val_loader, 
                 bad_epochs += 1
             stopped = (params.patience > 0 and bad_epochs >= params.patience and epoch + 1 >= params.min_epochs)
         history.append(row)
+        if skipped:
+            log.info("%s epoch %d: %d of %d batches had no contributing sample; no step taken on them", desc,
+                     epoch + 1, skipped, len(train_loader))
         log.info("%s epoch %d: %s", desc, epoch + 1,
                  " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
         _save_state(state_path, {

@@ -53,15 +53,21 @@ def _mgi_overrides(gene_encoder: str) -> dict[str, Any]:
 
 
 MGI_HEAD = {"head": "mlp"}
+# GiMP's pretraining batches: 2 classes x 4 patients. The batch-hard triplet with label positives learns only
+# from anchors with a same-class and an other-class patient in the batch, which random batches of 4 often
+# lack (with 4 classes: 4 patients of 4 classes have no positive at all); 4 per class gives each anchor 3
+# positives to pick the hardest from. The MPM-only ablation (gimp_no_triplet) keeps the same batches, so the
+# ablations differ in their loss alone. positives: instance ignores classes_per_batch (random batches).
+GIMP_PRETRAIN = {"pretrain": {"batch_size": 8, "classes_per_batch": 2}}
 MGI_FINETUNE = {"model": {"dropout": 0.3}}
 
 
 for _m in (
-    Method("gimp", "gimp", pretrain=True, description="GiMP: GMSA genes + slide transformer, MPM + triplet "
-           "pretraining, classification fine-tune"),
-    Method("gimp_no_mpm", "gimp", pretrain=True, overrides={"model": {"use_mpm": False}},
+    Method("gimp", "gimp", pretrain=True, overrides=GIMP_PRETRAIN, description="GiMP: GMSA genes + slide "
+           "transformer, MPM + triplet pretraining, classification fine-tune"),
+    Method("gimp_no_mpm", "gimp", pretrain=True, overrides={"model": {"use_mpm": False}, **GIMP_PRETRAIN},
            description="GiMP pretrained with the triplet loss only"),
-    Method("gimp_no_triplet", "gimp", pretrain=True, overrides={"model": {"use_triplet": False}},
+    Method("gimp_no_triplet", "gimp", pretrain=True, overrides={"model": {"use_triplet": False}, **GIMP_PRETRAIN},
            description="GiMP pretrained with masked patch modelling only"),
     Method("gimp_no_pretrain", "gimp", description="the GiMP network fine-tuned from random initialisation"),
     Method("late_fusion", "late_fusion", description="slide transformer and GMSA, one head each, class "
@@ -133,12 +139,20 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def method_config(train_config: dict[str, Any], name: str) -> dict[str, Any]:
     """The resolved configuration of one method: shared ``train:`` settings, then the method's fixed
-    overrides, then the user's ``train.methods.<name>`` overrides."""
+    overrides, then the user's ``train.methods.<name>`` overrides. A model setting the user gives for this
+    method that its model does not read is an error (:func:`wsiomics.train.build.check_overrides`)."""
     method = get_method(name)
     shared = {k: v for k, v in train_config.items() if k not in ("methods", "run")}
     resolved = deep_merge(shared, method.overrides)
-    resolved = deep_merge(resolved, (train_config.get("methods") or {}).get(name) or {})
+    own = (train_config.get("methods") or {}).get(name) or {}
+    resolved = deep_merge(resolved, own)
     resolved["method"] = name
+    stages = [(section.get(stage) or {}).get("model") for section in (train_config, own)
+              for stage in ("pretrain", "finetune")]
+    if own.get("model") or any(stages):
+        from wsiomics.train.build import check_overrides  # imports torch: only when there is something to check
+
+        check_overrides(train_config, method, resolved)
     return resolved
 
 

@@ -21,6 +21,7 @@ import torch
 
 from wsiomics.datasets import DatasetParams, FoldData, load_fold
 from wsiomics.models.batch import Batch
+from wsiomics.samplers import ClassBalancedBatches
 from wsiomics.train import evaluate as ev
 from wsiomics.train.build import MGI_ENCODER_KEYS, build_model
 from wsiomics.train.embedding_evaluation import evaluate_embeddings, pretrained_metrics, top_level
@@ -82,14 +83,30 @@ def _context(method: Method, cfg: dict[str, Any], data: FoldData, out_dir: str |
 
 def _loaders(data: FoldData, cfg: dict[str, Any], dparams: DatasetParams, seed: int, stage: str = ""):
     """Train and val loaders; a stage's own ``batch_size`` (``train.pretrain.batch_size``) wins over
-    ``train.data.batch_size`` (contrastive pretraining wants more negatives per batch than fine-tuning)."""
-    bs = int((cfg.get(stage) or {}).get("batch_size") or cfg["data"]["batch_size"])
+    ``train.data.batch_size`` (contrastive pretraining wants more negatives per batch than fine-tuning).
+    With the stage's ``classes_per_batch`` P (and label positives), training batches are class-balanced:
+    P classes x batch_size / P patients (:class:`ClassBalancedBatches`)."""
+    section = cfg.get(stage) or {}
+    bs = int(section.get("batch_size") or cfg["data"]["batch_size"])
     workers = int(cfg.get("num_workers", 0))
-    train = data.loader(data.dataset(TRAIN_ROLES, dparams, train=True), bs, shuffle=True, num_workers=workers,
-                        seed=seed)
+    train_set = data.dataset(TRAIN_ROLES, dparams, train=True)
+    train = data.loader(train_set, bs, shuffle=True, num_workers=workers, seed=seed,
+                        batch_sampler=_balanced_batches(train_set, section, cfg["model"], bs, seed))
     val_set = data.dataset(VAL_ROLES, dparams, train=False)
     val = data.loader(val_set, bs, shuffle=False) if len(val_set) else None
     return train, val
+
+
+def _balanced_batches(dataset, section: dict[str, Any], model_cfg: dict[str, Any], batch_size: int,
+                      seed: int) -> ClassBalancedBatches | None:
+    per_batch = int(section.get("classes_per_batch") or 0)
+    if per_batch <= 0 or model_cfg.get("positives", "label") != "label":
+        return None
+    if batch_size < 2 * per_batch:
+        raise ValueError(f"classes_per_batch is {per_batch} but batch_size is {batch_size}: a class-balanced batch "
+                         "needs at least 2 patients per class; raise batch_size to a multiple of classes_per_batch")
+    labels = [dataset.class_index.get(p.label, -1) for p in dataset.patients]
+    return ClassBalancedBatches(labels, per_batch, batch_size // per_batch, seed)
 
 
 def stage_config(cfg: dict[str, Any], stage: str) -> dict[str, Any]:
@@ -106,9 +123,10 @@ def _optim(section: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     ``select: val`` (default) early-stops on, and keeps the weights best on, the ``val`` patients;
     ``select: last`` trains every epoch and keeps the last weights (for losses too noisy on a small
     val set to pick by, such as InfoNCE over a handful of pairs). Keys a task reads itself
-    (``label_smoothing``) and those read elsewhere (``batch_size``, ``model``) are not optimiser settings."""
+    (``label_smoothing``) and those read elsewhere (``batch_size``, ``classes_per_batch``, ``model``) are not
+    optimiser settings."""
     optim = dict(section)
-    for key in ("batch_size", "model", "label_smoothing"):
+    for key in ("batch_size", "classes_per_batch", "model", "label_smoothing"):
         optim.pop(key, None)
     select = str(optim.pop("select", "val"))
     if select not in SELECT:

@@ -19,13 +19,14 @@ log = logging.getLogger(__name__)
 
 
 def classify_objective(label_smoothing: float):
-    """Cross-entropy over the batch's labelled patients (an unlabelled batch contributes nothing)."""
+    """Cross-entropy over the batch's labelled patients (an unlabelled batch contributes nothing: the loop
+    skips the optimiser step for a loss without grad)."""
 
     def objective(model: torch.nn.Module, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
         out = model(batch)
         valid = batch.labels >= 0
-        if not valid.any():
-            return {"loss": out.logits.sum() * 0.0}
+        if not valid.any():  # no labelled patient: a loss without grad, so the loop skips the batch
+            return {"loss": out.logits.new_zeros((), dtype=torch.float32)}
         return {"loss": F.cross_entropy(out.logits[valid].float(), batch.labels[valid],
                                         label_smoothing=label_smoothing)}
 

@@ -175,9 +175,9 @@ class Survival(Task):
         def objective(model: torch.nn.Module, batch: Batch, gen: torch.Generator) -> dict[str, torch.Tensor]:
             out = model(batch)
             known = ~torch.isnan(batch.outcomes[:, 0])  # (B,)
-            if not known.any():
-                return {"loss": out.logits.sum() * 0.0}
             time, event = batch.outcomes[known, 0], batch.outcomes[known, 1]
+            if not known.any() or (loss == "cox" and not event.any()):  # nothing to learn: the loop skips the step
+                return {"loss": out.logits.new_zeros((), dtype=torch.float32)}
             logits = out.logits[known]
             if loss == "nll":
                 return {"loss": discrete_time_nll(logits, bin_index(time, cuts.to(time.device)), event)}
