@@ -162,3 +162,30 @@ def test_mgi_fine_tunes_with_its_own_regime():
     assert cfg["model"]["head"] == "mlp" and cfg["finetune"]["model"] == {"dropout": 0.3}
     assert "model" not in cfg["pretrain"]
     assert cfg["finetune"]["encoder_lr_scale"] == TRAIN_CFG["finetune"]["encoder_lr_scale"]
+
+
+def _relabel(cohort, labels):
+    """The cohort with every patient's label from ``labels(patient row)``."""
+    folds, *rest = cohort
+    return (folds.assign(label=[labels(r) for r in folds.itertuples()]), *rest)
+
+
+@pytest.mark.parametrize("labels", ["none", "one_class"])
+@pytest.mark.parametrize("name", ["linear", "image_only", "gimp"])
+def test_finetune_refuses_a_cohort_with_fewer_than_two_classes(cohort, tmp_path, name, labels):
+    """Labels are optional in the sheet: classification on fewer than two classes is refused up front, with
+    the sheet's column and the fix named, instead of crashing (linear) or training a one-class model."""
+    relabelled = _relabel(cohort, (lambda r: "") if labels == "none" else (lambda r: "a"))
+    data = _data(relabelled, METHODS[name].modalities)
+    with pytest.raises(ValueError, match=r"at least two classes.*label column") as info:
+        finetune(name, method_config(TRAIN_CFG, name), data, tmp_path)
+    assert ("no labels" in str(info.value)) == (labels == "none")
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_finetune_refuses_a_fold_that_trains_on_one_class(cohort, tmp_path):
+    """Two classes in the cohort, but every labelled training patient has the same one (here: the b patients
+    of train lost their label): also refused, naming the split settings."""
+    relabelled = _relabel(cohort, lambda r: "" if r.role == "train" and r.label == "b" else r.label)
+    with pytest.raises(ValueError, match=r"at least two classes.*train patients.*splits"):
+        finetune("linear", method_config(TRAIN_CFG, "linear"), _data(relabelled), tmp_path)

@@ -257,6 +257,8 @@ def finetune(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
 
     annotations: slide_id -> tumour GeoJSON, for segmentation methods (:func:`annotation_paths`)."""
     method = get_method(method_name)
+    if method.task == "classify" and method.model != "sklearn_cca":  # cca's retrieval needs no label
+        require_classes(method, data)
     device = _setup(cfg)
     out = Path(out_dir)
     seed = int(cfg["seed"]) + 1000 * data.fold
@@ -302,6 +304,23 @@ def finetune(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
     _write_outputs(method, data, out, results, info, extra)
     save_model(out / "model.pt", model, _metadata(method, cfg, data, "finetune", **info))
     return info
+
+
+def require_classes(method: Method, data: FoldData) -> None:
+    """Classification needs two classes in the cohort and among the fold's labelled train patients. Labels are
+    optional in the sheet (the workflow then skips these methods): called directly, refuse with the fix."""
+    trained = sorted({p.label for p in data.role(*TRAIN_ROLES) if p.label in data.classes})
+    if len(data.classes) < 2:
+        found = f"the cohort has {', '.join(data.classes) or 'no labels'}"
+        fix = ("give the patients their class in the sample sheet's label column (config samples; at least two "
+               "distinct labels), or leave the classification methods out of train.run")
+    elif len(trained) < 2:
+        found = f"the fold's labelled train patients have only {', '.join(trained) or 'no class'}"
+        fix = "label those patients, or draw other folds (splits.stratify: true, fewer splits.n_folds)"
+    else:
+        return
+    raise ValueError(f"{method.name} fold {data.fold}: classification needs at least two classes, but {found}. "
+                     f"Fix: {fix}.")
 
 
 def _pretrain_metrics(pretrained: str | Path) -> dict[str, Any]:
@@ -403,21 +422,26 @@ def _fit_cca(method: Method, cfg: dict[str, Any], data: FoldData, out: Path, dpa
         metrics["retrieval_heldout"] = ev.retrieval_metrics(u[heldout], v[heldout])
     # classification on the canonical scores
     labelled = [i for i, p in enumerate(everyone) if p.role in (*TRAIN_ROLES, *VAL_ROLES) and p.label in data.classes]
-    vectors = PatientVectors(("image", "gene"))
-    blocks = {"image": u, "gene": v}
-    vectors.fit({n: b[labelled] for n, b in blocks.items()})
-    x = vectors.transform(blocks)
-    y = np.array([data.classes.index(everyone[i].label) for i in labelled])
     eval_idx = [i for i, p in enumerate(everyone) if p.role in EVAL_ROLES]
-    probs = np.zeros((len(eval_idx), len(data.classes)))
-    if len(set(y)) >= 2:
-        clf = fit_logistic(x[labelled], y, seed)
-        if eval_idx:
-            probs[:, clf.classes_] = clf.predict_proba(x[eval_idx])
+    probs: np.ndarray | None = None  # a cohort with fewer than two classes: retrieval only, no predictions
+    if len(data.classes) >= 2:
+        vectors = PatientVectors(("image", "gene"))
+        blocks = {"image": u, "gene": v}
+        vectors.fit({n: b[labelled] for n, b in blocks.items()})
+        x = vectors.transform(blocks)
+        y = np.array([data.classes.index(everyone[i].label) for i in labelled])
+        probs = np.zeros((len(eval_idx), len(data.classes)))
+        if len(set(y)) >= 2:
+            clf = fit_logistic(x[labelled], y, seed)
+            if eval_idx:
+                probs[:, clf.classes_] = clf.predict_proba(x[eval_idx])
+        else:
+            probs[:] = 1.0 / len(data.classes)
     else:
-        probs[:] = 1.0 / max(1, len(data.classes))
-    eval_results = [ev.PatientResult(everyone[i], probs=probs[j], embeddings=results[i].embeddings)
-                    for j, i in enumerate(eval_idx)]
+        log.warning("cca fold %d: the cohort has fewer than two classes (%s): retrieval only, no predictions",
+                    data.fold, data.classes)
+    eval_results = [ev.PatientResult(everyone[i], probs=None if probs is None else probs[j],
+                                     embeddings=results[i].embeddings) for j, i in enumerate(eval_idx)]
     corr = [float(np.corrcoef(a, b)[0, 1]) for a, b in zip(u[fit].T, v[fit].T, strict=True)]
     history = [{"epoch": 1, "pca_components": k_pca, "components": k, "n_fit_patients": n_fit,
                 "train_canonical_corr_1": corr[0]}]
