@@ -121,6 +121,16 @@ def test_label_free_cohort_of_classification_methods_only_has_no_training_jobs(l
     assert "train.run: linear skipped" in out and "train.run: gene_only skipped" in out
 
 
+def test_label_free_cohort_still_pretrains_mgi_for_mgi_seg_alone(label_free_sheet, tmp_path):
+    proc = dry_run(label_free_sheet, tmp_path, "train={run: [mgi_seg]}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    commands = [line for line in out.splitlines() if "python -m wsiomics.train " in line]
+    assert sorted(re.search(r"--method (\S+) --fold (\d)", c).groups() for c in commands if " pretrain " in c) == [
+        ("mgi", "0"), ("mgi", "1")]
+    assert len([c for c in commands if " finetune --method mgi_seg " in c]) == 2
+
+
 def job_resources(sheet: Path, work: Path, *config: str) -> list[tuple[str, str, dict[str, str]]]:
     """(rule, method, resources) of each training job of a dry run."""
     proc = dry_run(sheet, work, *config)

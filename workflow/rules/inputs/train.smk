@@ -97,6 +97,7 @@ def train_plan():
 
 
 def runnable_methods():
+    """The methods of train_plan (train.run minus what the cohort cannot run)."""
     return list(train_plan())
 
 
