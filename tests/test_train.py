@@ -184,8 +184,12 @@ def test_finetune_refuses_a_cohort_with_fewer_than_two_classes(cohort, tmp_path,
 
 
 def test_finetune_refuses_a_fold_that_trains_on_one_class(cohort, tmp_path):
-    """Two classes in the cohort, but every labelled training patient has the same one (here: the b patients
-    of train lost their label): also refused, naming the split settings."""
-    relabelled = _relabel(cohort, lambda r: "" if r.role == "train" and r.label == "b" else r.label)
-    with pytest.raises(ValueError, match=r"at least two classes.*train patients.*splits"):
+    """Two classes in the cohort, but every labelled train and val patient has the same one (here: the b
+    patients of train and val lost their label, as a class of one patient in the fold that tests it): also
+    refused, naming the split settings. b among train or val alone is enough (linear fits on both)."""
+    relabelled = _relabel(cohort, lambda r: "" if r.role in ("train", "val") and r.label == "b" else r.label)
+    with pytest.raises(ValueError, match=r"at least two classes.*train and val patients.*splits"):
         finetune("linear", method_config(TRAIN_CFG, "linear"), _data(relabelled), tmp_path)
+    val_only = _relabel(cohort, lambda r: "" if r.role == "train" and r.label == "b" else r.label)
+    finetune("linear", method_config(TRAIN_CFG, "linear"), _data(val_only), tmp_path)
+    assert (tmp_path / "metrics.json").exists()

@@ -307,16 +307,18 @@ def finetune(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
 
 
 def require_classes(method: Method, data: FoldData) -> None:
-    """Classification needs two classes in the cohort and among the fold's labelled train patients. Labels are
-    optional in the sheet (the workflow then skips these methods): called directly, refuse with the fix."""
-    trained = sorted({p.label for p in data.role(*TRAIN_ROLES) if p.label in data.classes})
+    """Classification needs two classes in the cohort and among the fold's labelled train+val patients (what
+    linear fits on). Labels are optional in the sheet (the workflow then skips these methods): called
+    directly, refuse with the fix."""
+    trained = sorted({p.label for p in data.role(*TRAIN_ROLES, *VAL_ROLES) if p.label in data.classes})
     if len(data.classes) < 2:
         found = f"the cohort has {', '.join(data.classes) or 'no labels'}"
         fix = ("give the patients their class in the sample sheet's label column (config samples; at least two "
                "distinct labels), or leave the classification methods out of train.run")
     elif len(trained) < 2:
-        found = f"the fold's labelled train patients have only {', '.join(trained) or 'no class'}"
-        fix = "label those patients, or draw other folds (splits.stratify: true, fewer splits.n_folds)"
+        found = f"the fold's labelled train and val patients have only {', '.join(trained) or 'no class'}"
+        fix = ("label those patients, or draw other folds (splits.stratify: true, fewer splits.n_folds; a class "
+               "of a single patient leaves none to train on in the fold that tests it)")
     else:
         return
     raise ValueError(f"{method.name} fold {data.fold}: classification needs at least two classes, but {found}. "
