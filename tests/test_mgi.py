@@ -373,3 +373,30 @@ def test_cca_retrieval_and_predictions(cohort, tmp_path):
     assert sorted(pred["patient_id"]) == sorted(p.patient_id for p in data.role("test"))
     emb = zarr.open_group(str(tmp_path / "embeddings.zarr"), mode="r")
     assert emb["image"].shape == (len(data.role("test")), 2)
+
+
+@pytest.mark.parametrize("labels", ["none", "one_class"])
+def test_cca_on_a_label_free_cohort_reports_retrieval_only(cohort, tmp_path, labels):
+    """Retrieval needs no label: without two classes cca still writes its contract, with no predictions (a
+    one-class 'accuracy' of 1.0 would be meaningless) and its retrieval metrics."""
+    folds, *rest = cohort
+    data = _data((folds.assign(label="" if labels == "none" else "a"), *rest))
+    finetune("cca", method_config(CFG, "cca"), data, tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["recall_i2g@1"] >= 0.5 and metrics["n_retrieval"] > 0, metrics
+    assert metrics["balanced_accuracy"] is None and metrics["n_test"] == 0
+    pred = pd.read_csv(tmp_path / "predictions.tsv", sep="\t")
+    assert pred.empty and [c for c in pred.columns if c.startswith("prob_")] == [f"prob_{c}" for c in data.classes]
+    emb = zarr.open_group(str(tmp_path / "embeddings.zarr"), mode="r")
+    assert emb["image"].shape == (len(data.role("test")), 2)
+
+
+def test_mgi_pretrains_on_a_label_free_cohort(cohort, tmp_path):
+    """MGI's pretraining (InfoNCE) and its retrieval need no label: the workflow runs it on a label-free cohort
+    (for mgi_seg, and the summary's retrieval row); the linear probe is left empty."""
+    folds, *rest = cohort
+    cfg = deep_merge(method_config(CFG, "mgi"), {"pretrain": {"epochs": 2}})
+    pretrain("mgi", cfg, _data((folds.assign(label=""), *rest)), tmp_path)
+    metrics = json.loads((tmp_path / "pretrain" / "metrics.json").read_text())
+    assert metrics["n_retrieval"] > 0 and metrics["recall_i2g@5"] is not None
+    assert metrics["linear_probe_balanced_accuracy"] is None

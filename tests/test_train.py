@@ -216,3 +216,33 @@ def test_stage_model_settings_apply_to_their_stage_only(cohort, tmp_path):
              if isinstance(m, torch.nn.Dropout)}
     assert 0.4 in rates and stage_config(cfg, "pretrain") is cfg
 
+
+def _relabel(cohort, labels):
+    """The cohort with every patient's label from ``labels(patient row)``."""
+    folds, *rest = cohort
+    return (folds.assign(label=[labels(r) for r in folds.itertuples()]), *rest)
+
+
+@pytest.mark.parametrize("labels", ["none", "one_class"])
+@pytest.mark.parametrize("name", ["linear", "image_only", "gimp"])
+def test_finetune_refuses_a_cohort_with_fewer_than_two_classes(cohort, tmp_path, name, labels):
+    """Labels are optional in the sheet: classification on fewer than two classes is refused up front, with
+    the sheet's column and the fix named, instead of crashing (linear) or training a one-class model."""
+    relabelled = _relabel(cohort, (lambda r: "") if labels == "none" else (lambda r: "a"))
+    data = _data(relabelled, METHODS[name].modalities)
+    with pytest.raises(ValueError, match=r"at least two classes.*label column") as info:
+        finetune(name, method_config(TRAIN_CFG, name), data, tmp_path)
+    assert ("no labels" in str(info.value)) == (labels == "none")
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_finetune_refuses_a_fold_that_trains_on_one_class(cohort, tmp_path):
+    """Two classes in the cohort, but every labelled train and val patient has the same one (here: the b
+    patients of train and val lost their label, as a class of one patient in the fold that tests it): also
+    refused, naming the split settings. b among train or val alone is enough (linear fits on both)."""
+    relabelled = _relabel(cohort, lambda r: "" if r.role in ("train", "val") and r.label == "b" else r.label)
+    with pytest.raises(ValueError, match=r"at least two classes.*train and val patients.*splits"):
+        finetune("linear", method_config(TRAIN_CFG, "linear"), _data(relabelled), tmp_path)
+    val_only = _relabel(cohort, lambda r: "" if r.role == "train" and r.label == "b" else r.label)
+    finetune("linear", method_config(TRAIN_CFG, "linear"), _data(val_only), tmp_path)
+    assert (tmp_path / "metrics.json").exists()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,3 +98,98 @@ def test_survival_methods_run_on_a_sheet_with_follow_up_and_are_skipped_without(
     assert proc.returncode == 0, out[-3000:]
     assert "gimp_survival skipped, no patient has survival time and event" in out
     assert "finetune_survival" not in out
+
+
+ALL_KINDS = "train={run: [linear, gimp, mgi, mgi_no_pretrain, cca, mgi_seg, image_seg]}"
+
+
+@pytest.fixture(scope="module", params=["no_label_column", "one_class"])
+def label_free_sheet(sheet, request) -> Path:
+    """The cohort's sheet without labels: no label column at all, or every patient in the same class. Written
+    beside the original so its relative slide, annotation and expression paths still resolve."""
+    table = pd.read_csv(sheet, sep="\t", dtype=str, keep_default_na=False)
+    if request.param == "no_label_column":
+        table = table.drop(columns="label")
+    else:
+        table["label"] = "tumour"
+    out = sheet.with_name(f"samples_{request.param}.tsv")
+    table.to_csv(out, sep="\t", index=False)
+    return out
+
+
+def test_label_free_cohort_skips_classification_and_still_summarises(label_free_sheet, tmp_path):
+    """Labels are optional in the sheet: without two classes the classification fine-tunes are left out (and
+    the log says why); cca (retrieval), segmentation, and MGI's pretraining (retrieval; mgi_seg's start) still
+    run, and the summary is still a target, reading MGI's pretraining metrics."""
+    proc = dry_run(label_free_sheet, tmp_path, ALL_KINDS)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    commands = [line for line in out.splitlines() if "python -m wsiomics.train " in line]
+    fine = {re.search(r"--method (\S+)", c).group(1) for c in commands if " finetune " in c}
+    pre = {re.search(r"--method (\S+)", c).group(1) for c in commands if " pretrain " in c}
+    assert fine == {"cca", "mgi_seg", "image_seg"}, fine
+    assert pre == {"mgi"}, pre
+    for name in ("linear", "gimp", "mgi_no_pretrain"):
+        assert re.search(rf"train\.run: {name} skipped, .*fewer than two classes", out), out[-3000:]
+    assert re.search(r"train\.run: mgi fine-tune skipped, .*fewer than two classes", out), out[-3000:]
+    summary = [line for line in out.splitlines() if "python -m wsiomics.train summarize" in line]
+    assert len(summary) == 1
+    assert "results/models/mgi/fold0/pretrain/metrics.json" in summary[0]
+    assert "results/models/cca/fold1/metrics.json" in summary[0]
+    assert "results/models/linear/" not in summary[0]
+
+
+def test_label_free_cohort_of_classification_methods_only_has_no_training_jobs(label_free_sheet, tmp_path):
+    proc = dry_run(label_free_sheet, tmp_path, "train={run: [linear, gene_only]}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "python -m wsiomics.train " not in out
+    assert "train.run: linear skipped" in out and "train.run: gene_only skipped" in out
+
+
+def test_label_free_cohort_still_pretrains_mgi_for_mgi_seg_alone(label_free_sheet, tmp_path):
+    proc = dry_run(label_free_sheet, tmp_path, "train={run: [mgi_seg]}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    commands = [line for line in out.splitlines() if "python -m wsiomics.train " in line]
+    assert sorted(re.search(r"--method (\S+) --fold (\d)", c).groups() for c in commands if " pretrain " in c) == [
+        ("mgi", "0"), ("mgi", "1")]
+    assert len([c for c in commands if " finetune --method mgi_seg " in c]) == 2
+
+
+def job_resources(sheet: Path, work: Path, *config: str) -> list[tuple[str, str, dict[str, str]]]:
+    """(rule, method, resources) of each training job of a dry run."""
+    proc = dry_run(sheet, work, *config)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    jobs = []
+    for block in re.split(r"\n(?=(?:local)?rule )", out):
+        head = re.match(r"(?:local)?rule (\w+):", block)
+        method = re.search(r"wildcards: .*method=(\w+)", block)
+        resources = re.search(r"resources: (.*)", block)
+        if head and method and resources:
+            jobs.append((head.group(1), method.group(1), dict(re.findall(r"(\w+)=([^,\s]+)", resources.group(1)))))
+    return jobs
+
+
+def test_scikit_learn_methods_ask_for_no_gpu(sheet, tmp_path):
+    jobs = job_resources(sheet, tmp_path, "train={run: [linear, cca, gimp, image_seg]}")
+    gpu = {(rule, method): res.get("gpu") for rule, method, res in jobs}
+    assert gpu[("finetune", "linear")] == gpu[("finetune", "cca")] == "0"
+    assert gpu[("finetune", "gimp")] == gpu[("pretrain", "gimp")] == gpu[("finetune_segmentation", "image_seg")] == "1"
+
+
+def test_train_device_cpu_asks_for_no_gpu(sheet, tmp_path):
+    """A CPU-only site (README): train.device: cpu, and no training job holds the gpu resource."""
+    jobs = job_resources(sheet, tmp_path, "train={run: [gimp, linear], device: cpu}")
+    assert {rule for rule, _, _ in jobs} == {"pretrain", "finetune"}
+    assert all(res.get("gpu") == "0" for _, _, res in jobs), jobs
+
+
+def test_pretrain_is_constrained_to_pretraining_methods(sheet, tmp_path):
+    """A method without a pretraining stage has no pretrain job: asking for its output is an error, not a job."""
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--cores", "2", "-n", "--directory", str(tmp_path),
+           "results/models/linear/fold0/pretrain/model.pt", "--config", f"samples={sheet}", "splits={n_folds: 2}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "MissingRuleException" in proc.stdout + proc.stderr or "No rule to produce" in proc.stdout + proc.stderr

@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -435,3 +436,58 @@ def test_until_and_target_file_dry_runs_then_local_rules(slurm_run, sheet):
     assert "submitted with SLURM jobid" not in proc.stdout
     status = pd.read_csv(work / "results" / "qc" / "slide_status.tsv", sep="\t")
     assert sorted(status.slide_id) == sorted(slide_ids(sheet)) and status.status.eq("ok").all()
+
+
+##### the training rules through the profile (a dry run: no cluster needed) #####
+
+
+class _Resources(dict):
+    """What the plugin reads of a job's resources: ``.get(name)`` and ``.name``."""
+
+    __getattr__ = dict.__getitem__
+
+
+def training_sbatch(sheet: Path, work: Path, attempt: int) -> dict[tuple[str, str], list[str]]:
+    """(rule, method) -> the sbatch options the SLURM plugin builds for that training job (fold 0) from the
+    resources a dry run through the profile evaluates at ``attempt``."""
+    proc = snakemake("--workflow-profile", str(PROFILE), "-n", "--cores", "8", "--attempt", str(attempt),
+                     "--directory", str(work), "--config", f"samples={sheet}", "splits={n_folds: 2}",
+                     "train={run: [linear, cca, gimp, image_seg], threads: 3}", cwd=work.parent, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+
+    params = {"run_uuid": "u", "slurm_logfile": "log", "comment_str": "c", "account": "", "partition": "",
+              "workdir": str(work)}
+    calls = {}
+    for block in re.split(r"\n(?=(?:local)?rule )", proc.stdout):
+        head = re.match(r"rule (pretrain|finetune|finetune_segmentation):", block)
+        wildcards = re.search(r"wildcards: method=(\w+), fold=0\b", block)
+        if not (head and wildcards):
+            continue
+        found = dict(re.findall(r"(\w+)=([^,\s]+)", re.search(r"resources: (.*)", block).group(1)))
+        resources = _Resources({k: int(v) if v.isdigit() else v for k, v in found.items()})
+        job = SimpleNamespace(resources=resources, threads=3)
+        calls[(head.group(1), wildcards.group(1))] = (get_submit_command(job, params) + set_gres_string(job)).split()
+    return calls
+
+
+def test_profile_gives_training_jobs_a_gpu_only_when_they_use_one(tmp_path_factory):
+    """The profile's training entries as sbatch options: the deep methods get a GPU and their threads per GPU,
+    the scikit-learn ones (linear, cca) no GPU and their threads per task; memory and time double on the
+    retry. Uses the full synthetic sheet (labels, expression, annotations) so every kind of method runs."""
+    cohort = tmp_path_factory.mktemp("slurm_train") / "cohort"
+    proc = run([sys.executable, "-m", "wsiomics.synth", "--out", str(cohort), "--n-patients", "6", "--slide-width-um",
+                "1500", "--slide-height-um", "1000", "--n-genes", "50", "--workers", "2", "--no-faults"], timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    first = training_sbatch(cohort / "samples.tsv", cohort.parent / "work1", attempt=1)
+    assert set(first) == {("finetune", "linear"), ("finetune", "cca"), ("pretrain", "gimp"), ("finetune", "gimp"),
+                          ("finetune_segmentation", "image_seg")}, set(first)
+    for key, call in first.items():
+        gpu = key[1] not in ("linear", "cca")
+        assert ("--gpus=1" in call) == gpu and not [o for o in call if o.startswith("--gres")], (key, call)
+        assert ("--cpus-per-gpu=3" if gpu else "--cpus-per-task=3") in call, (key, call)
+        assert call[call.index("--mem") + 1] == "16000" and call[call.index("-t") + 1] == "240", (key, call)
+    second = training_sbatch(cohort / "samples.tsv", cohort.parent / "work2", attempt=2)
+    for key, call in second.items():
+        assert call[call.index("--mem") + 1] == "32000" and call[call.index("-t") + 1] == "480", (key, call)

@@ -7,6 +7,8 @@ include: "inputs/train.smk"
 
 
 rule pretrain:
+    wildcard_constraints:
+        method=PRETRAIN_METHODS,
     input:
         unpack(train_inputs),
     output:
@@ -27,7 +29,7 @@ rule pretrain:
     resources:
         mem_mb=8000,
         runtime=240,
-        gpu=1,
+        gpu=train_gpu,
     conda:
         "../../envs/train.yaml"
     shell:
@@ -58,7 +60,7 @@ rule finetune:
     resources:
         mem_mb=8000,
         runtime=240,
-        gpu=1,
+        gpu=train_gpu,
     conda:
         "../../envs/train.yaml"
     shell:
@@ -89,7 +91,7 @@ rule finetune_segmentation:
     resources:
         mem_mb=8000,
         runtime=240,
-        gpu=1,
+        gpu=train_gpu,
     conda:
         "../../envs/train.yaml"
     shell:
@@ -121,7 +123,7 @@ rule finetune_survival:
     resources:
         mem_mb=8000,
         runtime=240,
-        gpu=1,
+        gpu=train_gpu,
     conda:
         "../../envs/train.yaml"
     shell:

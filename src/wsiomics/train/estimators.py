@@ -7,6 +7,7 @@ An estimator is ``fit(ctx) -> (results, info, extra)``: results of the evaluated
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,8 @@ from wsiomics.train import evaluate as ev
 from wsiomics.train.linear import PatientVectors, fit_logistic, gene_matrix, pooled_features
 from wsiomics.train.roles import EVAL_ROLES, TRAIN_ROLES, VAL_ROLES
 from wsiomics.train.tasks.base import StageContext
+
+log = logging.getLogger(__name__)
 
 Estimator = Callable[[StageContext], tuple[list[ev.PatientResult], dict[str, Any], dict[str, Any]]]
 ESTIMATORS: dict[str, Estimator] = {}
@@ -98,21 +101,26 @@ def fit_cca(ctx: StageContext):
         metrics["retrieval_heldout"] = ev.retrieval_metrics(u[heldout], v[heldout])
     # classification on the canonical scores
     labelled = [i for i, p in enumerate(everyone) if p.role in (*TRAIN_ROLES, *VAL_ROLES) and p.label in data.classes]
-    vectors = PatientVectors(("image", "gene"))
-    blocks = {"image": u, "gene": v}
-    vectors.fit({n: b[labelled] for n, b in blocks.items()})
-    x = vectors.transform(blocks)
-    y = np.array([data.classes.index(everyone[i].label) for i in labelled])
     eval_idx = [i for i, p in enumerate(everyone) if p.role in EVAL_ROLES]
-    probs = np.zeros((len(eval_idx), len(data.classes)))
-    if len(set(y)) >= 2:
-        clf = fit_logistic(x[labelled], y, seed)
-        if eval_idx:
-            probs[:, clf.classes_] = clf.predict_proba(x[eval_idx])
+    probs: np.ndarray | None = None  # a cohort with fewer than two classes: retrieval only, no predictions
+    if len(data.classes) >= 2:
+        vectors = PatientVectors(("image", "gene"))
+        blocks = {"image": u, "gene": v}
+        vectors.fit({n: b[labelled] for n, b in blocks.items()})
+        x = vectors.transform(blocks)
+        y = np.array([data.classes.index(everyone[i].label) for i in labelled])
+        probs = np.zeros((len(eval_idx), len(data.classes)))
+        if len(set(y)) >= 2:
+            clf = fit_logistic(x[labelled], y, seed)
+            if eval_idx:
+                probs[:, clf.classes_] = clf.predict_proba(x[eval_idx])
+        else:
+            probs[:] = 1.0 / len(data.classes)
     else:
-        probs[:] = 1.0 / max(1, len(data.classes))
-    results = [ev.PatientResult(everyone[i], probs=probs[j], embeddings={"image": u[i], "gene": v[i]})
-               for j, i in enumerate(eval_idx)]
+        log.warning("cca fold %d: the cohort has fewer than two classes (%s): retrieval only, no predictions",
+                    data.fold, data.classes)
+    results = [ev.PatientResult(everyone[i], probs=None if probs is None else probs[j],
+                                embeddings={"image": u[i], "gene": v[i]}) for j, i in enumerate(eval_idx)]
     corr = [float(np.corrcoef(a, b)[0, 1]) for a, b in zip(u[fit].T, v[fit].T, strict=True)]
     history = [{"epoch": 1, "pca_components": k_pca, "components": k, "n_fit_patients": n_fit,
                 "train_canonical_corr_1": corr[0]}]

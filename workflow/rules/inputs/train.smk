@@ -16,7 +16,7 @@ wildcard_constraints:
 
 
 # finetune, finetune_segmentation and finetune_survival write the same metrics.json: each rule takes only the
-# methods of its task.
+# methods of its task; pretrain only those with a pretraining stage.
 def _methods_of(task):
     return "|".join(re.escape(m) for m, v in METHODS.items() if v.task == task)
 
@@ -24,6 +24,7 @@ def _methods_of(task):
 CLASSIFY_METHODS = _methods_of("classify")
 SEGMENT_METHODS = _methods_of("segment")
 SURVIVAL_METHODS = _methods_of("survival")
+PRETRAIN_METHODS = "|".join(re.escape(m) for m, v in METHODS.items() if v.pretrain)
 
 
 def has_follow_up():
@@ -32,16 +33,51 @@ def has_follow_up():
     return "time" in sheet.columns and bool((sheet["time"] != "").any())
 
 
+def train_gpu(wildcards):
+    """The job's `gpu` resource: 0 for the scikit-learn baselines and under `train.device: cpu` (a CPU-only
+    site), else 1. Locally the profile's `resources: gpu` caps how many such jobs run at once; the SLURM
+    plugin turns it into --gpus."""
+    method = get_method(wildcards.method)
+    device = str(method_config(TRAIN, wildcards.method).get("device", "auto"))
+    return 0 if method.is_sklearn or device == "cpu" else 1
+
+
 def annotation_files():
     """The sheet's tumour GeoJSON files (absolute paths), one per annotated slide."""
     return sorted({p for p in slide_table()["annotation_path"] if p})
 
 
-def runnable_methods():
-    """train.run minus methods whose modality the cohort lacks (logged, not silently dropped)."""
+def cohort_classes():
+    """Distinct non-empty labels of the sheet's patients: the classes of every fold (datasets.class_names)."""
+    return sorted({str(x) for x in patient_rows(sample_sheet())["label"] if str(x)})
+
+
+def label_free_stage(method):
+    """What a method still runs on a cohort with fewer than two classes: "finetune" (cca: its retrieval needs
+    no label; segmentation: tumour annotations; survival: follow-up), "pretrain" (MGI: the image-gene InfoNCE
+    pretraining and its retrieval need none, the fine-tune is a classification), or "" (every other
+    classification method)."""
+    if method.task != "classify" or method.model == "sklearn_cca":
+        return "finetune"
+    return "pretrain" if method.pretrain and method.retrieval else ""
+
+
+_TRAIN_PLAN = None
+
+
+def train_plan():
+    """train.run minus what the cohort cannot run, as method -> the stage whose metrics.json the summary reads
+    ("finetune", or "pretrain" for MGI's retrieval on a cohort without two classes). Each skip is logged once,
+    with its reason, never silently dropped."""
+    global _TRAIN_PLAN
+    if _TRAIN_PLAN is not None:
+        return _TRAIN_PLAN
     has_genes = expression_enabled()
     has_slides = len(slide_table()) > 0
-    keep = []
+    classes = cohort_classes()
+    no_classes = (f"the cohort has fewer than two classes (sample sheet {config['samples']}, column label: "
+                  f"{', '.join(classes) or 'no labels'})")
+    plan = {}
     for name in TRAIN_METHODS:
         method = get_method(name)
         need = method.modalities
@@ -59,8 +95,25 @@ def runnable_methods():
         if method.task == "segment" and not (has_slides and annotation_files()):
             logger.warning(f"train.run: {name} skipped, no slide has an annotation_path (tumour GeoJSON)")
             continue
-        keep.append(name)
-    return keep
+        stage = "finetune"
+        if len(classes) < 2:
+            stage = label_free_stage(method)
+            if not stage:
+                logger.warning(f"train.run: {name} skipped, {no_classes}; its classification needs two")
+                continue
+            if stage == "pretrain":
+                logger.warning(f"train.run: {name} fine-tune skipped, {no_classes}; its pretraining and "
+                               "image-gene retrieval still run (summary.tsv reports them)")
+            elif method.task == "classify":
+                logger.warning(f"train.run: {name} reports retrieval only, {no_classes}")
+        plan[name] = stage
+    _TRAIN_PLAN = plan
+    return plan
+
+
+def runnable_methods():
+    """The methods of train_plan (train.run minus what the cohort cannot run)."""
+    return list(train_plan())
 
 
 @stage_targets
@@ -69,7 +122,9 @@ def train_targets(wildcards):
 
 
 def model_metrics(wildcards):
-    return expand("results/models/{method}/fold{fold}/metrics.json", method=runnable_methods(), fold=range(N_FOLDS))
+    """What the summary reads: each method's fine-tuned metrics.json, or its pretraining's (train_plan)."""
+    return [f"results/models/{name}/fold{fold}/{'pretrain/' if stage == 'pretrain' else ''}metrics.json"
+            for name, stage in train_plan().items() for fold in range(N_FOLDS)]
 
 
 def train_inputs(wildcards):

@@ -33,6 +33,25 @@ def classify_objective(label_smoothing: float):
     return objective
 
 
+def require_classes(method, data: FoldData) -> None:
+    """Classification needs two classes in the cohort and among the fold's labelled train+val patients (what
+    linear fits on). Labels are optional in the sheet (the workflow then skips these methods): called
+    directly, refuse with the fix."""
+    trained = sorted({p.label for p in data.role(*TRAIN_ROLES, *VAL_ROLES) if p.label in data.classes})
+    if len(data.classes) < 2:
+        found = f"the cohort has {', '.join(data.classes) or 'no labels'}"
+        fix = ("give the patients their class in the sample sheet's label column (config samples; at least two "
+               "distinct labels), or leave the classification methods out of train.run")
+    elif len(trained) < 2:
+        found = f"the fold's labelled train and val patients have only {', '.join(trained) or 'no class'}"
+        fix = ("label those patients, or draw other folds (splits.stratify: true, fewer splits.n_folds; a class "
+               "of a single patient leaves none to train on in the fold that tests it)")
+    else:
+        return
+    raise ValueError(f"{method.name} fold {data.fold}: classification needs at least two classes, but {found}. "
+                     f"Fix: {fix}.")
+
+
 class Classify(Task):
     name = "classify"
     summary_metrics = ("balanced_accuracy", "accuracy", "auc_macro", "f1_macro", *SUMMARY_KEYS)
@@ -40,15 +59,9 @@ class Classify(Task):
     needs_labels = True
 
     def prepare(self, ctx: StageContext) -> FoldData:
-        data = ctx.data
-        fit_labels = {p.label for p in data.role(*TRAIN_ROLES, *VAL_ROLES) if p.label in data.classes}
-        if len(data.classes) < 2 or len(fit_labels) < 2:
-            raise ValueError(
-                f"{ctx.method.name} fold {data.fold}: classification needs at least two classes among the training "
-                f"patients (the cohort has {data.classes or 'no labels'}, training patients {sorted(fit_labels)}); "
-                "fill the sample sheet's label column, or run only methods that need no label (segmentation, "
-                "retrieval) on this cohort")
-        return data
+        if ctx.method.model != "sklearn_cca":  # cca's retrieval needs no label (it then writes no predictions)
+            require_classes(ctx.method, ctx.data)
+        return ctx.data
 
     def objective(self, ctx: StageContext):
         return classify_objective(float((ctx.cfg.get("finetune") or {}).get("label_smoothing", 0.0)))
