@@ -10,6 +10,7 @@ changes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -79,6 +80,17 @@ class Task:
         """Summary columns computed over every fold's test patients together, from the files beside each
         fold's ``metrics.json`` (none by default)."""
         return {}
+
+
+def sheet_input(ctx: StageContext, key: str, read: Callable[[str], Any], columns: str) -> Any:
+    """The task input ``key`` as given to the stage (tests, other callers), else ``read`` from the sample sheet
+    (``--samples``), which then must be there: ``columns`` says what the task reads from it."""
+    if ctx.inputs.get(key) is not None:
+        return ctx.inputs[key]
+    if not ctx.inputs.get("samples"):
+        raise ValueError(f"{ctx.method.name} is a {ctx.method.task} method: it needs the sample sheet (its {columns}); "
+                         "pass --samples")
+    return read(ctx.inputs["samples"])
 
 
 TASKS: dict[str, Task] = {}

@@ -15,7 +15,7 @@ from wsiomics.datasets import FoldData
 from wsiomics.models.batch import Batch
 from wsiomics.train import evaluate as ev
 from wsiomics.train.roles import EVAL_ROLES, TRAIN_ROLES, VAL_ROLES
-from wsiomics.train.tasks.base import StageContext, Task, register_task
+from wsiomics.train.tasks.base import StageContext, Task, register_task, sheet_input
 
 log = logging.getLogger(__name__)
 
@@ -90,12 +90,7 @@ class Segment(Task):
     def prepare(self, ctx: StageContext) -> FoldData:
         from wsiomics.annotations import params_from_config
 
-        annotations = ctx.inputs.get("annotations")
-        if annotations is None:
-            if not ctx.inputs.get("samples"):
-                raise ValueError(f"{ctx.method.name} is a segmentation method: it needs the sample sheet (its "
-                                 "annotation_path column); pass --samples")
-            annotations = annotation_paths(ctx.inputs["samples"])
+        annotations = sheet_input(ctx, "annotations", annotation_paths, "annotation_path column")
         seg = dict(ctx.cfg.get("segmentation") or {})
         ctx.found["threshold"] = float(seg.get("threshold", 0.5))
         ctx.found["geometry"] = attach_tumour_labels(ctx.data, annotations, params_from_config(seg))["geometry"]

@@ -25,7 +25,7 @@ from wsiomics.models.batch import Batch
 from wsiomics.models.survival import LOSSES, bin_index, cox_nll, discrete_time_nll, discrete_time_risk, time_bins
 from wsiomics.train import evaluate as ev
 from wsiomics.train.roles import ALL_ROLES, EVAL_ROLES, TRAIN_ROLES, VAL_ROLES
-from wsiomics.train.tasks.base import StageContext, Task, register_task
+from wsiomics.train.tasks.base import StageContext, Task, register_task, sheet_input
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +141,7 @@ class Survival(Task):
     history_title = "survival"
 
     def prepare(self, ctx: StageContext) -> FoldData:
-        outcomes = ctx.inputs.get("outcomes")
-        if outcomes is None:
-            if not ctx.inputs.get("samples"):
-                raise ValueError(f"{ctx.method.name} is a survival method: it needs the sample sheet (its time and "
-                                 "event columns); pass --samples")
-            outcomes = read_outcomes(ctx.inputs["samples"])
+        outcomes = sheet_input(ctx, "outcomes", read_outcomes, "time and event columns")
         for p in ctx.data.patients:
             p.outcome = (np.array([outcomes.at[p.patient_id, "time"], outcomes.at[p.patient_id, "event"]], np.float32)
                          if p.patient_id in outcomes.index else None)
