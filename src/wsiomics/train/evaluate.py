@@ -206,31 +206,52 @@ def write_tile_maps(out_dir: str | Path, results: list[PatientResult], kind: str
 TIE_TOLERANCE = 1e-6  # cosine similarities this close count as tied (float32 embeddings resolve ~1e-7)
 
 
-def retrieval_metrics(image: np.ndarray, gene: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, Any]:
-    """Image->gene and gene->image recall@k of paired rows (row i of each is one patient), cosine similarity.
+def retrieval_hits(image: np.ndarray, gene: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, np.ndarray]:
+    """Per query, image->gene and gene->image, the expected hit of recall@k (``i2g@k``, ``g2i@k``: (N,) each,
+    in [0, 1]) of paired rows (row i of each is one patient), cosine similarity; recall@k is their mean.
 
     Ties are broken uniformly at random, in expectation: a query whose partner has ``b`` candidates scoring
     strictly higher and ``t`` others tied with it (within ``TIE_TOLERANCE``) is equally likely at any of
-    the ranks b+1 .. b+t+1, so it adds ``clip(k - b, 0, t + 1) / (t + 1)`` to recall@k. A collapsed model
-    (one embedding for everyone) thus scores chance, ``min(k, n) / n``, which is reported beside as
-    ``recall_chance@k`` with ``n_retrieval``, the candidates per query (recall@k is 1 whenever n <= k).
+    the ranks b+1 .. b+t+1, so it adds ``clip(k - b, 0, t + 1) / (t + 1)`` to recall@k.
     """
     image, gene = np.asarray(image, np.float64), np.asarray(gene, np.float64)
-    n = len(image)
-    out: dict[str, Any] = {"n_retrieval": n}
-    if n == 0:
-        return {**out, **{f"recall_{d}@{k}": None for d in ("i2g", "g2i", "chance") for k in ks}}
+    if len(image) == 0:
+        return {f"{d}@{k}": np.zeros(0) for d in ("i2g", "g2i") for k in ks}
     i = image / np.clip(np.linalg.norm(image, axis=1, keepdims=True), 1e-12, None)
     g = gene / np.clip(np.linalg.norm(gene, axis=1, keepdims=True), 1e-12, None)
     sim = i @ g.T  # (N, N): image queries x gene candidates
+    out = {}
     for name, s in (("i2g", sim), ("g2i", sim.T)):
         true = np.diag(s)[:, None]
         better = (s > true + TIE_TOLERANCE).sum(axis=1)  # (N,) candidates strictly above the partner
         tied = (np.abs(s - true) <= TIE_TOLERANCE).sum(axis=1) - 1  # (N,) others level with it
         for k in ks:
-            out[f"recall_{name}@{k}"] = float((np.clip(k - better, 0, tied + 1) / (tied + 1)).mean())
+            out[f"{name}@{k}"] = np.clip(k - better, 0, tied + 1) / (tied + 1)
+    return out
+
+
+def retrieval_metrics(image: np.ndarray, gene: np.ndarray, ks: tuple[int, ...] = (1, 5),
+                      patient_ids: list[str] | None = None) -> dict[str, Any]:
+    """Image->gene and gene->image recall@k of paired rows (row i of each is one patient), cosine similarity:
+    the mean over queries of :func:`retrieval_hits`.
+
+    A collapsed model (one embedding for everyone) scores chance, ``min(k, n) / n``, which is reported beside
+    as ``recall_chance@k`` with ``n_retrieval``, the candidates per query (recall@k is 1 whenever n <= k).
+    With ``patient_ids`` (one per row), each query's hits are kept too (``retrieval_per_patient``: columns
+    ``patient_id`` and ``recall_i2g@k`` ...), for the cohort summary's pooled recall and its bootstrap.
+    """
+    n = len(image)
+    out: dict[str, Any] = {"n_retrieval": n}
+    if n == 0:
+        return {**out, **{f"recall_{d}@{k}": None for d in ("i2g", "g2i", "chance") for k in ks}}
+    hits = retrieval_hits(image, gene, ks)
+    for name, values in hits.items():
+        out[f"recall_{name}"] = float(values.mean())
     for k in ks:
         out[f"recall_chance@{k}"] = min(k, n) / n
+    if patient_ids is not None:
+        out["retrieval_per_patient"] = {"patient_id": list(patient_ids),
+                                        **{f"recall_{name}": values.tolist() for name, values in hits.items()}}
     return out
 
 
@@ -245,11 +266,14 @@ def segmentation_metrics(slides: dict[str, tuple[np.ndarray, np.ndarray]], thres
     """Per-slide Dice (probabilities >= threshold vs tile labels) averaged over slides, and pooled over all tiles."""
     per_slide = {sid: dice_score(p >= threshold, t >= 0.5) for sid, (p, t) in slides.items()}
     if not slides:
-        return {"dice_mean": None, "dice_pooled": None, "dice_per_slide": {}, "n_slides": 0}
+        return {"dice_mean": None, "dice_pooled": None, "dice_per_slide": {}, "tiles_per_slide": {}, "n_slides": 0}
     pred = np.concatenate([p >= threshold for p, _ in slides.values()])
     truth = np.concatenate([t >= 0.5 for _, t in slides.values()])
+    # per slide |P & T|, |P|, |T|: the pooled Dice of any set of slides (the summary's bootstrap) from these
+    counts = {sid: [int(np.logical_and(p >= threshold, t >= 0.5).sum()), int((p >= threshold).sum()),
+                    int((t >= 0.5).sum())] for sid, (p, t) in slides.items()}
     return {"dice_mean": float(np.mean(list(per_slide.values()))), "dice_pooled": dice_score(pred, truth),
-            "dice_per_slide": per_slide, "n_slides": len(slides)}
+            "dice_per_slide": per_slide, "tiles_per_slide": counts, "n_slides": len(slides)}
 
 
 def write_tumour_heatmap(path: str | Path, coords: np.ndarray, probs: np.ndarray, tile_size: float,
