@@ -267,14 +267,18 @@ class Survival(Task):
         without a comparable pair."""
         if kind != "survival":
             return super().pooled_statistic(kind, records)
+        from sksurv.exceptions import NoComparablePairException
         from sksurv.metrics import concordance_index_censored
 
         concordant = comparable = 0.0
         for _, part in records.groupby("fold"):
             if len(part) < 2 or part["event"].sum() == 0:
                 continue
-            _, conc, disc, tied_risk, _ = concordance_index_censored(
-                part["event"].astype(bool).to_numpy(), part["time"].to_numpy(float), part["risk"].to_numpy(float))
+            try:
+                _, conc, disc, tied_risk, _ = concordance_index_censored(
+                    part["event"].astype(bool).to_numpy(), part["time"].to_numpy(float), part["risk"].to_numpy(float))
+            except NoComparablePairException:  # e.g. a resample of one patient drawn twice
+                continue
             concordant += conc + 0.5 * tied_risk
             comparable += conc + disc + tied_risk
         return {"c_index": concordant / comparable if comparable else None}
