@@ -13,8 +13,12 @@ from scipy import stats
 from sklearn import metrics as skm
 
 from wsiomics.summary import METRIC_COLUMNS, SummaryParams, main, summarize
-from wsiomics.train.evaluate import classification_metrics, retrieval_metrics, segmentation_metrics
-from wsiomics.train.tasks.classify import weighted_classification_metrics
+from wsiomics.train.evaluate import (
+    classification_metrics,
+    retrieval_metrics,
+    segmentation_metrics,
+    weighted_classification_metrics,
+)
 
 CLASSES = ["A", "B"]
 
@@ -129,6 +133,27 @@ def test_bootstrap_fast_path_equals_the_metrics_on_each_resample():
         for metric, values in fast.items():
             expected = np.nan if slow[metric] is None else slow[metric]
             assert values[i] == pytest.approx(expected, nan_ok=True), (metric, i)
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_embedding_fast_paths_equal_the_statistic_on_each_resample():
+    from wsiomics.train.tasks import get_task
+
+    rng = np.random.default_rng(2)
+    n = 9
+    task = get_task("classify")
+    retrieval = pd.DataFrame({"patient_id": [f"p{i}" for i in range(n)], "recall_i2g@1": rng.integers(0, 2, n),
+                              "recall_g2i@5": rng.uniform(size=n)})
+    probe = pd.DataFrame({"patient_id": [f"p{i}" for i in range(n)], "label": list("AAABBBCCC"),
+                          "predicted": list("ABABBCCDA")})  # D: predicted, never a label
+    draws = rng.integers(0, n, size=(40, n))
+    weights = np.zeros((40, n))
+    np.add.at(weights, (np.arange(40)[:, None], draws), 1)
+    for kind, records in (("retrieval", retrieval), ("linear_probe", probe)):
+        fast = task.bootstrap_statistic(kind, records, weights)
+        for i, d in enumerate(draws):
+            for metric, value in task.pooled_statistic(kind, records.iloc[d]).items():
+                assert fast[metric][i] == pytest.approx(value), (kind, metric, i)
 
 
 def test_survival_c_index_pools_pairs_within_folds_by_hand(tmp_path):

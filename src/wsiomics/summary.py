@@ -235,7 +235,7 @@ def metric_table(runs: dict[str, MethodRun], boot: Bootstrap) -> pd.DataFrame:
             dist = boot.distribution(run, kind, patients)
             for metric, value in _point(run, kind).items():
                 pooled[metric] = (value, *_ci(dist.get(metric, np.array([]))), len(patients))
-        for metric in dict.fromkeys([*run.task.summary_metrics, *pooled]):
+        for metric in run.task.summary_metrics:
             folds = [float(m[metric]) for m in run.folds.values() if m.get(metric) is not None]
             if not folds and metric not in pooled:
                 continue
@@ -264,7 +264,7 @@ def compare(a: MethodRun, b: MethodRun, relation: str, boot: Bootstrap) -> list[
     """``a`` minus ``b`` on each pooled metric both have, over the test patients both have, with the paired
     bootstrap's 95% CI (the same resamples for both)."""
     rows = []
-    for kind in a.records.keys() & b.records.keys():
+    for kind in [k for k in a.records if k in b.records]:
         common = tuple(sorted(set(_patients(a, kind)) & set(_patients(b, kind))))
         if not common:
             continue
@@ -277,7 +277,8 @@ def compare(a: MethodRun, b: MethodRun, relation: str, boot: Bootstrap) -> list[
             rows.append({"method": a.name, "versus": b.name, "relation": relation, "metric": metric,
                          "difference": pa[metric] - pb[metric], "ci_low": low, "ci_high": high,
                          "n_patients": len(common), "method_pooled": pa[metric], "versus_pooled": pb[metric]})
-    return rows
+    order = {m: i for i, m in enumerate(a.task.summary_metrics)}
+    return sorted(rows, key=lambda r: order[r["metric"]])  # the task's metric order, whatever the kinds
 
 
 def comparison_table(runs: dict[str, MethodRun], table: pd.DataFrame, boot: Bootstrap) -> pd.DataFrame:

@@ -150,3 +150,18 @@ def embedding_statistic(kind: str, records: pd.DataFrame) -> dict[str, float | N
         return {"linear_probe_balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
                 "linear_probe_accuracy": float(skm.accuracy_score(y, pred))}
     return {}
+
+
+def embedding_bootstrap(kind: str, records: pd.DataFrame, weights: np.ndarray) -> dict[str, np.ndarray] | None:
+    """:func:`embedding_statistic` on B resamples at once (``weights`` (B, rows): times each row is drawn)."""
+    if kind == "retrieval":
+        total = weights.sum(1)
+        return {c: weights @ records[c].to_numpy(float) / total for c in records if c.startswith("recall_")}
+    if kind == "linear_probe":
+        classes = sorted(set(records["label"].astype(str)) | set(records["predicted"].astype(str)))
+        y = np.array([classes.index(v) for v in records["label"].astype(str)])
+        predicted = np.eye(len(classes))[[classes.index(v) for v in records["predicted"].astype(str)]]
+        found = ev.weighted_classification_metrics(y, predicted, weights)
+        return {"linear_probe_balanced_accuracy": found["balanced_accuracy"],
+                "linear_probe_accuracy": found["accuracy"]}
+    return None

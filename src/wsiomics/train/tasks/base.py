@@ -104,9 +104,11 @@ class Task:
     def bootstrap_statistic(self, kind: str, records: pd.DataFrame,
                             weights: np.ndarray) -> dict[str, np.ndarray] | None:
         """Optional fast path: :meth:`pooled_statistic` on B resamples at once, ``weights`` (B, rows) being how
-        often each row is drawn; (B,) per metric, NaN where undefined. None (default): the summary calls
-        :meth:`pooled_statistic` on each resample."""
-        return None
+        often each row is drawn; (B,) per metric, NaN where undefined. None: the summary calls
+        :meth:`pooled_statistic` on each resample. Default: the embedding evaluations' closed forms."""
+        from wsiomics.train.embedding_evaluation import embedding_bootstrap
+
+        return embedding_bootstrap(kind, records, weights) if self.embedding_evaluations else None
 
     def pooled_metrics(self, metrics_paths: list[Path]) -> dict[str, Any]:
         """Summary columns computed over every fold's test patients together, from the files beside each

@@ -35,50 +35,6 @@ def classify_objective(label_smoothing: float):
     return objective
 
 
-def _weighted_auc(score: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """ROC AUC (Mann-Whitney, ties count half) of ``score`` (n,) for ``positive`` (n,) against the rest, with
-    each sample counted ``weights`` (B, n) times: (B,), NaN without both kinds."""
-    above = (score[:, None] > score[None, :]) + 0.5 * (score[:, None] == score[None, :])  # (n, n) pos i vs neg j
-    pos, neg = weights * positive, weights * ~positive  # (B, n)
-    denom = pos.sum(1) * neg.sum(1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, np.einsum("bi,ij,bj->b", pos, above, neg) / denom, np.nan)
-
-
-def weighted_classification_metrics(y: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
-    """:func:`wsiomics.train.evaluate.classification_metrics` of B resamples at once: ``y`` (n,) class indices,
-    ``probs`` (n, C), ``weights`` (B, n) the times each patient is drawn. The same definitions (argmax
-    prediction; balanced accuracy and macro F1 over the classes present; one-vs-rest macro AUC over the
-    present classes with probabilities renormalised over them, the binary AUC with two), in closed form."""
-    n_classes = probs.shape[1]
-    onehot = np.eye(n_classes, dtype=float)
-    truth, pred = onehot[y], onehot[probs.argmax(1)]  # (n, C)
-    total = weights.sum(1)  # (B,)
-    count = weights @ truth  # (B, C) patients per class
-    hits = weights @ (truth * pred)  # (B, C) true positives
-    present = count > 0  # (B, C)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = np.where(present, hits / count, np.nan)
-        f1 = np.where(present, 2 * hits / (count + weights @ pred), np.nan)
-        out = {"accuracy": hits.sum(1) / total, "balanced_accuracy": np.nanmean(recall, 1),
-               "f1_macro": np.nanmean(f1, 1), "auc_macro": np.full(len(weights), np.nan)}
-    for pattern in np.unique(present, axis=0):  # resamples with the same classes present share the AUC's form
-        rows, cls = np.all(present == pattern, axis=1), np.flatnonzero(pattern)
-        if len(cls) < 2:
-            continue
-        w = weights[rows]
-        if n_classes == 2:
-            out["auc_macro"][rows] = _weighted_auc(probs[:, 1], y == 1, w)
-            continue
-        sub = probs[:, cls] / np.clip(probs[:, cls].sum(1, keepdims=True), 1e-12, None)
-        w = w * np.isin(y, cls)  # patients of the absent classes carry no weight already
-        if len(cls) == 2:
-            out["auc_macro"][rows] = _weighted_auc(sub[:, 1], y == cls[1], w)
-        else:
-            out["auc_macro"][rows] = np.mean([_weighted_auc(sub[:, j], y == c, w) for j, c in enumerate(cls)], 0)
-    return out
-
-
 class Classify(Task):
     name = "classify"
     summary_metrics = ("balanced_accuracy", "accuracy", "auc_macro", "f1_macro", *SUMMARY_KEYS)
@@ -142,11 +98,11 @@ class Classify(Task):
     def bootstrap_statistic(self, kind: str, records: pd.DataFrame,
                             weights: np.ndarray) -> dict[str, np.ndarray] | None:
         if kind != "classification":
-            return None
+            return super().bootstrap_statistic(kind, records, weights)
         classes = [c.removeprefix("prob_") for c in records if c.startswith("prob_")]
         y = np.array([classes.index(v) for v in records["label"]])
         probs = records[[f"prob_{c}" for c in classes]].fillna(0.0).to_numpy(float)
-        return weighted_classification_metrics(y, probs, weights)
+        return ev.weighted_classification_metrics(y, probs, weights)
 
 
 register_task(Classify())
