@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", required=True, type=Path,
                         help="folder for metrics.tsv, comparisons.tsv and metrics.md (results/summary)")
     parser.add_argument("metrics", nargs="+", help="every fold's metrics.json (results/models/<method>/fold<k>/)")
-    add_dataclass_options(parser, SummaryParams, section="summary")
+    add_dataclass_options(parser, SummaryParams)
     args = parser.parse_args(argv)
     configure_logging()
     try:
