@@ -170,16 +170,14 @@ class Bootstrap:
             self._draws[key] = out
         return self._draws[key]
 
-    def distribution(self, run: MethodRun, kind: str, patients: tuple[str, ...]) -> dict[str, np.ndarray]:
-        """The statistic of ``run``'s records of ``patients`` on every resample (NaN where undefined)."""
-        key = (run.name, kind, patients)
+    def distribution(self, run: MethodRun, kind: str, patients: tuple[str, ...],
+                     strata: tuple[str, ...] | None) -> dict[str, np.ndarray]:
+        """The statistic of ``run``'s records of ``patients`` on every resample (NaN where undefined); two
+        methods given the same patients and strata get the same resamples."""
+        key = (run.name, kind, patients, strata)
         if key not in self._stats:
             records = run.records[kind]
             rows = records.groupby("patient_id", sort=False).indices  # patient -> its row positions
-            strata = None
-            if "stratum" in records:
-                first = records.drop_duplicates("patient_id").set_index("patient_id")["stratum"].astype(str)
-                strata = tuple(first[p] for p in patients)
             per_patient = [rows[p] for p in patients]
             draws = self.draws(patients, strata)
             taken = np.concatenate(per_patient)  # the records of these patients, patient by patient
@@ -199,6 +197,15 @@ class Bootstrap:
                         values.setdefault(metric, []).append(np.nan if value is None else float(value))
             self._stats[key] = {m: np.asarray(v) for m, v in values.items()}
         return self._stats[key]
+
+
+def strata_of(run: MethodRun, kind: str, patients: tuple[str, ...]) -> tuple[str, ...] | None:
+    """Each patient's stratum (its first row's), None when the records have none."""
+    records = run.records[kind]
+    if "stratum" not in records:
+        return None
+    first = records.drop_duplicates("patient_id").set_index("patient_id")["stratum"].astype(str)
+    return tuple(first[p] for p in patients)
 
 
 def _ci(values: np.ndarray) -> tuple[float, float]:
@@ -232,7 +239,7 @@ def metric_table(runs: dict[str, MethodRun], boot: Bootstrap) -> pd.DataFrame:
         pooled: dict[str, tuple[float, float, float, int]] = {}
         for kind in run.records:
             patients = _patients(run, kind)
-            dist = boot.distribution(run, kind, patients)
+            dist = boot.distribution(run, kind, patients, strata_of(run, kind, patients))
             for metric, value in _point(run, kind).items():
                 pooled[metric] = (value, *_ci(dist.get(metric, np.array([]))), len(patients))
         for metric in run.task.summary_metrics:
@@ -268,7 +275,8 @@ def compare(a: MethodRun, b: MethodRun, relation: str, boot: Bootstrap) -> list[
         common = tuple(sorted(set(_patients(a, kind)) & set(_patients(b, kind))))
         if not common:
             continue
-        da, db = boot.distribution(a, kind, common), boot.distribution(b, kind, common)
+        strata = strata_of(a, kind, common)  # one set of resamples for both: paired
+        da, db = boot.distribution(a, kind, common, strata), boot.distribution(b, kind, common, strata)
         pa, pb = _point(a, kind, common), _point(b, kind, common)
         for metric in a.task.summary_metrics:
             if metric not in pa or metric not in pb or metric.startswith(REFERENCE):
