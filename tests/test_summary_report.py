@@ -314,6 +314,37 @@ def test_a_method_of_unknown_name_is_summarised_from_its_files(tmp_path):
     assert comparisons.empty
 
 
+def test_a_new_task_joins_the_summary_through_its_records_and_statistic(tmp_path, monkeypatch):
+    """No edit of the summary: a task registered from outside, with records and a statistic of its own."""
+    from wsiomics.train.methods import METHODS, Method
+    from wsiomics.train.tasks.base import TASKS, Task
+
+    class Score(Task):
+        name = "toy_score"
+        summary_metrics = ("score",)
+
+        def patient_records(self, fold_dir, metrics):
+            return {"score": pd.read_csv(fold_dir / "scores.tsv", sep="\t", dtype={"patient_id": str})}
+
+        def pooled_statistic(self, kind, records):
+            return {"score": float(records["value"].mean())}
+
+    monkeypatch.setitem(TASKS, "toy_score", Score())
+    monkeypatch.setitem(METHODS, "toy", Method("toy", "sklearn_toy", task="toy_score"))
+    values = {0: [1.0, 2.0], 1: [3.0, 6.0, 9.0]}
+    paths = []
+    for k, v in values.items():
+        d = _fold(tmp_path, "toy", k, {"score": float(np.mean(v))})
+        pd.DataFrame({"patient_id": [f"{k}-{i}" for i in range(len(v))], "value": v}).to_csv(
+            d / "scores.tsv", sep="\t", index=False)
+        paths.append(str(d / "metrics.json"))
+    table, _, text = summarize(paths, SummaryParams(bootstrap=30))
+    r = row(table, "toy", "score")
+    assert r["group"] == "other" and r["pooled"] == pytest.approx(21 / 5) and r["n_patients"] == 5
+    assert r["mean"] == pytest.approx((1.5 + 6.0) / 2)
+    assert "## toy_score" in text
+
+
 def test_bad_metrics_file_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "m" / "fold0" / "metrics.json"
     bad.parent.mkdir(parents=True)

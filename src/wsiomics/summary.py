@@ -85,12 +85,13 @@ def _task_of(name: str, fold_dir: Path, metrics: dict[str, Any]):
 
 
 def method_group(name: str, task: str) -> str:
-    """baselines / GiMP / MGI for classification methods (by network), segmentation and survival by task."""
+    """baselines / GiMP / MGI for classification methods (by network), segmentation and survival by task;
+    ``other`` for a method of unknown name or of another task."""
     from wsiomics.train.methods import METHODS
 
     if task in TASK_GROUPS:
         return TASK_GROUPS[task]
-    if name not in METHODS:
+    if name not in METHODS or task != "classify":
         return "other"
     return FAMILIES.get(METHODS[name].model, "baselines")
 
