@@ -22,6 +22,7 @@ from wsiomics.cli import (
 )
 from wsiomics.expression import CohortParams, NormalizeParams
 from wsiomics.splits import SplitParams
+from wsiomics.summary import SummaryParams
 from wsiomics.synth.cohort import SIGNALS, CohortConfig
 from wsiomics.tiling import MaskParams, TilingParams
 
@@ -36,6 +37,7 @@ STAGES = [
     ("expression", "cohort", CohortParams, (*PATHS, "threads")),
     ("expression", "normalize", NormalizeParams, (*PATHS, "threads")),
     ("splits", None, SplitParams, ()),
+    ("summary", None, SummaryParams, ()),
 ]
 
 

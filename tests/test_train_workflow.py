@@ -52,6 +52,7 @@ def test_methods_get_their_stages_and_modalities(sheet, tmp_path):
     folds = {re.search(r"--fold (\d+)", c).group(1) for c in fine}
     assert folds == {"0", "1"}
     assert "summarize_models" in out
+    assert "python -m wsiomics.summary --out-dir results/summary " in out  # rule summarize, a default target
 
 
 def test_unknown_method_is_rejected_before_any_job(sheet, tmp_path):

@@ -35,6 +35,7 @@ SECTIONS = {
     "NormalizeParams": "expression",
     "SplitParams": "splits",
     "CohortConfig": "synth",
+    "SummaryParams": "summary",
 }
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from wsiomics.datasets import DatasetParams, FoldData
@@ -48,7 +49,8 @@ def evaluate_embeddings(model: torch.nn.Module, data: FoldData, device: torch.de
                 continue
             img = np.stack([r.embeddings["image"] for r in paired]) if paired else np.zeros((0, 1))
             gene = np.stack([r.embeddings["gene"] for r in paired]) if paired else np.zeros((0, 1))
-            found = ev.retrieval_metrics(img, gene)
+            found = ev.retrieval_metrics(img, gene, patient_ids=[r.patient.patient_id for r in paired]
+                                         if role == "test" else None)
             if role == "test":
                 metrics.update(found)
             else:
@@ -80,6 +82,10 @@ def linear_probe(results: list[ev.PatientResult], classes: list[str], seed: int)
     found = ev.classification_metrics([r.patient.label for r in test], probs, classes)
     out["linear_probe_balanced_accuracy"] = found["balanced_accuracy"]
     out["linear_probe_accuracy"] = found["accuracy"]
+    # each test patient's probe prediction: the cohort summary pools them over folds (and bootstraps them)
+    out["linear_probe_per_patient"] = {"patient_id": [r.patient.patient_id for r in test],
+                                       "label": [r.patient.label for r in test],
+                                       "predicted": [classes[int(i)] for i in probs.argmax(1)]}
     return out
 
 
@@ -101,3 +107,61 @@ def top_level(pre_metrics: dict[str, Any]) -> dict[str, Any]:
     extra = {k: pre_metrics[k] for k in PRETRAIN_KEYS if k in pre_metrics}
     extra["pretrain"] = {k: v for k, v in pre_metrics.items() if k not in ("method", "fold")}
     return extra
+
+
+def _stored(metrics: dict[str, Any], key: str) -> Any:
+    """A key of the fine-tuned metrics.json: top level (an estimator's own evaluation, e.g. cca), else under
+    ``pretrain`` (the pretrained or initial network's evaluation)."""
+    return metrics.get(key) if metrics.get(key) is not None else (metrics.get("pretrain") or {}).get(key)
+
+
+def embedding_records(metrics: dict[str, Any]) -> dict[str, pd.DataFrame]:
+    """Per test patient: retrieval hits (``recall_i2g@k`` ... per query, plus the fold's chance level) and the
+    linear probe's prediction (stratum: the label), from a fold's metrics.json. Empty for runs written before
+    these were kept (their pooled values are then missing; the fold means are not)."""
+    out: dict[str, pd.DataFrame] = {}
+    hits = _stored(metrics, "retrieval_per_patient")
+    if hits and hits.get("patient_id"):
+        table = pd.DataFrame(hits)
+        n = len(table)
+        for k in sorted({int(c.split("@")[1]) for c in table if c.startswith("recall_")}):
+            table[f"recall_chance@{k}"] = min(k, n) / n  # each fold's own candidates: its queries
+        out["retrieval"] = table
+    probe = _stored(metrics, "linear_probe_per_patient")
+    if probe and probe.get("patient_id"):
+        table = pd.DataFrame(probe)
+        out["linear_probe"] = table.assign(stratum=table["label"])
+    return out
+
+
+def embedding_statistic(kind: str, records: pd.DataFrame) -> dict[str, float | None]:
+    """Pooled recall@k = mean of the per-query hits over every fold's queries (each query ranked within its own
+    fold: the folds' embeddings live in different spaces, so queries are never re-ranked across folds); pooled
+    linear probe = balanced accuracy and accuracy of all folds' probe predictions together."""
+    from sklearn import metrics as skm
+
+    if kind == "retrieval":
+        cols = [c for c in records if c.startswith("recall_")]
+        return {c: float(records[c].mean()) if len(records) else None for c in cols}
+    if kind == "linear_probe":
+        if not len(records):
+            return {"linear_probe_balanced_accuracy": None, "linear_probe_accuracy": None}
+        y, pred = records["label"].astype(str), records["predicted"].astype(str)
+        return {"linear_probe_balanced_accuracy": float(skm.balanced_accuracy_score(y, pred)),
+                "linear_probe_accuracy": float(skm.accuracy_score(y, pred))}
+    return {}
+
+
+def embedding_bootstrap(kind: str, records: pd.DataFrame, weights: np.ndarray) -> dict[str, np.ndarray] | None:
+    """:func:`embedding_statistic` on B resamples at once (``weights`` (B, rows): times each row is drawn)."""
+    if kind == "retrieval":
+        total = weights.sum(1)
+        return {c: weights @ records[c].to_numpy(float) / total for c in records if c.startswith("recall_")}
+    if kind == "linear_probe":
+        classes = sorted(set(records["label"].astype(str)) | set(records["predicted"].astype(str)))
+        y = np.array([classes.index(v) for v in records["label"].astype(str)])
+        predicted = np.eye(len(classes))[[classes.index(v) for v in records["predicted"].astype(str)]]
+        found = ev.weighted_classification_metrics(y, predicted, weights)
+        return {"linear_probe_balanced_accuracy": found["balanced_accuracy"],
+                "linear_probe_accuracy": found["accuracy"]}
+    return None

@@ -95,7 +95,8 @@ def fit_cca(ctx: StageContext):
     if has_gene.any():  # the gene scores do not depend on X: a placeholder X gives them alone
         _, v[has_gene] = cca.transform(np.zeros((int(has_gene.sum()), k_pca)), pre_gene.transform(gene[has_gene]))
     test = [i for i, p in enumerate(everyone) if p.role == "test" and both[i]]
-    metrics: dict[str, Any] = ev.retrieval_metrics(u[test], v[test])
+    metrics: dict[str, Any] = ev.retrieval_metrics(u[test], v[test],
+                                                   patient_ids=[everyone[i].patient_id for i in test])
     heldout = [i for i, p in enumerate(everyone) if p.role == "heldout" and both[i]]
     if heldout:
         metrics["retrieval_heldout"] = ev.retrieval_metrics(u[heldout], v[heldout])

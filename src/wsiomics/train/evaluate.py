@@ -95,6 +95,50 @@ def classification_metrics(labels: list[str], probs: np.ndarray, classes: list[s
     return out
 
 
+def _weighted_auc(score: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """ROC AUC (Mann-Whitney, ties count half) of ``score`` (n,) for ``positive`` (n,) against the rest, with
+    each sample counted ``weights`` (B, n) times: (B,), NaN without both kinds."""
+    above = (score[:, None] > score[None, :]) + 0.5 * (score[:, None] == score[None, :])  # (n, n) pos i vs neg j
+    pos, neg = weights * positive, weights * ~positive  # (B, n)
+    denom = pos.sum(1) * neg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, np.einsum("bi,ij,bj->b", pos, above, neg) / denom, np.nan)
+
+
+def weighted_classification_metrics(y: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """:func:`classification_metrics` of B resamples at once: ``y`` (n,) class indices,
+    ``probs`` (n, C), ``weights`` (B, n) the times each patient is drawn. The same definitions (argmax
+    prediction; balanced accuracy and macro F1 over the classes present; one-vs-rest macro AUC over the
+    present classes with probabilities renormalised over them, the binary AUC with two), in closed form."""
+    n_classes = probs.shape[1]
+    onehot = np.eye(n_classes, dtype=float)
+    truth, pred = onehot[y], onehot[probs.argmax(1)]  # (n, C)
+    total = weights.sum(1)  # (B,)
+    count = weights @ truth  # (B, C) patients per class
+    hits = weights @ (truth * pred)  # (B, C) true positives
+    present = count > 0  # (B, C)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = np.where(present, hits / count, np.nan)
+        f1 = np.where(present, 2 * hits / (count + weights @ pred), np.nan)
+        out = {"accuracy": hits.sum(1) / total, "balanced_accuracy": np.nanmean(recall, 1),
+               "f1_macro": np.nanmean(f1, 1), "auc_macro": np.full(len(weights), np.nan)}
+    for pattern in np.unique(present, axis=0):  # resamples with the same classes present share the AUC's form
+        rows, cls = np.all(present == pattern, axis=1), np.flatnonzero(pattern)
+        if len(cls) < 2:
+            continue
+        w = weights[rows]
+        if n_classes == 2:
+            out["auc_macro"][rows] = _weighted_auc(probs[:, 1], y == 1, w)
+            continue
+        sub = probs[:, cls] / np.clip(probs[:, cls].sum(1, keepdims=True), 1e-12, None)
+        w = w * np.isin(y, cls)  # patients of the absent classes carry no weight already
+        if len(cls) == 2:
+            out["auc_macro"][rows] = _weighted_auc(sub[:, 1], y == cls[1], w)
+        else:
+            out["auc_macro"][rows] = np.mean([_weighted_auc(sub[:, j], y == c, w) for j, c in enumerate(cls)], 0)
+    return out
+
+
 def predictions_table(results: list[PatientResult], fold: int, classes: list[str]) -> pd.DataFrame:
     rows = []
     for r in results:
@@ -206,31 +250,52 @@ def write_tile_maps(out_dir: str | Path, results: list[PatientResult], kind: str
 TIE_TOLERANCE = 1e-6  # cosine similarities this close count as tied (float32 embeddings resolve ~1e-7)
 
 
-def retrieval_metrics(image: np.ndarray, gene: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, Any]:
-    """Image->gene and gene->image recall@k of paired rows (row i of each is one patient), cosine similarity.
+def retrieval_hits(image: np.ndarray, gene: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, np.ndarray]:
+    """Per query, image->gene and gene->image, the expected hit of recall@k (``i2g@k``, ``g2i@k``: (N,) each,
+    in [0, 1]) of paired rows (row i of each is one patient), cosine similarity; recall@k is their mean.
 
     Ties are broken uniformly at random, in expectation: a query whose partner has ``b`` candidates scoring
     strictly higher and ``t`` others tied with it (within ``TIE_TOLERANCE``) is equally likely at any of
-    the ranks b+1 .. b+t+1, so it adds ``clip(k - b, 0, t + 1) / (t + 1)`` to recall@k. A collapsed model
-    (one embedding for everyone) thus scores chance, ``min(k, n) / n``, which is reported beside as
-    ``recall_chance@k`` with ``n_retrieval``, the candidates per query (recall@k is 1 whenever n <= k).
+    the ranks b+1 .. b+t+1, so it adds ``clip(k - b, 0, t + 1) / (t + 1)`` to recall@k.
     """
     image, gene = np.asarray(image, np.float64), np.asarray(gene, np.float64)
-    n = len(image)
-    out: dict[str, Any] = {"n_retrieval": n}
-    if n == 0:
-        return {**out, **{f"recall_{d}@{k}": None for d in ("i2g", "g2i", "chance") for k in ks}}
+    if len(image) == 0:
+        return {f"{d}@{k}": np.zeros(0) for d in ("i2g", "g2i") for k in ks}
     i = image / np.clip(np.linalg.norm(image, axis=1, keepdims=True), 1e-12, None)
     g = gene / np.clip(np.linalg.norm(gene, axis=1, keepdims=True), 1e-12, None)
     sim = i @ g.T  # (N, N): image queries x gene candidates
+    out = {}
     for name, s in (("i2g", sim), ("g2i", sim.T)):
         true = np.diag(s)[:, None]
         better = (s > true + TIE_TOLERANCE).sum(axis=1)  # (N,) candidates strictly above the partner
         tied = (np.abs(s - true) <= TIE_TOLERANCE).sum(axis=1) - 1  # (N,) others level with it
         for k in ks:
-            out[f"recall_{name}@{k}"] = float((np.clip(k - better, 0, tied + 1) / (tied + 1)).mean())
+            out[f"{name}@{k}"] = np.clip(k - better, 0, tied + 1) / (tied + 1)
+    return out
+
+
+def retrieval_metrics(image: np.ndarray, gene: np.ndarray, ks: tuple[int, ...] = (1, 5),
+                      patient_ids: list[str] | None = None) -> dict[str, Any]:
+    """Image->gene and gene->image recall@k of paired rows (row i of each is one patient), cosine similarity:
+    the mean over queries of :func:`retrieval_hits`.
+
+    A collapsed model (one embedding for everyone) scores chance, ``min(k, n) / n``, which is reported beside
+    as ``recall_chance@k`` with ``n_retrieval``, the candidates per query (recall@k is 1 whenever n <= k).
+    With ``patient_ids`` (one per row), each query's hits are kept too (``retrieval_per_patient``: columns
+    ``patient_id`` and ``recall_i2g@k`` ...), for the cohort summary's pooled recall and its bootstrap.
+    """
+    n = len(image)
+    out: dict[str, Any] = {"n_retrieval": n}
+    if n == 0:
+        return {**out, **{f"recall_{d}@{k}": None for d in ("i2g", "g2i", "chance") for k in ks}}
+    hits = retrieval_hits(image, gene, ks)
+    for name, values in hits.items():
+        out[f"recall_{name}"] = float(values.mean())
     for k in ks:
         out[f"recall_chance@{k}"] = min(k, n) / n
+    if patient_ids is not None:
+        out["retrieval_per_patient"] = {"patient_id": list(patient_ids),
+                                        **{f"recall_{name}": values.tolist() for name, values in hits.items()}}
     return out
 
 
@@ -245,11 +310,14 @@ def segmentation_metrics(slides: dict[str, tuple[np.ndarray, np.ndarray]], thres
     """Per-slide Dice (probabilities >= threshold vs tile labels) averaged over slides, and pooled over all tiles."""
     per_slide = {sid: dice_score(p >= threshold, t >= 0.5) for sid, (p, t) in slides.items()}
     if not slides:
-        return {"dice_mean": None, "dice_pooled": None, "dice_per_slide": {}, "n_slides": 0}
+        return {"dice_mean": None, "dice_pooled": None, "dice_per_slide": {}, "tiles_per_slide": {}, "n_slides": 0}
     pred = np.concatenate([p >= threshold for p, _ in slides.values()])
     truth = np.concatenate([t >= 0.5 for _, t in slides.values()])
+    # per slide |P & T|, |P|, |T|: the pooled Dice of any set of slides (the summary's bootstrap) from these
+    counts = {sid: [int(np.logical_and(p >= threshold, t >= 0.5).sum()), int((p >= threshold).sum()),
+                    int((t >= 0.5).sum())] for sid, (p, t) in slides.items()}
     return {"dice_mean": float(np.mean(list(per_slide.values()))), "dice_pooled": dice_score(pred, truth),
-            "dice_per_slide": per_slide, "n_slides": len(slides)}
+            "dice_per_slide": per_slide, "tiles_per_slide": counts, "n_slides": len(slides)}
 
 
 def write_tumour_heatmap(path: str | Path, coords: np.ndarray, probs: np.ndarray, tile_size: float,

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
+import pandas as pd
 import torch
 
 from wsiomics.datasets import DatasetParams, FoldData
@@ -75,6 +77,39 @@ class Task:
               extra: dict[str, Any]) -> dict[str, Any]:
         """Write the task's output files and ``metrics.json`` (``info``: training; ``extra``: more metrics)."""
         raise NotImplementedError
+
+    # The cohort summary (wsiomics.summary) pools every fold's test patients and bootstraps them. A task gives it
+    # records and a statistic; the summary resamples patients and recomputes the statistic. The first of
+    # summary_metrics is the task's primary metric (the one that picks the best baseline).
+
+    def patient_records(self, fold_dir: Path, metrics: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        """The fold's test records behind the pooled summary, by kind (e.g. ``classification``, ``retrieval``):
+        one table per kind with a ``patient_id`` column (the bootstrap's unit; a patient may have several
+        rows, e.g. one per slide), optionally ``stratum`` (patients are resampled within each stratum) and
+        whatever :meth:`pooled_statistic` needs. ``fold_dir`` holds the fold's ``metrics.json`` (``metrics``,
+        already read). The summary adds a ``fold`` column. Default: the embedding evaluations, if the task has
+        them (retrieval and the linear probe per test patient, from ``metrics.json``)."""
+        if not self.embedding_evaluations:
+            return {}
+        from wsiomics.train.embedding_evaluation import embedding_records
+
+        return embedding_records(metrics)
+
+    def pooled_statistic(self, kind: str, records: pd.DataFrame) -> dict[str, float | None]:
+        """Summary metrics (keys of ``summary_metrics``) over records of one kind pooled over folds, or any
+        resample of them (rows repeat when a patient is drawn twice); None where undefined."""
+        from wsiomics.train.embedding_evaluation import embedding_statistic
+
+        return embedding_statistic(kind, records)
+
+    def bootstrap_statistic(self, kind: str, records: pd.DataFrame,
+                            weights: np.ndarray) -> dict[str, np.ndarray] | None:
+        """Optional fast path: :meth:`pooled_statistic` on B resamples at once, ``weights`` (B, rows) being how
+        often each row is drawn; (B,) per metric, NaN where undefined. None: the summary calls
+        :meth:`pooled_statistic` on each resample. Default: the embedding evaluations' closed forms."""
+        from wsiomics.train.embedding_evaluation import embedding_bootstrap
+
+        return embedding_bootstrap(kind, records, weights) if self.embedding_evaluations else None
 
     def pooled_metrics(self, metrics_paths: list[Path]) -> dict[str, Any]:
         """Summary columns computed over every fold's test patients together, from the files beside each

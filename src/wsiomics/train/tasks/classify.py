@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -85,6 +88,35 @@ class Classify(Task):
         log.info("%s fold %d test: %s", method.name, data.fold,
                  {k: metrics.get(k) for k in ("balanced_accuracy", "accuracy", "auc_macro", "f1_macro", "n_test")})
         return metrics
+
+    def patient_records(self, fold_dir: Path, metrics: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        """``classification``: the labelled test patients of predictions.tsv (label, ``prob_<class>``; stratum:
+        the label), plus the embedding evaluations."""
+        out = super().patient_records(fold_dir, metrics)
+        path = fold_dir / "predictions.tsv"
+        if path.exists():
+            table = pd.read_csv(path, sep="\t", dtype={"patient_id": str, "label": str})
+            classes = [c.removeprefix("prob_") for c in table if c.startswith("prob_")]
+            test = table[(table["role"] == "test") & table["label"].isin(classes)]
+            out["classification"] = test.drop(columns=["fold"]).assign(stratum=test["label"])
+        return out
+
+    def pooled_statistic(self, kind: str, records: pd.DataFrame) -> dict[str, float | None]:
+        if kind != "classification":
+            return super().pooled_statistic(kind, records)
+        classes = [c.removeprefix("prob_") for c in records if c.startswith("prob_")]
+        found = ev.classification_metrics(records["label"].tolist(),
+                                          records[[f"prob_{c}" for c in classes]].fillna(0.0).to_numpy(), classes)
+        return {k: found[k] for k in ("balanced_accuracy", "accuracy", "auc_macro", "f1_macro")}
+
+    def bootstrap_statistic(self, kind: str, records: pd.DataFrame,
+                            weights: np.ndarray) -> dict[str, np.ndarray] | None:
+        if kind != "classification":
+            return super().bootstrap_statistic(kind, records, weights)
+        classes = [c.removeprefix("prob_") for c in records if c.startswith("prob_")]
+        y = np.array([classes.index(v) for v in records["label"]])
+        probs = records[[f"prob_{c}" for c in classes]].fillna(0.0).to_numpy(float)
+        return ev.weighted_classification_metrics(y, probs, weights)
 
 
 register_task(Classify())

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 from wsiomics.datasets import FoldData
@@ -146,6 +147,8 @@ class Segment(Task):
                                         f"{method.name} fold {data.fold}: {slide.slide_id}{dice}")
         metrics: dict[str, Any] = ev.segmentation_metrics(by_role["test"], threshold)
         metrics["skipped_slides"] = sorted(skipped["test"])
+        metrics["slide_patients"] = {s.slide_id: r.patient.patient_id for r in results if r.patient.role == "test"
+                                     for s in r.patient.slides if s.slide_id in by_role["test"]}
         if by_role["heldout"] or skipped["heldout"]:
             metrics["heldout"] = {**ev.segmentation_metrics(by_role["heldout"], threshold),
                                   "skipped_slides": sorted(skipped["heldout"])}
@@ -155,6 +158,39 @@ class Segment(Task):
         log.info("%s fold %d test: dice_mean %s, dice_pooled %s over %d slides; skipped %s", method.name, data.fold,
                  metrics["dice_mean"], metrics["dice_pooled"], metrics["n_slides"], metrics["skipped_slides"])
         return metrics
+
+    def patient_records(self, fold_dir: Path, metrics: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        """``segmentation``: one row per annotated test slide (its patient, Dice and tile counts |P & T|, |P|,
+        |T| from metrics.json; the patient from the slide's tumour map when metrics.json predates
+        ``slide_patients``, the counts missing then)."""
+        import zarr
+
+        dice = metrics.get("dice_per_slide") or {}
+        counts = metrics.get("tiles_per_slide") or {}
+        patients = metrics.get("slide_patients") or {}
+        rows = []
+        for sid, value in dice.items():
+            patient = patients.get(sid)
+            if patient is None:
+                patient = zarr.open_group(fold_dir / "tumour" / f"{sid}.zarr", mode="r").attrs["patient_id"]
+            inter, pred, truth = counts.get(sid, (np.nan, np.nan, np.nan))
+            rows.append({"patient_id": str(patient), "slide_id": sid, "dice": value, "intersection": inter,
+                         "predicted": pred, "truth": truth})
+        columns = ["patient_id", "slide_id", "dice", "intersection", "predicted", "truth"]
+        return {"segmentation": pd.DataFrame(rows, columns=columns)} if rows else {}
+
+    def pooled_statistic(self, kind: str, records: pd.DataFrame) -> dict[str, float | None]:
+        """Dice mean over every slide of every fold, and Dice pooled over all their tiles, 2 sum|P & T| /
+        (sum|P| + sum|T|) (1.0 when both are empty, as :func:`~wsiomics.train.evaluate.dice_score`)."""
+        if kind != "segmentation":
+            return super().pooled_statistic(kind, records)
+        if not len(records):
+            return {"dice_mean": None, "dice_pooled": None}
+        pooled = None
+        if records[["intersection", "predicted", "truth"]].notna().all().all():
+            denom = records["predicted"].sum() + records["truth"].sum()
+            pooled = 1.0 if denom == 0 else float(2 * records["intersection"].sum() / denom)
+        return {"dice_mean": float(records["dice"].mean()), "dice_pooled": pooled}
 
 
 register_task(Segment())

@@ -247,5 +247,36 @@ class Survival(Task):
                                                                    test["time"].to_numpy(float),
                                                                    test["risk"].to_numpy(float))[0])}
 
+    def patient_records(self, fold_dir: Path, metrics: dict[str, Any]) -> dict[str, pd.DataFrame]:
+        """``survival``: the test patients of risks.tsv with follow-up (risk, time, event)."""
+        path = fold_dir / "risks.tsv"
+        if not path.exists():
+            return {}
+        table = pd.read_csv(path, sep="\t", dtype={"patient_id": str})
+        test = table[table["role"] == "test"].dropna(subset=["time", "event", "risk"])
+        return {"survival": test[["patient_id", "risk", "time", "event"]]}
+
+    def pooled_statistic(self, kind: str, records: pd.DataFrame) -> dict[str, float | None]:
+        """Harrell's c-index over the pairs of patients of the same fold, pooled over folds: each fold's risks
+        come from its own model, on its own scale, so patients of different folds are never compared. None
+        without a comparable pair."""
+        if kind != "survival":
+            return super().pooled_statistic(kind, records)
+        from sksurv.exceptions import NoComparablePairException
+        from sksurv.metrics import concordance_index_censored
+
+        concordant = comparable = 0.0
+        for _, part in records.groupby("fold"):
+            if len(part) < 2 or part["event"].sum() == 0:
+                continue
+            try:
+                _, conc, disc, tied_risk, _ = concordance_index_censored(
+                    part["event"].astype(bool).to_numpy(), part["time"].to_numpy(float), part["risk"].to_numpy(float))
+            except NoComparablePairException:  # e.g. a resample of one patient drawn twice
+                continue
+            concordant += conc + 0.5 * tied_risk
+            comparable += conc + disc + tied_risk
+        return {"c_index": concordant / comparable if comparable else None}
+
 
 register_task(Survival())
