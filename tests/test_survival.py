@@ -188,6 +188,7 @@ def test_summary_pools_the_folds_test_patients(tmp_path):
         (d / "metrics.json").write_text(json.dumps({"method": "coxph", "fold": fold, "c_index": 1.0}))
         paths.append(str(d / "metrics.json"))
     row = summarize(paths).set_index("method").loc["coxph"]
-    # comparable pairs (the earlier time has an event): F1b (t=5) before the 3 others, concordant (3 > 2, 1, 2.5);
-    # F0a (t=10) before F0b and F1a: 2 > 1 concordant, 2 < 2.5 not; F0b (t=20) before F1a: 1 < 2.5 not -> 4 of 6
-    assert row["c_index_pooled"] == pytest.approx(4 / 6) and row["c_index_mean"] == 1.0
+    # pairs within a fold only (each fold's risks come from its own model): fold 0: F0a (t=10, event) before
+    # F0b, 2 > 1 concordant; fold 1: F1b (t=5, event) before F1a, 3 > 2.5 concordant -> 2 of 2. Across folds
+    # F0b (1) vs F1a (2.5) would have been discordant.
+    assert row["c_index_pooled"] == pytest.approx(1.0) and row["c_index_mean"] == 1.0

@@ -233,19 +233,12 @@ class Survival(Task):
         return metrics
 
     def pooled_metrics(self, metrics_paths: list[Path]) -> dict[str, Any]:
-        """Harrell's c-index over the test patients of every fold together (risks.tsv beside metrics.json)."""
-        from sksurv.metrics import concordance_index_censored
-
-        parts = [pd.read_csv(p.with_name("risks.tsv"), sep="\t") for p in metrics_paths
+        """Harrell's c-index over every fold's test patients, pairs within a fold (:meth:`pooled_statistic`)."""
+        parts = [self.patient_records(p.parent, {})["survival"].assign(fold=k) for k, p in enumerate(metrics_paths)
                  if p.with_name("risks.tsv").exists()]
         if not parts:
             return {}
-        test = pd.concat(parts).query("role == 'test'").dropna(subset=["time", "event"])
-        if len(test) < 2 or test["event"].sum() == 0:
-            return {"c_index_pooled": None}
-        return {"c_index_pooled": float(concordance_index_censored(test["event"].astype(bool).to_numpy(),
-                                                                   test["time"].to_numpy(float),
-                                                                   test["risk"].to_numpy(float))[0])}
+        return {"c_index_pooled": self.pooled_statistic("survival", pd.concat(parts))["c_index"]}
 
     def patient_records(self, fold_dir: Path, metrics: dict[str, Any]) -> dict[str, pd.DataFrame]:
         """``survival``: the test patients of risks.tsv with follow-up (risk, time, event)."""
