@@ -57,8 +57,10 @@ def slide_row(slide_id: str, patient_id: str, tiles: dict, features: dict | None
                 "encoder": feats.get("encoder", ""), "precision": feats.get("precision", ""),
                 "device": feats.get("device", ""), "feature_dim": feats.get("feature_dim", ""),
                 "n_features": feats.get("n_tiles", ""), "effective_mpp": feats.get("effective_mpp", ""),
-                "features_source": feats.get("source_h5") or feats.get("source_store") or "",
-                "source_encoder": feats.get("source_encoder", "")})
+                # a store imported from a store may carry its own h5 origin: the last step is the source
+                "features_source": feats.get("source_store") or feats.get("source_h5") or "",
+                # what an h5 file names (a store's own encoder was checked against the config at import)
+                "source_encoder": "" if feats.get("source_store") else feats.get("source_encoder", "")})
     if not tiles_store:  # imported: never tiled
         row.update(n_tiles=feats.get("n_tiles", ""), mpp=feats.get("mpp", ""), mpp_source=IMPORTED if
                    feats.get("mpp") else "", status=row["features_status"], reason=row["features_reason"],
