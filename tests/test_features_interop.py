@@ -14,7 +14,7 @@ import pytest
 from wsiomics.encoders import build_encoder
 from wsiomics.features import ExtractParams, extract_slide
 from wsiomics.features.__main__ import main as features_main
-from wsiomics.features.interop import H5FormatError, export_h5, import_h5
+from wsiomics.features.interop import H5FormatError, ImportMismatchError, export_h5, import_features, import_h5
 from wsiomics.io import open_store
 from wsiomics.tiling import tile_slide
 
@@ -250,3 +250,51 @@ def test_a_missing_h5py_is_an_import_error_not_an_invalid_choice(monkeypatch):
     with pytest.raises(ImportError, match="h5py"):
         cli = importlib.import_module("wsiomics.features.__main__")
         cli.main(["import-h5", "--h5", "x.h5", "--out-dir", "out", "--encoder", "r50"])
+
+
+# --- the workflow's per-slide import (the sample sheet's features_path) --------------------------------------
+
+
+def test_import_features_takes_trident_clam_and_our_stores_and_records_the_source(tmp_path):
+    feats, coords = random_slide(40, 16, seed=6)
+    trident_dir = tmp_path / "features_uni_v1"  # TRIDENT's output folder names the encoder
+    trident_dir.mkdir()
+    trident = write_h5(trident_dir / "a.h5", feats, coords, TRIDENT_COORD_ATTRS)
+    clam = write_h5(tmp_path / "b.h5", feats, coords, CLAM_COORD_ATTRS)
+    import_features(trident, tmp_path / "A.zarr", "myenc", slide_id="A", patient_id="PA", expected_dim=16)
+    import_features(clam, tmp_path / "B.zarr", "myenc", slide_id="B", patient_id="PB", dtype="float32")
+    import_features(tmp_path / "B.zarr", tmp_path / "C.zarr", "myenc", slide_id="C", dtype="float32")
+    a, b, c = (read_store(tmp_path / f"{s}.zarr") for s in "ABC")
+    assert a[2]["slide_id"] == "A" and a[2]["patient_id"] == "PA" and a[2]["encoder"] == "myenc"
+    assert a[2]["source_h5"] == str(trident) and a[2]["source_encoder"] == "uni_v1" and a[2]["h5_flavor"] == "trident"
+    assert b[2]["source_encoder"] == "" and b[2]["h5_flavor"] == "clam"  # CLAM files do not name their encoder
+    assert c[2]["source_store"] == str(tmp_path / "B.zarr") and c[2]["slide_id"] == "C"
+    assert c[2]["source_encoder"] == "myenc" and c[2]["h5_flavor"] == "clam"  # the store's attrs travel with it
+    np.testing.assert_array_equal(c[0], feats)
+    np.testing.assert_array_equal(c[1], coords)
+    assert import_features(tmp_path / "B.zarr", tmp_path / "C.zarr", "myenc", slide_id="C", dtype="float32").skipped
+
+
+def test_import_features_refuses_another_width_or_another_encoders_store(tmp_path):
+    feats, coords = random_slide(10, 16, seed=7)
+    h5 = write_h5(tmp_path / "a.h5", feats, coords, TRIDENT_COORD_ATTRS, file_attrs={"encoder": "conch_v15"})
+    with pytest.raises(ImportMismatchError, match=r"a.h5: 16-wide features \(made by conch_v15\), but features.encoder "
+                                                  r"uni gives 1024-wide ones. Fix: set features.encoder"):
+        import_features(h5, tmp_path / "a.zarr", "uni", slide_id="a", expected_dim=1024)
+    assert not (tmp_path / "a.zarr").exists()
+    import_h5(h5, tmp_path / "s.zarr", "conch_v15")
+    with pytest.raises(ImportMismatchError, match="s.zarr: a feature store of encoder conch_v15, but features.encoder "
+                                                  "is uni. Fix: set features.encoder: conch_v15"):
+        import_features(tmp_path / "s.zarr", tmp_path / "b.zarr", "uni", slide_id="b")
+
+
+def test_import_cli_checks_the_width_of_a_known_encoder(tmp_path):
+    h5 = write_h5(tmp_path / "a.h5", *random_slide(10, 32, seed=8), CLAM_COORD_ATTRS)
+    run = [sys.executable, "-m", "wsiomics.features", "import", "--source", str(h5), "--slide-id", "a"]
+    proc = subprocess.run([*run, "--out", str(tmp_path / "a.zarr"), "--encoder", "test_resnet"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 1 and "32-wide features, but features.encoder test_resnet gives 96-wide" in proc.stderr
+    proc = subprocess.run([*run, "--out", str(tmp_path / "b.zarr"), "--encoder", "conch_v15"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr  # a name neither a preset nor timm knows: any width
+    assert read_store(tmp_path / "b.zarr")[0].shape == (10, 32)

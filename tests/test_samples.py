@@ -13,6 +13,7 @@ import pytest
 from wsiomics.samples import (
     ALLOWED_COLUMNS,
     SampleSheetError,
+    imported,
     load_sample_sheet,
     main,
     patients,
@@ -414,3 +415,62 @@ def test_cli_error(data_dir: Path) -> None:
 def test_main_in_process(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(write_sheet(data_dir / "samples.tsv", VALID_ROWS))]) == 0
     assert "4 patients" in capsys.readouterr().out
+
+
+# --- features_path: slides whose features are imported -------------------------------------------------
+
+FEAT_HEADER = ["patient_id", "slide_id", "slide_path", "label", "mpp", "expression_path", "features_path"]
+
+
+def feature_files(data_dir: Path) -> None:
+    touch(data_dir / "feats" / "s5.h5")
+    touch(data_dir / "feats" / "s6.zarr" / "zarr.json")
+
+
+def test_features_path_rows_need_no_slide_path(data_dir: Path) -> None:
+    feature_files(data_dir)
+    rows = [["P1", "S1a", "slides/s1a.svs", "tumor", "", "expr/p1.tsv", ""],
+            ["P5", "S5", "", "tumor", "", "", "feats/s5.h5"],
+            ["P6", "S6", "slides/s2.svs", "normal", "", "", "feats/s6.zarr"]]
+    df = load_sample_sheet(write_sheet(data_dir / "samples.tsv", rows, header=FEAT_HEADER))
+    sl = slides(df)
+    assert sl.loc["S5", "features_path"] == str(data_dir / "feats" / "s5.h5") and sl.loc["S5", "slide_path"] == ""
+    assert sl.loc["S6", "features_path"] == str(data_dir / "feats" / "s6.zarr")
+    assert [imported(r) for _, r in sl.iterrows()] == [False, True, True]
+    # a sheet of imported features only may leave out slide_path altogether
+    header = ["patient_id", "slide_id", "label", "features_path"]
+    df = load_sample_sheet(write_sheet(data_dir / "only.tsv", [["P5", "S5", "tumor", "feats/s5.h5"]], header=header))
+    assert df.loc[0, "slide_path"] == "" and df.loc[0, "features_path"].endswith("s5.h5")
+
+
+def test_features_path_problems_are_reported_together(data_dir: Path) -> None:
+    feature_files(data_dir)
+    (data_dir / "feats" / "plain").mkdir()
+    touch(data_dir / "feats" / "s7.pt")
+    rows = [["P5", "S5", "", "", "", "", "feats/missing.h5"],
+            ["P6", "S6", "", "", "", "", "feats/s7.pt"],
+            ["P7", "S7", "", "", "", "", "feats/plain"],
+            ["P8", "", "", "", "", "expr/p1.tsv", "feats/s5.h5"],
+            ["P9", "S9", "", "", "0.25", "", "feats/s5.h5"],
+            ["P10", "S10", "", "", "", "", ""]]
+    msg = errors_of(write_sheet(data_dir / "samples.tsv", rows, header=FEAT_HEADER))
+    assert "6 problems" in msg
+    assert "row 2, column 'features_path': file 'feats/missing.h5' does not exist" in msg
+    assert "row 3, column 'features_path': 'feats/s7.pt' is neither an h5 feature file" in msg and "pt_files" in msg
+    assert "row 4, column 'features_path': 'feats/plain' is a folder but not a wsiomics feature store" in msg
+    assert "row 5, column 'slide_id': features_path is given but slide_id is empty" in msg
+    assert "row 6, column 'mpp': mpp is given for a slide whose features are imported" in msg
+    assert "row 7, column 'slide_path': slide 'S10' has no slide_path" in msg and "features_path" in msg
+
+
+def test_schema_accepts_features_rows_and_rejects_features_on_expression_rows(data_dir: Path) -> None:
+    from snakemake.exceptions import WorkflowError
+    from snakemake.utils import validate
+
+    feature_files(data_dir)
+    rows = [["P5", "S5", "", "tumor", "", "", "feats/s5.h5"], ["P1", "", "", "", "", "expr/p1.tsv", ""]]
+    df = load_sample_sheet(write_sheet(data_dir / "samples.tsv", rows, header=FEAT_HEADER)).drop(columns="row")
+    validate(df, str(SCHEMA))
+    for bad in (df.assign(features_path=""), df.assign(features_path=["feats/s5.h5", "feats/s5.h5"])):
+        with pytest.raises(WorkflowError):
+            validate(bad, str(SCHEMA))

@@ -71,3 +71,37 @@ def test_a_missing_store_is_an_error_naming_it(tmp_path, capsys):
     assert main(["--slides", str(tmp_path / "slides.tsv"), "--tiles-dir", str(tmp_path / "tiles"),
                  "--out", str(tmp_path / "s.tsv")]) == 1
     assert "b.zarr" in capsys.readouterr().err
+
+
+def imported_cohort(tmp_path: Path, dims: dict[str, int], encoders: dict[str, str]) -> list[str]:
+    """slide 't' tiled and extracted (8-d); the others imported from h5 files with the given widths/encoders."""
+    cohort(tmp_path, {"t": ({"status": OK, "reason": "", "n_tiles": 4}, {"status": OK, "reason": "", "n_tiles": 4})})
+    for sid, dim in dims.items():
+        store(tmp_path / "features" / f"{sid}.zarr", slide_id=sid, encoder="enc", feature_dim=dim, status=OK,
+              reason="", n_tiles=6, mpp=0.25, source_h5=f"/h5/{sid}.h5", source_encoder=encoders.get(sid, ""))
+    pd.DataFrame({"slide_id": ["t", *dims], "patient_id": ["Pt", *(f"P{s}" for s in dims)],
+                  "features_path": ["", *(f"/h5/{s}.h5" for s in dims)]}).to_csv(tmp_path / "slides.tsv", sep="\t",
+                                                                                   index=False)
+    return ["--slides", str(tmp_path / "slides.tsv"), "--tiles-dir", str(tmp_path / "tiles"), "--features-dir",
+            str(tmp_path / "features"), "--out", str(tmp_path / "qc" / "status.tsv")]
+
+
+def test_imported_slides_are_ok_without_a_tiles_store(tmp_path):
+    args = imported_cohort(tmp_path, {"a": 8, "b": 8}, {"a": "uni_v1"})
+    assert main(args) == 0
+    table = pd.read_csv(tmp_path / "qc" / "status.tsv", sep="\t", keep_default_na=False).set_index("slide_id")
+    assert table.loc["a", ["status", "stage", "tiling_status", "n_tiles", "mpp", "features_source",
+                           "source_encoder"]].tolist() == [OK, "imported", "", 6, 0.25, "/h5/a.h5", "uni_v1"]
+    assert table.loc["t", ["status", "stage", "features_source"]].tolist() == [OK, "", ""]
+    assert table.loc["b", "store"] == "" and not (tmp_path / "tiles" / "a.zarr").exists()
+
+
+def test_a_cohort_mixing_widths_or_encoders_is_an_error_naming_the_files(tmp_path, capsys):
+    assert main(imported_cohort(tmp_path / "w", {"a": 8, "b": 16, "c": 16}, {})) == 1
+    err = capsys.readouterr().err
+    assert "differ in width (16: 2 (/h5/b.h5, /h5/c.h5); 8: 2 (" in err and "features.encoder" in err
+    assert not (tmp_path / "w" / "qc" / "status.tsv").exists()
+    assert main(imported_cohort(tmp_path / "e", {"a": 8, "b": 8, "c": 8}, {"a": "uni_v1", "b": "conch_v15"})) == 1
+    err = capsys.readouterr().err
+    assert "name different encoders (conch_v15: 1 (/h5/b.h5); uni_v1: 1 (/h5/a.h5))" in err
+    assert main(imported_cohort(tmp_path / "s", {"a": 8, "b": 8}, {"a": "UNI_v1", "b": "uni_v1"})) == 0

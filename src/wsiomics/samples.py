@@ -3,11 +3,14 @@
 One sheet (TSV; ``.csv`` is read comma-separated) drives the whole pipeline. Each data row is either
 
 * a **slide row**: ``slide_id`` + ``slide_path`` (optionally ``mpp``, ``annotation_path``, ``label``,
-  ``expression_path``), or
+  ``expression_path``), or ``slide_id`` + ``features_path``: the slide's patch features already extracted
+  (a TRIDENT or CLAM h5 file, or a wsiomics feature store ``.zarr``), imported instead of tiling and
+  extracting the slide (``slide_path`` may then be empty), or
 * an **expression-only row**: ``slide_id`` and ``slide_path`` empty, ``expression_path`` given.
 
-Columns: ``patient_id``, ``slide_id``, ``slide_path`` are required; ``label``, ``mpp``,
-``annotation_path``, ``expression_path``, ``time``, ``event`` are optional; any other column is an error
+Columns: ``patient_id``, ``slide_id``, ``slide_path`` are required (``slide_path`` may be left out of a
+sheet that has ``features_path``); ``label``, ``mpp``, ``annotation_path``, ``expression_path``, ``time``,
+``event``, ``features_path`` are optional; any other column is an error
 (it is almost always a typo that would otherwise be silently ignored). ``time`` (days, a number >= 0) and
 ``event`` (1 = the event, e.g. death, was observed; 0 = censored) carry a patient's survival; tasks that do
 not use them ignore them.
@@ -41,9 +44,13 @@ from typing import Any
 import pandas as pd
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("patient_id", "slide_id", "slide_path")
-OPTIONAL_COLUMNS: tuple[str, ...] = ("label", "mpp", "annotation_path", "expression_path", "time", "event")
+OPTIONAL_COLUMNS: tuple[str, ...] = ("label", "mpp", "annotation_path", "expression_path", "time", "event",
+                                     "features_path")
 ALLOWED_COLUMNS: tuple[str, ...] = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
-PATH_COLUMNS: tuple[str, ...] = ("slide_path", "annotation_path", "expression_path")
+PATH_COLUMNS: tuple[str, ...] = ("slide_path", "annotation_path", "expression_path", "features_path")
+#: What ``features_path`` may name: an h5 feature file (TRIDENT, CLAM) or a wsiomics feature store (a folder).
+FEATURE_FILE_SUFFIXES: tuple[str, ...] = (".h5", ".hdf5")
+FEATURE_STORE_SUFFIX = ".zarr"
 
 #: slide_id names output files, so it must be safe on every filesystem and in shell commands.
 SLIDE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -59,6 +66,7 @@ __all__ = [
     "OPTIONAL_COLUMNS",
     "REQUIRED_COLUMNS",
     "SampleSheetError",
+    "imported",
     "load_sample_sheet",
     "patients",
     "slide_mpp_override",
@@ -176,7 +184,7 @@ def _check_header(names: list[str], raw: pd.DataFrame, problems: _Problems) -> l
             )
             continue
         keep.append(pos)
-    missing = [c for c in REQUIRED_COLUMNS if c not in seen]
+    missing = [c for c in REQUIRED_COLUMNS if c not in seen and not (c == "slide_path" and "features_path" in seen)]
     for name in missing:
         problems.header(name, "required column is missing", f"add a '{name}' column")
     if missing and len(names) == 1 and re.search(r"[,;\s]", names[0]):
@@ -191,7 +199,7 @@ def _check_header(names: list[str], raw: pd.DataFrame, problems: _Problems) -> l
 def _check_rows(df: pd.DataFrame, base: Path, problems: _Problems) -> None:
     """Per-row checks, then cross-row checks; only columns that exist are checked."""
     cols = set(df.columns)
-    has_id_cols = {"slide_id", "slide_path"} <= cols
+    has_id_cols = "slide_id" in cols and bool({"slide_path", "features_path"} & cols)
     first_slide_row: dict[str, int] = {}
     first_folded: dict[str, tuple[str, int]] = {}
 
@@ -234,17 +242,21 @@ def _check_rows(df: pd.DataFrame, base: Path, problems: _Problems) -> None:
                 else:
                     first_folded[folded] = (slide_id, line)
 
+        slide_path, features_path = rec.get("slide_path", ""), rec.get("features_path", "")
         if has_id_cols:
-            if slide_id and not rec["slide_path"]:
+            if slide_id and not slide_path and not features_path:
                 problems.row(
-                    line, "slide_path", f"slide '{slide_id}' has no slide_path", "give the slide's file path"
+                    line, "slide_path", f"slide '{slide_id}' has no slide_path",
+                    "give the slide's file path" + (", or its features in features_path" if "features_path" in cols
+                                                    else ""),
                 )
-            elif rec["slide_path"] and not slide_id:
+            elif (slide_path or features_path) and not slide_id:
+                col = "slide_path" if slide_path else "features_path"
                 problems.row(
                     line,
                     "slide_id",
-                    "slide_path is given but slide_id is empty",
-                    "give the slide a slide_id, or clear slide_path on an expression-only row",
+                    f"{col} is given but slide_id is empty",
+                    f"give the slide a slide_id, or clear {col} on an expression-only row",
                 )
             elif not slide_id and not rec.get("expression_path", ""):
                 problems.row(
@@ -267,6 +279,8 @@ def _check_rows(df: pd.DataFrame, base: Path, problems: _Problems) -> None:
                     f"file '{value}' does not exist{note}",
                     "correct the path; relative paths are relative to the sheet's folder",
                 )
+            elif col == "features_path":
+                _check_features_path(value, resolved, note, line, problems)
             elif not os.path.isfile(resolved):
                 problems.row(line, col, f"'{value}' is not a file{note}", "point to a file")
 
@@ -290,6 +304,11 @@ def _check_rows(df: pd.DataFrame, base: Path, problems: _Problems) -> None:
         elif mpp and has_id_cols and not has_slide:
             problems.row(
                 line, "mpp", "mpp is given on a row without a slide", "clear it or move it to the slide's row"
+            )
+        elif mpp and features_path:
+            problems.row(
+                line, "mpp", "mpp is given for a slide whose features are imported from features_path, so it is "
+                "never tiled and the mpp would be ignored", "clear mpp (the feature file carries its own geometry)"
             )
 
         time, event = rec.get("time", ""), rec.get("event", "")
@@ -329,6 +348,19 @@ def _check_rows(df: pd.DataFrame, base: Path, problems: _Problems) -> None:
                 )
 
 
+def _check_features_path(value: str, resolved: str, note: str, line: int, problems: _Problems) -> None:
+    """An h5 feature file or a wsiomics feature store (a zarr v3 folder); what is inside is the import's check."""
+    suffix = Path(resolved).suffix.lower()
+    if os.path.isdir(resolved):
+        if suffix != FEATURE_STORE_SUFFIX or not os.path.isfile(os.path.join(resolved, "zarr.json")):
+            problems.row(line, "features_path", f"'{value}' is a folder but not a wsiomics feature store (a .zarr "
+                         f"folder with zarr.json){note}", "point to a TRIDENT/CLAM .h5 file or a feature store")
+    elif suffix not in FEATURE_FILE_SUFFIXES:
+        problems.row(line, "features_path", f"'{value}' is neither an h5 feature file (.h5, .hdf5) nor a feature "
+                     f"store (.zarr folder){note}", "point to the slide's TRIDENT/CLAM .h5 file (CLAM: h5_files/, "
+                     "not pt_files/) or to a wsiomics feature store")
+
+
 def load_sample_sheet(path: str | os.PathLike[str], check: bool = True) -> pd.DataFrame:
     """Read and validate a sample sheet; raise one :class:`SampleSheetError` listing every problem.
 
@@ -364,7 +396,7 @@ def load_sample_sheet(path: str | os.PathLike[str], check: bool = True) -> pd.Da
     if problems.items:
         raise SampleSheetError(sheet, problems.items)
 
-    for col in OPTIONAL_COLUMNS:
+    for col in ("slide_path", *OPTIONAL_COLUMNS):  # slide_path may be absent from a features_path sheet
         if col not in body.columns:
             body[col] = ""
     for col in PATH_COLUMNS:
@@ -377,6 +409,11 @@ def slide_mpp_override(row: Mapping[str, Any] | pd.Series) -> float | None:
     """The sheet's mpp for this slide, or None to use the slide's own metadata."""
     value = str(row.get("mpp", "") or "").strip()
     return float(value) if value else None
+
+
+def imported(row: Mapping[str, Any] | pd.Series) -> bool:
+    """The slide's features come from its ``features_path`` (imported), not from tiling its ``slide_path``."""
+    return bool(str(row.get("features_path", "") or "").strip())
 
 
 def slides(df: pd.DataFrame) -> pd.DataFrame:
@@ -409,8 +446,10 @@ def patients(df: pd.DataFrame) -> pd.DataFrame:
 
 def _summary(df: pd.DataFrame) -> str:
     pts = patients(df)
+    n_imported = int((df["features_path"] != "").sum())
     return (
-        f"{len(pts)} patients, {int(pts['n_slides'].sum())} slides, "
+        f"{len(pts)} patients, {int(pts['n_slides'].sum())} slides"
+        f"{f' ({n_imported} with imported features)' if n_imported else ''}, "
         f"{int(pts['has_expression'].sum())} patients with expression "
         f"({int((~pts['has_slide']).sum())} expression-only, "
         f"{int((~pts['has_expression']).sum())} slide-only)"

@@ -107,7 +107,7 @@ def uses_demo_cohort():
 SHEET_VIEWS = {
     "patients": "results/sheet/patients.tsv",  # patient_id, label (, event), by patient_id: the folds' input
     "expression": "results/sheet/expression_patients.tsv",  # what the expression cohort reads, sheet order
-    "slides": "results/sheet/slides.tsv",  # slide_id, patient_id, sorted by slide_id: slide -> patient
+    "slides": "results/sheet/slides.tsv",  # slide_id, patient_id (, features_path), by slide_id: slide -> patient
 }
 
 
@@ -121,7 +121,10 @@ def _write_views(sheet):
             "patient_id", kind="stable"
         ),
         "expression": pts[["patient_id", "label", "n_slides", "expression_path"]],
-        "slides": slide_rows(sheet).reset_index()[["slide_id", "patient_id"]].sort_values("slide_id"),
+        # features_path only when the sheet imports features for some slide (slide_status then skips their tiles)
+        "slides": slide_rows(sheet).reset_index()[
+            ["slide_id", "patient_id", *(["features_path"] if (sheet["features_path"] != "").any() else [])]
+        ].sort_values("slide_id"),
     }
     for name, frame in frames.items():
         path, text = SHEET_VIEWS[name], frame.to_csv(sep="\t", index=False)
@@ -166,6 +169,18 @@ def sheet_view(name):
         return SHEET_VIEWS[name]
 
     return view
+
+
+def tiled_slides():
+    """slide_ids of the slides tiled and extracted here: all but those imported from the sheet's features_path."""
+    table = slide_table()
+    return table.index[table["features_path"] == ""]
+
+
+def not_produced(wildcards, why):
+    """An input that no rule makes and no file is. Given to a rule that must not make this slide's output, it
+    makes Snakemake pass that rule over and take the next one in ruleorder."""
+    return f"slide {wildcards.slide_id}: {why}"
 
 
 def _slide(wildcards):

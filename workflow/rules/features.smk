@@ -1,10 +1,16 @@
 # Patch features: every tile of a slide through the configured encoder, one zarr store per slide. A slide
 # whose tiling status is not ok gets an empty store carrying that status, so downstream stages see every
 # slide. The job asks for one GPU; without one it runs on the CPU. Then the cohort's status table, which
-# folds each slide's tiling and feature status together (results/qc/slide_status.tsv).
+# folds each slide's tiling and feature status together (results/qc/slide_status.tsv). A slide whose sheet row
+# names a features_path (TRIDENT/CLAM h5, or a feature store) is imported instead, and never tiled.
 
 
 include: "inputs/features.smk"
+
+
+# A slide with a features_path in the sheet is imported (import_features); import_features's input does not
+# exist for the others, which Snakemake then gives to extract_features.
+ruleorder: import_features > extract_features
 
 
 rule extract_features:
@@ -31,6 +37,29 @@ rule extract_features:
     shell:
         "python -m wsiomics.features extract --tiles {input.tiles:q} --out {output:q}"
         " --encoder {wildcards.encoder:q} --threads {threads} {params.strict} {params.options} > {log:q} 2>&1"
+
+
+rule import_features:
+    input:
+        source=features_source,  # a TRIDENT/CLAM h5 file or a wsiomics feature store (the sheet's features_path)
+    output:
+        directory("results/features/{encoder}/{slide_id}.zarr"),
+    params:
+        patient=patient_of,
+        options=import_options(),
+    log:
+        "logs/import_features/{encoder}/{slide_id}.log",
+    benchmark:
+        "benchmarks/import_features/{encoder}/{slide_id}.tsv"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m wsiomics.features import --source {input.source:q} --out {output:q} --encoder {wildcards.encoder:q}"
+        " --slide-id {wildcards.slide_id} --patient-id {params.patient:q} {params.options} > {log:q} 2>&1"
 
 
 rule slide_status:

@@ -2,7 +2,9 @@
 
 ``python -m wsiomics.features extract --tiles T.zarr [T2.zarr ...] --out F.zarr [F2.zarr ...] --encoder NAME``
 encodes slides (the model is loaded once for all of them; finished, current stores are skipped);
-``import-h5`` / ``export-h5`` convert CLAM/TRIDENT h5 feature files to and from our zarr stores;
+``import-h5`` / ``export-h5`` convert CLAM/TRIDENT h5 feature files to and from our zarr stores; ``import``
+brings one slide's h5 file or feature store in as the configured encoder's store (the workflow's rule
+``import_features``, for the sample sheet's ``features_path``);
 ``presets`` lists the named encoders.
 """
 

@@ -12,6 +12,10 @@ TRIDENT. Importing keeps every h5 attr (under ``h5_attrs``) so an export in the 
 file back; exporting a store we extracted derives the flavor's attrs from our tile geometry.
 
 Features are copied in row blocks, so memory stays flat however many patches a slide has.
+
+:func:`import_features` is the workflow's per-slide import (the sample sheet's ``features_path``): one h5
+file or one wsiomics feature store becomes the slide's store under ``results/features/<encoder>/``, after
+checking that its width is the configured encoder's.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ MAG_TIMES_MPP = 10.0
 
 class H5FormatError(FeatureError):
     """An h5 file that is not a usable CLAM/TRIDENT feature file."""
+
+
+class ImportMismatchError(FeatureError):
+    """Features made by another encoder (or of another width) than the configured one."""
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,19 @@ def _geometry_from_h5(coord_attrs: dict[str, Any], flavor: str) -> dict[str, Any
     return geometry
 
 
+def _h5_source_encoder(path: Path, h5_attrs: dict[str, dict[str, Any]]) -> str:
+    """What made an h5 file's features, when the file says: recent TRIDENT writes ``encoder`` on ``features``;
+    older TRIDENT only names its output folder ``features_<encoder>/`` (also in ``savetodir``). CLAM does not say."""
+    named = h5_attrs["features"].get("encoder") or h5_attrs["file"].get("encoder")
+    if named:
+        return str(named)
+    for folder in (h5_attrs["features"].get("savetodir"), str(path.parent)):
+        name = Path(str(folder).rstrip("/")).name if folder else ""
+        if name.startswith("features_"):
+            return name.removeprefix("features_")
+    return ""
+
+
 def _imported_current(out: Path, sha256: str, dtype: str) -> bool:
     try:
         attrs = dict(open_store(out).attrs)
@@ -186,6 +207,7 @@ def import_h5(h5_path: str | os.PathLike, out: str | os.PathLike, encoder: str, 
             "weights": {"source": "imported", "name": encoder, "sha256": digest}, "precision": "unknown",
             "dtype": dtype, "feature_dim": dim, "n_tiles": n, "status": "ok", "reason": "",
             "source_h5": str(path.resolve()), "source_dtype": str(feats.dtype), "h5_attrs": h5_attrs,
+            "source_encoder": _h5_source_encoder(path, h5_attrs),
             "h5_flavor": flavor, **_geometry_from_h5(h5_attrs["coords"], flavor),
         }
         with atomic_zarr(out, json_safe(attrs)) as root:
@@ -210,6 +232,112 @@ def import_h5(h5_path: str | os.PathLike, out: str | os.PathLike, encoder: str, 
             writer.close()
     log.info("%s: imported %d x %d features from %s -> %s", slide_id, n, dim, path, out)
     return ImportResult(slide_id, n, dim)
+
+
+def is_feature_store(source: str | os.PathLike) -> bool:
+    """A wsiomics feature store is a zarr folder; anything else is read as an h5 file."""
+    return Path(source).is_dir()
+
+
+def source_shape(source: str | os.PathLike) -> tuple[int, int, str]:
+    """(rows, width, what made them: '' when the source does not say) of an h5 file or a feature store, from
+    its header only."""
+    path = Path(source)
+    if is_feature_store(path):
+        root = open_store(path)
+        if "features" not in root:
+            raise FeatureError(f"{path}: not a feature store (no 'features' array); point features_path at a "
+                               "store written by extract_features or import-h5")
+        n, dim = root["features"].shape
+        return int(n), int(dim), str(root.attrs.get("encoder", ""))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such h5 file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise H5FormatError(f"{path}: not a readable HDF5 file ({e}); re-copy it from the source") from e
+    with f:
+        feats = _features_view(f, path)
+        h5_attrs = {"file": _attrs(f), "features": _attrs(feats)}
+        return int(feats.shape[-2]), int(feats.shape[-1]), _h5_source_encoder(path, h5_attrs)
+
+
+def import_store(source: str | os.PathLike, out: str | os.PathLike, *, slide_id: str, patient_id: str = "",
+                 dtype: str = "float16", chunk_rows: int = 4096, force: bool = False) -> ImportResult:
+    """Copy the wsiomics feature store ``source`` to ``out`` as slide ``slide_id`` (atomically, in row blocks).
+
+    Every attr is kept (encoder, weights, precision, tile geometry); ``source_store`` and
+    ``source_provenance`` record where it came from. A store whose status is not ok is refused.
+    """
+    path = Path(source)
+    root = open_store(path)
+    attrs = dict(root.attrs)
+    if "features" not in root or "coords" not in root:
+        raise FeatureError(f"{path}: not a feature store (no 'features'/'coords' arrays)")
+    if attrs.get("status", "ok") != "ok":
+        raise FeatureError(f"{path}: the store's status is {attrs.get('status')} ({attrs.get('reason', '')}), so it "
+                           "has no usable features; re-extract that slide or drop its features_path")
+    feats, coords = root["features"], np.asarray(root["coords"][...], dtype=np.int64)
+    n, dim = (int(v) for v in feats.shape)
+    source_provenance = attrs.get("provenance", {})
+    if not force:
+        try:
+            done = dict(open_store(out).attrs)
+        except (FileNotFoundError, RuntimeError, ValueError):
+            done = {}
+        if (done.get("source_store") == str(path.resolve()) and done.get("source_provenance") == source_provenance
+                and done.get("dtype") == dtype and done.get("slide_id") == slide_id):
+            log.info("%s: %s is current, skipped", slide_id, out)
+            return ImportResult(slide_id, n, dim, skipped=True)
+    kept = {k: v for k, v in attrs.items() if k not in ("complete", "provenance")}
+    kept.update(slide_id=slide_id, patient_id=patient_id or kept.get("patient_id", ""), dtype=dtype,
+                source_store=str(path.resolve()), source_encoder=str(attrs.get("encoder", "")),
+                source_provenance=source_provenance, source_dtype=str(feats.dtype))
+    with atomic_zarr(out, json_safe(kept)) as dest:
+        rows = max(1, min(chunk_rows, n))
+        array = dest.create_array("features", shape=(n, dim), dtype=dtype, chunks=(rows, dim))
+        dest.create_array("coords", shape=(n, 2), dtype=np.int64, chunks=(max(1, n), 2))
+        if n:
+            dest["coords"][...] = coords
+        writer = RowWriter(array, rows)
+        for start in range(0, n, BLOCK_ROWS):
+            block = np.asarray(feats[start:start + BLOCK_ROWS], dtype=np.float32)
+            if dtype == "float16" and np.abs(block).max(initial=0.0) > np.finfo(np.float16).max:
+                raise FeatureError(f"{path}: feature values exceed the float16 range; set features.dtype: float32")
+            writer.append(block.astype(dtype))
+        writer.close()
+    log.info("%s: imported %d x %d features from %s -> %s", slide_id, n, dim, path, out)
+    return ImportResult(slide_id, n, dim)
+
+
+def import_features(source: str | os.PathLike, out: str | os.PathLike, encoder: str, *, slide_id: str,
+                    patient_id: str = "", dtype: str = "float16", chunk_rows: int = 4096, flavor: str = "auto",
+                    expected_dim: int | None = None, force: bool = False) -> ImportResult:
+    """One slide's features (the sheet's ``features_path``: a TRIDENT/CLAM h5 file or a feature store) as the
+    store ``out`` of ``encoder``, the configured one.
+
+    Checked first, from the header: the width is ``expected_dim`` (the configured encoder's, when known), and
+    a feature store was made by ``encoder`` itself. h5 files rarely name their encoder in our terms (TRIDENT's
+    ``uni_v1`` is our ``uni``), so for them the name is recorded (``source_encoder``) and compared across the
+    cohort by the status table, not here.
+    """
+    n, dim, made_by = source_shape(source)
+    if expected_dim is not None and dim != expected_dim:
+        by = f" (made by {made_by})" if made_by else ""
+        raise ImportMismatchError(
+            f"{source}: {dim}-wide features{by}, but features.encoder {encoder} gives {expected_dim}-wide ones. Fix: "
+            f"set features.encoder to the encoder that made these features, or point features_path at {encoder} "
+            "features; one cohort cannot mix encoders")
+    if is_feature_store(source):
+        if made_by != encoder:
+            raise ImportMismatchError(
+                f"{source}: a feature store of encoder {made_by or '(unnamed)'}, but features.encoder is {encoder}. "
+                f"Fix: set features.encoder: {made_by} (if every slide has its features), or point features_path "
+                f"at {encoder} features")
+        return import_store(source, out, slide_id=slide_id, patient_id=patient_id, dtype=dtype,
+                            chunk_rows=chunk_rows, force=force)
+    return import_h5(source, out, encoder, slide_id=slide_id, patient_id=patient_id, dtype=dtype,
+                     chunk_rows=chunk_rows, flavor=flavor, force=force)
 
 
 def _level_info(attrs: dict[str, Any], level: int) -> tuple[float | None, list | None]:
@@ -341,6 +469,28 @@ def _import_cli(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _expected_dim(encoder: str) -> int | None:
+    """The width a preset or timm model gives, or None for a name neither knows (e.g. TRIDENT's conch_v15)."""
+    from wsiomics.encoders import resolve_preset
+
+    try:
+        return resolve_preset(encoder).feature_dim
+    except ValueError:
+        log.info("encoder %s is neither a preset nor a timm model: the imported width is not checked", encoder)
+        return None
+
+
+def _import_one_cli(args: argparse.Namespace) -> int:
+    try:
+        import_features(args.source, args.out, args.encoder, slide_id=args.slide_id, patient_id=args.patient_id,
+                        dtype=args.dtype, chunk_rows=args.chunk_rows, flavor=args.flavor,
+                        expected_dim=_expected_dim(args.encoder), force=args.force)
+    except (FeatureError, FileNotFoundError, RuntimeError, ValueError) as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
 def _export_cli(args: argparse.Namespace) -> int:
     failed = 0
     for store, out in _pair(args.store, args.out, args.out_dir, ".h5"):
@@ -366,6 +516,19 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                           "magnification); auto: trident when the file has patch_size_level0")
     imp.add_argument("--force", action="store_true", help="re-import files already imported unchanged")
     imp.set_defaults(func=_import_cli)
+    one = sub.add_parser("import", help="one slide's features (CLAM/TRIDENT h5 or a feature store) as its store of "
+                                        "the configured encoder (the workflow's import_features rule)")
+    one.add_argument("--source", required=True, type=Path, help="h5 feature file or wsiomics feature store (.zarr)")
+    one.add_argument("--out", required=True, type=Path, help="store to write: results/features/<encoder>/<slide>.zarr")
+    one.add_argument("--encoder", required=True, help="the configured encoder; a preset's or timm model's width is "
+                                                      "checked against the source's")
+    one.add_argument("--slide-id", required=True, help="the sheet's slide_id")
+    one.add_argument("--patient-id", default="", help="the sheet's patient_id")
+    one.add_argument("--dtype", default="float16", choices=STORE_DTYPES, help="stored dtype")
+    one.add_argument("--chunk-rows", type=int, default=4096, help="rows per chunk of the features array")
+    one.add_argument("--flavor", default="auto", choices=(*FLAVORS, "auto"), help="as for import-h5")
+    one.add_argument("--force", action="store_true", help="re-import a source already imported unchanged")
+    one.set_defaults(func=_import_one_cli)
     exp = sub.add_parser("export-h5", help="our zarr feature stores -> CLAM/TRIDENT h5 feature files")
     exp.add_argument("--store", required=True, nargs="+", type=Path, help="feature store(s)")
     dest = exp.add_mutually_exclusive_group(required=True)

@@ -10,6 +10,18 @@ def feature_stores(wildcards):
     return expand("results/features/{encoder}/{slide_id}.zarr", encoder=ENCODER, slide_id=slide_table().index)
 
 
+def features_source(wildcards):
+    """The sheet's features_path of an imported slide; for any other slide an input that does not exist, so
+    import_features is passed over and extract_features makes the store."""
+    source = _slide(wildcards)["features_path"]
+    return source or not_produced(wildcards, "no features_path in the sample sheet (its features are extracted)")
+
+
+def import_options():
+    """Store dtype and chunking of imported features, as extraction's (features.dtype, features.chunk_rows)."""
+    return f"--dtype {config['features']['dtype']} --chunk-rows {int(config['features']['chunk_rows'])}"
+
+
 # As wsiomics.encoders.weights.is_checkpoint_path (not imported: it needs torch): a weights spec that names a file.
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 

@@ -2,7 +2,10 @@
 
 
 def slide_path(wildcards):
-    return _slide(wildcards)["slide_path"]
+    slide = _slide(wildcards)
+    if slide["features_path"]:
+        return not_produced(wildcards, "features imported from the sheet's features_path, not tiled")
+    return slide["slide_path"]
 
 
 def patient_of(wildcards):
@@ -16,7 +19,7 @@ def mpp_option(wildcards):
 
 
 def tile_stores(wildcards):
-    return expand("results/tiles/{slide_id}.zarr", slide_id=slide_table().index)
+    return expand("results/tiles/{slide_id}.zarr", slide_id=tiled_slides())
 
 
 def tiling_options():
@@ -26,4 +29,4 @@ def tiling_options():
 
 @stage_targets
 def tiling_targets(wildcards):
-    return expand("results/qc/tiles/{slide_id}.png", slide_id=slide_table().index)
+    return expand("results/qc/tiles/{slide_id}.png", slide_id=tiled_slides())
