@@ -168,6 +168,17 @@ def _imported_current(out: Path, sha256: str, dtype: str) -> bool:
     return attrs.get("weights", {}).get("sha256") == sha256 and attrs.get("dtype") == dtype
 
 
+def _feature_arrays(root, coords: np.ndarray, dim: int, dtype: str, chunk_rows: int) -> RowWriter:
+    """A store's ``coords`` (written) and empty ``features`` array; returns the writer that fills the rows."""
+    n = len(coords)
+    rows = max(1, min(chunk_rows, n))
+    array = root.create_array("features", shape=(n, dim), dtype=dtype, chunks=(rows, dim))
+    root.create_array("coords", shape=(n, 2), dtype=np.int64, chunks=(max(1, n), 2))
+    if n:
+        root["coords"][...] = coords
+    return RowWriter(array, rows)
+
+
 def import_h5(h5_path: str | os.PathLike, out: str | os.PathLike, encoder: str, *, slide_id: str | None = None,
               patient_id: str = "", dtype: str = "float16", chunk_rows: int = 4096, flavor: str = "auto",
               force: bool = False) -> ImportResult:
@@ -211,12 +222,7 @@ def import_h5(h5_path: str | os.PathLike, out: str | os.PathLike, encoder: str, 
             "h5_flavor": flavor, **_geometry_from_h5(h5_attrs["coords"], flavor),
         }
         with atomic_zarr(out, json_safe(attrs)) as root:
-            rows = max(1, min(chunk_rows, n))
-            array = root.create_array("features", shape=(n, dim), dtype=dtype, chunks=(rows, dim))
-            root.create_array("coords", shape=(n, 2), dtype=np.int64, chunks=(max(1, n), 2))
-            if n:
-                root["coords"][...] = coords
-            writer = RowWriter(array, rows)
+            writer = _feature_arrays(root, coords, dim, dtype, chunk_rows)
             for start in range(0, n, BLOCK_ROWS):
                 block = np.asarray(_read_block(feats, start, min(n, start + BLOCK_ROWS)), dtype=np.float32)
                 bad = np.flatnonzero(~np.isfinite(block).all(axis=1))
@@ -294,12 +300,7 @@ def import_store(source: str | os.PathLike, out: str | os.PathLike, *, slide_id:
                 source_store=str(path.resolve()), source_encoder=str(attrs.get("encoder", "")),
                 source_provenance=source_provenance, source_dtype=str(feats.dtype))
     with atomic_zarr(out, json_safe(kept)) as dest:
-        rows = max(1, min(chunk_rows, n))
-        array = dest.create_array("features", shape=(n, dim), dtype=dtype, chunks=(rows, dim))
-        dest.create_array("coords", shape=(n, 2), dtype=np.int64, chunks=(max(1, n), 2))
-        if n:
-            dest["coords"][...] = coords
-        writer = RowWriter(array, rows)
+        writer = _feature_arrays(dest, coords, dim, dtype, chunk_rows)
         for start in range(0, n, BLOCK_ROWS):
             block = np.asarray(feats[start:start + BLOCK_ROWS], dtype=np.float32)
             if dtype == "float16" and np.abs(block).max(initial=0.0) > np.finfo(np.float16).max:
