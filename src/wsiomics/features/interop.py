@@ -168,6 +168,14 @@ def _imported_current(out: Path, sha256: str, dtype: str) -> bool:
     return attrs.get("weights", {}).get("sha256") == sha256 and attrs.get("dtype") == dtype
 
 
+def _open_h5(path: Path) -> h5py.File:
+    """The h5 file for reading; a file that is not HDF5 is an H5FormatError naming it and the fix."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise H5FormatError(f"{path}: not a readable HDF5 file ({e}); re-copy it from the source") from e
+
+
 def _feature_arrays(root, coords: np.ndarray, dim: int, dtype: str, chunk_rows: int) -> RowWriter:
     """A store's ``coords`` (written) and empty ``features`` array; returns the writer that fills the rows."""
     n = len(coords)
@@ -200,14 +208,10 @@ def import_h5(h5_path: str | os.PathLike, out: str | os.PathLike, encoder: str, 
     digest = sha256_of(path)
     if not force and _imported_current(Path(out), digest, dtype):
         log.info("%s: %s is current, skipped", slide_id, out)
-        with h5py.File(path, "r") as f:
+        with _open_h5(path) as f:
             feats = _features_view(f, path)
             return ImportResult(slide_id, int(feats.shape[-2]), int(feats.shape[-1]), skipped=True)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise H5FormatError(f"{path}: not a readable HDF5 file ({e}); re-copy it from the source") from e
-    with f:
+    with _open_h5(path) as f:
         feats = _features_view(f, path)
         n, dim = int(feats.shape[-2]), int(feats.shape[-1])
         coords = _coords(f, path, n)
@@ -258,11 +262,7 @@ def source_shape(source: str | os.PathLike) -> tuple[int, int, str]:
         return int(n), int(dim), str(root.attrs.get("encoder", ""))
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such h5 file")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise H5FormatError(f"{path}: not a readable HDF5 file ({e}); re-copy it from the source") from e
-    with f:
+    with _open_h5(path) as f:
         feats = _features_view(f, path)
         h5_attrs = {"file": _attrs(f), "features": _attrs(feats)}
         return int(feats.shape[-2]), int(feats.shape[-1]), _h5_source_encoder(path, h5_attrs)
