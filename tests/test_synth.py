@@ -140,3 +140,33 @@ def test_latent_factors_drive_stain_and_a_gene_set_and_default_is_unchanged():
     hi = np.mean([sample_counts(model, 0, rng, latent=(1.0, 0.0))[genes0].sum() for _ in range(20)])
     lo = np.mean([sample_counts(model, 0, rng, latent=(-1.0, 0.0))[genes0].sum() for _ in range(20)])
     assert hi / lo > 8  # log2 fold change 2 per unit: 2**4 between -1 and +1
+
+
+def test_unlabelled_fraction_withholds_labels_as_the_feature_generator_does(tmp_path):
+    """The slide generator's sheet withholds the labels of round(fraction * n) patients (the truth keeps them),
+    the same patients `python -m wsiomics.synth features` withholds for the same seed and size, and nothing
+    else of the plan moves."""
+    from wsiomics.synth.features import FeatureCohortConfig, write_feature_cohort
+
+    base_p, base_s = plan_cohort(CohortConfig(n_patients=8, seed=5, faults=False))
+    part_p, part_s = plan_cohort(CohortConfig(n_patients=8, seed=5, faults=False, unlabelled_fraction=0.25))
+    assert base_p.labelled.all() and (~part_p.labelled).sum() == 2
+    assert base_p.drop(columns="labelled").equals(part_p.drop(columns="labelled"))
+    assert [s.seed for s in base_s] == [s.seed for s in part_s]
+
+    out = tmp_path / "slides"
+    assert synth_main(["--out", str(out), "--n-patients", "8", "--slide-width-um", "1200", "--slide-height-um",
+                       "1000", "--n-genes", "300", "--seed", "5", "--no-faults", "--unlabelled-fraction",
+                       "0.25"]) == 0
+    sheet = patients(load_sample_sheet(out / "samples.tsv"))
+    unlabelled = set(sheet.index[sheet.label == ""])
+    truth = pd.read_csv(out / "patients_truth.tsv", sep="\t").set_index("patient_id")
+    assert unlabelled == set(truth.index[~truth.labelled]) and len(unlabelled) == 2
+    assert (sheet.label[sheet.label != ""] == truth.label[sheet.index[sheet.label != ""]]).all()
+
+    features = write_feature_cohort(tmp_path / "features", FeatureCohortConfig(
+        patients=8, seed=5, unlabelled_fraction=0.25, n_genes=300, feature_dim=16, tiles=16), progress=False)
+    feature_sheet = patients(load_sample_sheet(features))
+    assert set(feature_sheet.index[feature_sheet.label == ""]) == unlabelled
+    with pytest.raises(ValueError, match="unlabelled_fraction"):
+        plan_cohort(CohortConfig(n_patients=8, unlabelled_fraction=1.0))

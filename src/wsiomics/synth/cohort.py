@@ -12,6 +12,10 @@ factors, independent of the label, that set the slides' stain (hematoxylin and e
 the expression of a latent gene set (each gene loading on one factor). Only paired image and expression
 reveal which slide belongs to which expression profile.
 
+``unlabelled_fraction`` withholds the label of a seeded share of patients in the sheet (the truth table keeps
+it, column ``labelled`` says whose): the unlabelled patients of :mod:`wsiomics.splits`, which pretraining
+uses and fine-tuning does not. The feature-cohort generator withholds the same patients for the same seed.
+
 With ``faults`` the cohort also holds what real cohorts hold: a slide without MPP metadata that the
 sheet overrides, one without MPP and no override, a blank slide, a truncated slide, a patient with
 expression only and one without expression.
@@ -51,6 +55,7 @@ class CohortConfig:
     faults: bool = True
     latent_factors: int = 0  # shared image/expression factors per patient (0: none; at most 2)
     survival: bool = False  # follow-up columns time (days) and event in the sheet
+    unlabelled_fraction: float = 0.0  # share of patients whose label is withheld in the sheet (truth keeps it)
 
 
 # Log-hazard of the synthetic follow-up: the latent factors are seen by both modalities (stain, a gene set),
@@ -98,8 +103,18 @@ def label_for(signal: str, tissue_type: int, programme: int) -> str:
     raise ValueError(f"unknown signal {signal!r}; choose one of {', '.join(SIGNALS)}")
 
 
+def withheld_labels(patient_ids: np.ndarray, fraction: float, seed: int) -> set[str]:
+    """The ``round(fraction * n)`` patients whose label the sheet withholds, from their own seeded stream (so
+    both generators withhold the same patients, and nothing else they draw moves)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"unlabelled_fraction must be in [0, 1); got {fraction}")
+    n = int(round(fraction * len(patient_ids)))
+    return {str(p) for p in np.random.default_rng([seed, 13]).choice(patient_ids, n, replace=False)}
+
+
 def plan_cohort(cfg: CohortConfig) -> tuple[pd.DataFrame, list[SlideSpec]]:
-    """Decide every patient and slide (no I/O): patient table and slide specs."""
+    """Decide every patient and slide (no I/O): patient table (with ``labelled``: the sheet shows the label)
+    and slide specs."""
     if cfg.n_patients < 4:
         raise ValueError("a synthetic cohort needs at least 4 patients (one per tissue type x programme)")
     label_for(cfg.signal, 0, 0)  # validates the signal name
@@ -141,7 +156,9 @@ def plan_cohort(cfg: CohortConfig) -> tuple[pd.DataFrame, list[SlideSpec]]:
             SlideSpec(slide_id=f"{first.patient_id}-01Z-00-DX9", seed=103, blank=True, **extra),
             SlideSpec(slide_id=f"{first.patient_id}-01Z-00-DX6", seed=104, truncate=True, **extra),
         ]
-    return pd.DataFrame(patients), slides
+    table = pd.DataFrame(patients)
+    withheld = withheld_labels(table.patient_id.to_numpy(), cfg.unlabelled_fraction, cfg.seed)
+    return table.assign(labelled=~table.patient_id.isin(withheld)), slides
 
 
 def _stain(rng: np.random.Generator, latent: np.ndarray, n_factors: int) -> tuple[float, float]:
@@ -220,7 +237,7 @@ def write_cohort(out_dir: str | Path, cfg: CohortConfig, workers: int = 1, progr
         for job in tqdm(jobs, desc="slides", disable=not progress):
             _write_one(job)
 
-    label = dict(zip(patients.patient_id, patients.label, strict=True))
+    label = {p.patient_id: p.label if p.labelled else "" for p in patients.itertuples()}
     if cfg.survival:
         patients = patients.join(follow_up(patients, cfg.seed))
     outcome = {p.patient_id: {"time": f"{p.time:.0f}", "event": str(p.event)} for p in patients.itertuples()
@@ -234,7 +251,8 @@ def write_cohort(out_dir: str | Path, cfg: CohortConfig, workers: int = 1, progr
                      "expression_path": expression_paths.get(s.patient_id, ""), **outcome.get(s.patient_id, {})})
     for p in patients.itertuples():
         if not p.has_slide:
-            rows.append({"patient_id": p.patient_id, "slide_id": "", "slide_path": "", "label": p.label, "mpp": "",
+            rows.append({"patient_id": p.patient_id, "slide_id": "", "slide_path": "", "label": label[p.patient_id],
+                         "mpp": "",
                          "annotation_path": "", "expression_path": expression_paths.get(p.patient_id, ""),
                          **outcome.get(p.patient_id, {})})
     patients.to_csv(out / "patients_truth.tsv", sep="\t", index=False)

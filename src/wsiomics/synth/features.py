@@ -135,11 +135,10 @@ def write_feature_cohort(out_dir: str | Path, cfg: FeatureCohortConfig, progress
     """Write the cohort under ``out_dir``; returns its ``samples.tsv`` (written last)."""
     from tqdm import tqdm
 
-    if not 0.0 <= cfg.unlabelled_fraction < 1.0:
-        raise ValueError(f"unlabelled_fraction must be in [0, 1); got {cfg.unlabelled_fraction}")
     slide_cfg = CohortConfig(n_patients=cfg.patients, seed=cfg.seed, signal=cfg.signal, n_genes=cfg.n_genes,
                              faults=False, latent_factors=cfg.latent_factors,
-                             fraction_second_slide=cfg.fraction_second_slide, survival=cfg.survival)
+                             fraction_second_slide=cfg.fraction_second_slide, survival=cfg.survival,
+                             unlabelled_fraction=cfg.unlabelled_fraction)
     patients, slides = plan_cohort(slide_cfg)
     out = Path(out_dir)
     feature_dir = out / f"features_{cfg.encoder}"
@@ -169,10 +168,6 @@ def write_feature_cohort(out_dir: str | Path, cfg: FeatureCohortConfig, progress
         records.append({"slide_id": spec.slide_id, "patient_id": spec.patient_id, "n_tiles": len(feats),
                         "tumour_tiles": int(tumour.sum()), "level0_magnification": level0_mag})
 
-    unlabelled_rng = np.random.default_rng([cfg.seed, 13])
-    n_unlabelled = int(round(cfg.unlabelled_fraction * len(patients)))
-    withheld = set(unlabelled_rng.choice(patients.patient_id.to_numpy(), n_unlabelled, replace=False))
-    patients["labelled"] = ~patients.patient_id.isin(withheld)
     if cfg.survival:
         patients = patients.join(follow_up(patients, cfg.seed))
     rows = []
