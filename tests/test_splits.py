@@ -127,10 +127,10 @@ def test_folds_do_not_depend_on_sheet_order_or_other_columns_but_on_the_seed():
 
 def test_label_and_size_errors_say_what_to_change():
     pts = patients(10, ["a", "b"])
-    pts.loc["P003", "label"] = ""
-    with pytest.raises(SplitError, match=r"1 of 10 patients have no label \(P003\).*stratify: false"):
-        make_splits(pts, SplitParams(n_folds=2))
-    assert len(make_splits(pts, SplitParams(n_folds=2, stratify=False))) == 20
+    pts.loc[["P001", "P003", "P005", "P007", "P009"], "label"] = ""
+    with pytest.raises(SplitError, match="5 labelled patients for cross-validation but splits.n_folds is 6.*label "
+                                         "more patients"):
+        make_splits(pts, SplitParams(n_folds=6))
     pts["label"] = ""
     assert len(make_splits(pts, SplitParams(n_folds=2))) == 20  # no labels at all: unstratified
     with pytest.raises(SplitError, match="n_folds is 11.*lower n_folds"):
@@ -153,6 +153,7 @@ def test_check_splits_catches_each_broken_invariant():
     same_in_fold1 = good[(good.fold == 1) & (good.patient_id == pid)].index[0]
     held = good[(good.fold == 0) & (good.role == "heldout")].index[0]
     val0 = good[(good.fold == 0) & (good.role == "val")].index
+    train0 = good[(good.fold == 0) & (good.role == "train")].index[0]
 
     def set_role(rows, role):
         t = good.copy()
@@ -168,10 +169,33 @@ def test_check_splits_catches_each_broken_invariant():
         "fold 0 has no val patient": set_role(val0, "train"),
         "do not list the same patients": good.drop(index=first_test),
         "different labels": good.assign(label=good.label.where(good.index != first_test, "zzz")),
+        "unlabelled set differs": set_role([train0], "unlabelled").assign(
+            label=good.label.where(good.patient_id != good.at[train0, "patient_id"], "")),
+        "has role unlabelled but label": set_role(good.index[good.patient_id == pid], "unlabelled"),
     }
     for message, table in cases.items():
         with pytest.raises(SplitError, match=message):
             check_splits(table)
+
+
+def test_unlabelled_patients_are_unlabelled_in_every_fold_and_move_no_labelled_patient():
+    """A patient without a label (others have one) is role unlabelled in every fold, whatever stratify and
+    test_fraction; the labelled patients get exactly the folds they get without the unlabelled ones."""
+    pts = patients(30, ["a", "b", "c"])
+    withheld = ["P002", "P007", "P011", "P012", "P020", "P029"]
+    pts.loc[withheld, "label"] = ""
+    for params in (SplitParams(n_folds=3, seed=2), SplitParams(n_folds=3, seed=2, test_fraction=0.2),
+                   SplitParams(n_folds=3, seed=2, stratify=False)):
+        table = make_splits(pts, params)
+        check_splits(table)
+        unlabelled = table[table.patient_id.isin(withheld)]
+        assert (unlabelled.role == "unlabelled").all() and len(unlabelled) == 3 * len(withheld)
+        assert (table.role == "unlabelled").sum() == len(unlabelled)
+        alone = make_splits(pts.drop(index=withheld), params)
+        pd.testing.assert_frame_equal(table[~table.patient_id.isin(withheld)].reset_index(drop=True), alone)
+    survival = pts.assign(event=["1", "0"] * 15)
+    table = make_splits(survival, SplitParams(n_folds=3))
+    assert set(table.role[table.patient_id.isin(withheld)]) == {"unlabelled"}
 
 
 # ------------------------------------------------------------------------------------------------ files

@@ -8,6 +8,11 @@ expression) from the data itself.
 Assignment (scikit-learn, deterministic given ``seed``; patients sorted by ``patient_id`` first, so the order
 of the sample sheet does not matter):
 
+0. ``unlabelled``: when some patients have a label, those without one (an empty ``label`` cell) are set
+   aside: role ``unlabelled`` in every fold, never trained on in fine-tuning, validated on or tested in any
+   fold, and the folds below are drawn over the labelled patients alone (exactly the folds those patients
+   would get on their own, so withholding a label never moves anyone else's fold). Pretraining may use
+   them (``train.pretrain.pool: all``). A cohort without any label keeps every patient in the folds;
 1. ``heldout`` (only when ``test_fraction`` > 0): a label-stratified fixed set of
    ``round(test_fraction * n)`` patients (``train_test_split``), role ``heldout`` in every fold and never
    trained on, validated on or tested in any fold; later stages report it on its own;
@@ -22,9 +27,8 @@ of the sample sheet does not matter):
 Survival cohorts (an ``event`` column in the patient table) are stratified by label and event together
 (``label|event``), or by event alone when no patient has a label.
 
-Labels: with ``stratify`` every patient needs one (unless no patient has one: unstratified folds). A label
-with fewer patients than folds is allowed but logged: some folds then test none of it; when every label is
-that small (tiny demo cohorts) the folds are drawn unstratified, also logged.
+Labels: a label with fewer patients than folds is allowed but logged: some folds then test none of it; when
+every label is that small (tiny demo cohorts) the folds are drawn unstratified, also logged.
 
 Command line (rule ``splits``): ``python -m wsiomics.splits --patients patients.tsv --out folds.tsv [options]``,
 where ``patients.tsv`` has columns ``patient_id`` and ``label`` (the workflow writes it from the sample
@@ -47,8 +51,9 @@ import pandas as pd
 log = logging.getLogger("wsiomics.splits")
 
 #: train: fitted on; val: early stopping; test: the fold's held-out patients (each patient in one fold);
-#: heldout: the fixed test set, the same in every fold and in none of the other roles.
-ROLES = ("train", "val", "test", "heldout")
+#: heldout: the fixed test set, the same in every fold and in none of the other roles; unlabelled: a patient
+#: without a label in a cohort where others have one, the same in every fold (pretraining only).
+ROLES = ("train", "val", "test", "heldout", "unlabelled")
 COLUMNS = ["patient_id", "fold", "role", "label"]
 
 
@@ -84,11 +89,6 @@ def _labels(patients: pd.DataFrame, stratify: bool) -> np.ndarray | None:
             return np.array([f"event{e}" for e in events])
         log.info("no patient has a label: folds are not stratified")
         return None
-    missing = patients.index[labels == ""].tolist()
-    if missing:
-        raise SplitError(f"{len(missing)} of {len(labels)} patients have no label ({', '.join(missing[:8])}"
-                         f"{' ...' if len(missing) > 8 else ''}), so they cannot be stratified. Fix: fill in "
-                         "their label in the sample sheet, or set splits.stratify: false.")
     if events is not None:
         log.info("folds are stratified by label and survival event")
         return np.array([f"{label}|event{e}" for label, e in zip(labels, events, strict=True)])
@@ -134,6 +134,12 @@ def make_splits(patients: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
         raise SplitError(f"patients {sorted(set(pts.loc[pts.patient_id.duplicated(), 'patient_id']))[:5]} appear "
                          "twice in the patient table; give one row per patient")
     pts = pts.sort_values("patient_id", kind="stable").set_index("patient_id")
+    everyone = pts
+    unlabelled = pts.index[pts["label"] == ""] if (pts["label"] != "").any() else pts.index[:0]
+    if len(unlabelled):
+        log.info("%d of %d patients have no label: role unlabelled in every fold (pretraining only); the folds "
+                 "are drawn over the %d labelled patients", len(unlabelled), len(pts), len(pts) - len(unlabelled))
+        pts = pts.drop(index=unlabelled)
     k, n = params.n_folds, len(pts)
     if k < 2:
         raise SplitError(f"splits.n_folds is {k}; cross-validation needs at least 2 folds.")
@@ -155,8 +161,9 @@ def make_splits(patients: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
         labels = None if strata is None else strata.loc[ids].to_numpy()
     largest_test = -(-len(ids) // k)
     if len(ids) < k or len(ids) - largest_test < 2:  # every fold: test patients, and a train and a val patient
-        raise SplitError(f"{len(ids)} patients for cross-validation but splits.n_folds is {k}: each fold needs at "
-                         "least one test, one val and one train patient. Fix: lower n_folds (or test_fraction).")
+        raise SplitError(f"{len(ids)} {'labelled ' if len(unlabelled) else ''}patients for cross-validation but "
+                         f"splits.n_folds is {k}: each fold needs at least one test, one val and one train patient. "
+                         "Fix: lower n_folds (or test_fraction), or label more patients.")
 
     if labels is not None and (pd.Series(labels).value_counts() < k).all():
         log.warning("every label has fewer patients than the %d folds (%s): folds are not stratified", k,
@@ -182,14 +189,15 @@ def make_splits(patients: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
         n_val = max(1, int(round(params.val_fraction * len(other))))
         other_labels = None if labels is None else labels[other_idx]
         train, val = _split_off(other, other_labels, n_val, _fold_seed(params.seed, fold), f"fold {fold} val")
-        roles = {p: "heldout" for p in heldout}
+        roles = {p: "unlabelled" for p in unlabelled}
+        roles.update({p: "heldout" for p in heldout})
         roles.update({p: "test" for p in ids[test_idx]})
         roles.update({p: "val" for p in val})
         roles.update({p: "train" for p in train})
         role_of.append(roles)
 
-    records = [(pid, fold, roles[pid], pts.at[pid, "label"]) for fold, roles in enumerate(role_of)
-               for pid in pts.index]
+    records = [(pid, fold, roles[pid], everyone.at[pid, "label"]) for fold, roles in enumerate(role_of)
+               for pid in everyone.index]
     table = pd.DataFrame.from_records(records, columns=COLUMNS)
     check_splits(table)
     return table
@@ -200,7 +208,8 @@ def check_splits(table: pd.DataFrame, where: str = "folds table") -> None:
 
     Each fold lists the same patients, once each, with one of :data:`ROLES`; train, val and test are
     disjoint within a fold (one role per patient and fold), and each fold has all three; every patient
-    that is not ``heldout`` is ``test`` in exactly one fold; the ``heldout`` set is identical in every fold.
+    that is not ``heldout`` or ``unlabelled`` is ``test`` in exactly one fold; the ``heldout`` and the
+    ``unlabelled`` sets are identical in every fold, and an ``unlabelled`` patient has no label.
     """
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
@@ -219,18 +228,25 @@ def check_splits(table: pd.DataFrame, where: str = "folds table") -> None:
         for role in ("train", "val", "test"):
             if not (rows["role"] == role).any():
                 raise SplitError(f"{where}: fold {fold} has no {role} patient")
-    held = table[table["role"] == "heldout"].groupby("fold")["patient_id"].apply(frozenset)
-    held_sets = set(held.reindex(per_fold.index).map(lambda s: s if isinstance(s, frozenset) else frozenset()))
-    if len(held_sets) > 1:
-        raise SplitError(f"{where}: the heldout set differs between folds")
-    heldout = next(iter(held_sets))
+    fixed = {}
+    for role in ("heldout", "unlabelled"):
+        held = table[table["role"] == role].groupby("fold")["patient_id"].apply(frozenset)
+        held_sets = set(held.reindex(per_fold.index).map(lambda s: s if isinstance(s, frozenset) else frozenset()))
+        if len(held_sets) > 1:
+            raise SplitError(f"{where}: the {role} set differs between folds")
+        fixed[role] = next(iter(held_sets))
+    labelled = table[(table["role"] == "unlabelled") & (table["label"].fillna("").astype(str) != "")]
+    if len(labelled):
+        raise SplitError(f"{where}: patient {labelled.iloc[0].patient_id} has role unlabelled but label "
+                         f"{labelled.iloc[0].label!r}")
     tested = table[table["role"] == "test"]["patient_id"].value_counts()
     twice = tested[tested > 1]
     if len(twice):
         raise SplitError(f"{where}: patients {sorted(twice.index)[:5]} are test patients in more than one fold")
-    never = sorted(set(table["patient_id"]) - set(tested.index) - heldout)
+    never = sorted(set(table["patient_id"]) - set(tested.index) - fixed["heldout"] - fixed["unlabelled"])
     if never:
-        raise SplitError(f"{where}: patients {never[:5]} are test patients in no fold (and not heldout)")
+        raise SplitError(f"{where}: patients {never[:5]} are test patients in no fold (and not heldout or "
+                         "unlabelled)")
     if table.groupby("patient_id")["label"].nunique().gt(1).any():
         raise SplitError(f"{where}: a patient has different labels in different folds")
 
