@@ -336,6 +336,32 @@ def test_no_leakage_from_validation_and_test_patients(cohort):
     assert not np.allclose(after[held_out.to_numpy()].X, before[held_out.to_numpy()].X)
 
 
+def test_unlabelled_patients_enter_the_fit_and_test_patients_do_not(cohort):
+    """Unlabelled patients (no label, never evaluated) join the training patients in gene selection and
+    scaling; val, test and heldout patients still do not."""
+    labels = cohort.obs[["label"]].copy()
+    withheld = list(cohort.obs_names[[1, 6, 10]])
+    labels.loc[withheld, "label"] = ""
+    folds = make_splits(labels, SplitParams(n_folds=3, test_fraction=0.2))
+    params = NormalizeParams(n_top_genes=50)
+    before = normalize_fold(cohort, folds, 0, params)
+    role = before.obs["role"]
+    fitted_on = set(before.uns["normalization"]["train_patients"])
+    assert fitted_on == set(role.index[role.isin(["train", "unlabelled"])]) and set(withheld) <= fitted_on
+
+    def perturbed(rows: np.ndarray) -> ad.AnnData:
+        adata = cohort.copy()
+        counts = adata.layers["counts"].copy()
+        counts[rows] = np.random.default_rng(0).poisson(200, counts[rows].shape)
+        adata.layers["counts"] = counts
+        return normalize_fold(adata, folds, 0, params)
+
+    evaluated = role.isin(["val", "test", "heldout"]).to_numpy()
+    assert perturbed(evaluated).uns["normalization"]["means"] == before.uns["normalization"]["means"]
+    assert perturbed(role.eq("unlabelled").to_numpy()).uns["normalization"]["means"] != \
+        before.uns["normalization"]["means"]
+
+
 def test_fitted_parameters_reproduce_the_fold_at_inference(cohort, tmp_path):
     out = normalize_fold(cohort, folds_for(cohort), 2, NormalizeParams(n_top_genes=40, max_value=3.0))
     write_anndata(out, tmp_path / "fold2.zarr")

@@ -1,5 +1,9 @@
 """Per-fold normalisation, gene selection and z-scoring, fitted on the fold's training patients only.
 
+The training patients are role ``train`` and role ``unlabelled`` (patients without a label, never validated
+on or tested: :mod:`wsiomics.splits`): they are not evaluated in any fold, so fitting on them leaks nothing,
+and more patients steady the gene selection. ``val``, ``test`` and ``heldout`` patients never enter a fit.
+
 Steps (scanpy does the computing):
 
 1. per-sample normalisation, which fits nothing: ``cpm_log1p`` = ``sc.pp.normalize_total`` to a fixed
@@ -33,6 +37,9 @@ import pandas as pd
 
 from wsiomics.expression.readers import ExpressionInputError, strip_version
 from wsiomics.io import json_safe, provenance
+
+#: The fold roles whose patients the gene selection and the z-scores are fitted on.
+FIT_ROLES = ("train", "unlabelled")
 
 log = logging.getLogger("wsiomics.expression")
 
@@ -344,7 +351,7 @@ def normalize_fold(cohort: ad.AnnData, folds: pd.DataFrame, fold: int, params: N
     absent = [p for p in cohort.obs_names if p not in role.index]
     if absent:
         raise ExpressionInputError(f"cohort patients {absent[:5]} are not in the folds table; re-run the splits rule")
-    train = [p for p in cohort.obs_names if role[p] == "train"]
+    train = [p for p in cohort.obs_names if role[p] in FIT_ROLES]
     fitted = fit(cohort, train, params)
     fitted["fold"] = int(fold)
     z, lognorm = apply_fitted(cohort, None, fitted)
@@ -373,7 +380,8 @@ def normalize_fold(cohort: ad.AnnData, folds: pd.DataFrame, fold: int, params: N
         out.uns["gene_sets"] = {"gene_id": sets["gene_id"].tolist(), "group": sets["group"].tolist()}
         groups = sets.groupby("gene_id")["group"].apply(lambda g: ";".join(sorted(g)))
         out.var["gene_groups"] = groups.reindex(out.var_names).fillna("").to_numpy()
-    log.info("fold %d: %d train / %d val / %d test patients with expression; %d genes (%s, %s)", fold, len(train),
+    log.info("fold %d: %d train (with unlabelled) / %d val / %d test patients with expression; %d genes (%s, %s)",
+             fold, len(train),
              int((obs["role"] == "val").sum()), int((obs["role"] == "test").sum()), len(genes),
              fitted["normalization"], params.gene_selection)
     return out
