@@ -141,6 +141,65 @@ def test_no_test_patient_reaches_pretraining_or_fine_tuning(cohort, tmp_path):
     assert not np.allclose(pa["prob_a"], pb["prob_a"])  # the perturbation reached the test patients' predictions
 
 
+def _with_unlabelled(cohort, ids=("P01", "P05", "P08")):
+    """The cohort with some of its train patients (slides and expression) unlabelled, as the splits make them."""
+    folds, slides, features, expr = cohort
+    unlabelled = folds.patient_id.isin(ids)
+    assert (folds.role[unlabelled] == "train").all()
+    folds = folds.assign(role=folds.role.where(~unlabelled, "unlabelled"), label=folds.label.where(~unlabelled, ""))
+    return load_fold(folds, 0, slides, features, expr)
+
+
+def _perturbed(data, role, rng):
+    """A copy of ``data`` whose ``role`` patients have other genes and other patients' (train) slides."""
+    donors = [s for p in data.role("train") for s in p.slides]
+    patients = []
+    for p in data.patients:
+        if p.role == role:
+            p = replace(p, genes=rng.normal(size=p.genes.shape).astype(np.float32),
+                        slides=[donors[(i + len(patients)) % len(donors)] for i in range(len(p.slides))])
+        patients.append(p)
+    return replace(data, patients=patients)
+
+
+@pytest.mark.parametrize("name", ["gimp", "mgi"])
+def test_unlabelled_patients_pretrain_under_pool_all_and_test_patients_never(cohort, tmp_path, name):
+    """Pretraining weights are bit-equal when the test patients' features and genes change (pool all), and
+    differ when the unlabelled patients' do; under pool labelled, and in fine-tuning, the unlabelled patients
+    change nothing. GiMP pretrains with class-balanced batches (the unlabelled patients have no class)."""
+    cfg = method_config(TRAIN_CFG, name)
+    cfg["pretrain"].update(epochs=2, classes_per_batch=2)
+    cfg["finetune"]["epochs"] = 2
+    data = _with_unlabelled(cohort)
+    rng = np.random.default_rng(3)
+    variants = {"base": data, "test": _perturbed(data, "test", rng), "unlabelled": _perturbed(data, "unlabelled", rng)}
+
+    def weights(pool, variant, stages=("pretrain",)):
+        c = {**cfg, "pretrain": {**cfg["pretrain"], "pool": pool}}
+        out = tmp_path / pool / variant
+        pretrain(name, c, variants[variant], out)
+        found = {"pretrain": torch.load(out / "pretrain" / "model.pt", weights_only=True)}
+        if "finetune" in stages:
+            finetune(name, c, variants[variant], out, pretrained=out / "pretrain" / "model.pt")
+            found["finetune"] = torch.load(out / "model.pt", weights_only=True)
+        return found
+
+    def same(a, b, stage):
+        return all(torch.equal(v, b[stage]["model"][k]) for k, v in a[stage]["model"].items())
+
+    base = weights("all", "base")
+    assert set(base["pretrain"]["metadata"]["train_patients"]) == {p.patient_id for p in data.role(
+        "train", "unlabelled")}
+    assert same(base, weights("all", "test"), "pretrain")
+    assert not same(base, weights("all", "unlabelled"), "pretrain")
+    labelled = weights("labelled", "base", ("pretrain", "finetune"))
+    assert labelled["pretrain"]["metadata"]["train_patients"] == [p.patient_id for p in data.role("train")]
+    moved = weights("labelled", "unlabelled", ("pretrain", "finetune"))
+    assert same(labelled, moved, "pretrain") and same(labelled, moved, "finetune")
+    with pytest.raises(ValueError, match="pool is 'some'.*all, labelled"):
+        pretrain(name, {**cfg, "pretrain": {**cfg["pretrain"], "pool": "some"}}, data, tmp_path / "bad")
+
+
 def test_a_killed_job_resumes_but_changed_data_trains_afresh(cohort, tmp_path, monkeypatch):
     """A state left by a killed job is resumed on the same data; after the data changed (a patient's genes
     re-normalised, say) the job trains from scratch instead of scoring the old weights."""

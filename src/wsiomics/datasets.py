@@ -334,6 +334,9 @@ class FoldData:
     genes: list[str]
     gene_groups: list[str] | None
     feature_dim: int
+    #: the roles this stage fits on (training batches, feature standardisation): ``train``, or in pretraining
+    #: the roles of ``train.pretrain.pool`` (:func:`wsiomics.train.roles.pretrain_roles`)
+    fit_roles: tuple[str, ...] = ("train",)
 
     def role(self, *roles: str) -> list[PatientRecord]:
         return [p for p in self.patients if p.role in roles]

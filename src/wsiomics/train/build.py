@@ -116,16 +116,17 @@ def gene_encoder_options(model_cfg: dict[str, Any], kind: str) -> dict[str, Any]
     return options
 
 
-def feature_moments(data: FoldData, roles: tuple[str, ...] = ("train",), max_rows: int = 512
+def feature_moments(data: FoldData, roles: tuple[str, ...] | None = None, max_rows: int = 512
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension mean and std of patch features over the tiles of ``roles`` patients (at most
-    ``max_rows`` evenly spaced tiles per slide, float64 sums); zeros / ones without any tile."""
+    """Per-dimension mean and std of patch features over the tiles of ``roles`` patients (default: the
+    stage's ``data.fit_roles``; at most ``max_rows`` evenly spaced tiles per slide, float64 sums); zeros /
+    ones without any tile."""
     from wsiomics.datasets import FeatureCache
 
     dim = max(1, data.feature_dim)
     total, squares, n = np.zeros(dim), np.zeros(dim), 0
     reader = FeatureCache(0)  # no caching: one pass
-    for patient in data.role(*roles):
+    for patient in data.role(*(roles or data.fit_roles)):
         for slide in patient.slides:
             rows = np.unique(np.linspace(0, slide.n_tokens - 1, min(slide.n_tokens, max_rows)).astype(np.int64))
             x = np.asarray(reader.read(slide, rows), dtype=np.float64)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from wsiomics.train.estimators import ESTIMATORS
 from wsiomics.train.fingerprint import data_fingerprint
 from wsiomics.train.loop import OptimParams, clear_state, fit, load_model_state, resolve_device, save_model
 from wsiomics.train.methods import Method, deep_merge, get_method, pretrained_source
-from wsiomics.train.roles import TRAIN_ROLES, VAL_ROLES
+from wsiomics.train.roles import TRAIN_ROLES, VAL_ROLES, pretrain_roles
 from wsiomics.train.tasks import StageContext, Task, get_task
 
 log = logging.getLogger(__name__)
@@ -85,11 +85,12 @@ def _loaders(data: FoldData, cfg: dict[str, Any], dparams: DatasetParams, seed: 
     """Train and val loaders; a stage's own ``batch_size`` (``train.pretrain.batch_size``) wins over
     ``train.data.batch_size`` (contrastive pretraining wants more negatives per batch than fine-tuning).
     With the stage's ``classes_per_batch`` P (and label positives), training batches are class-balanced:
-    P classes x batch_size / P patients (:class:`ClassBalancedBatches`)."""
+    P classes x batch_size / P patients (:class:`ClassBalancedBatches`). Training batches are drawn from the
+    patients of ``data.fit_roles`` (pretraining: ``train.pretrain.pool``)."""
     section = cfg.get(stage) or {}
     bs = int(section.get("batch_size") or cfg["data"]["batch_size"])
     workers = int(cfg.get("num_workers", 0))
-    train_set = data.dataset(TRAIN_ROLES, dparams, train=True)
+    train_set = data.dataset(data.fit_roles, dparams, train=True)
     train = data.loader(train_set, bs, shuffle=True, num_workers=workers, seed=seed,
                         batch_sampler=_balanced_batches(train_set, section, cfg["model"], bs, seed))
     val_set = data.dataset(VAL_ROLES, dparams, train=False)
@@ -123,10 +124,10 @@ def _optim(section: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     ``select: val`` (default) early-stops on, and keeps the weights best on, the ``val`` patients;
     ``select: last`` trains every epoch and keeps the last weights (for losses too noisy on a small
     val set to pick by, such as InfoNCE over a handful of pairs). Keys a task reads itself
-    (``label_smoothing``) and those read elsewhere (``batch_size``, ``classes_per_batch``, ``model``) are not
-    optimiser settings."""
+    (``label_smoothing``) and those read elsewhere (``batch_size``, ``classes_per_batch``, ``model``,
+    ``pool``) are not optimiser settings."""
     optim = dict(section)
-    for key in ("batch_size", "classes_per_batch", "model", "label_smoothing"):
+    for key in ("batch_size", "classes_per_batch", "model", "label_smoothing", "pool"):
         optim.pop(key, None)
     select = str(optim.pop("select", "val"))
     if select not in SELECT:
@@ -146,17 +147,20 @@ def pretrain_objective(model: torch.nn.Module, batch: Batch, gen: torch.Generato
 def _metadata(method: Method, cfg: dict[str, Any], data: FoldData, stage: str, **extra) -> dict[str, Any]:
     return {"method": method.name, "stage": stage, "fold": data.fold, "config": cfg, "classes": data.classes,
             "genes": data.genes, "feature_dim": data.feature_dim, "gene_groups": data.gene_groups,
-            "train_patients": [p.patient_id for p in data.role(*TRAIN_ROLES)],
+            "train_patients": [p.patient_id for p in data.role(*data.fit_roles)],
             "val_patients": [p.patient_id for p in data.role(*VAL_ROLES)], **extra}
 
 
 def pretrain(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str | Path) -> dict[str, Any]:
-    """Pretrain a method's model on the fold's train patients (early stopping on val); writes
+    """Pretrain a method's model on the fold's train patients, plus its unlabelled patients under
+    ``train.pretrain.pool: all`` (early stopping on val; never a val, test or heldout patient); writes
     ``pretrain/model.pt``, ``pretrain/history.tsv``, ``pretrain/loss_curve.png``, ``pretrain/metrics.json``
     (retrieval and linear probe of the pretrained embeddings) and ``pretrain/embeddings.zarr``."""
     method = get_method(method_name)
     if not method.pretrain:
         raise ValueError(f"method {method.name} has no pretraining stage")
+    data = replace(data, fit_roles=pretrain_roles(str((cfg.get("pretrain") or {}).get("pool", "all"))))
+    log.info("pretraining on %d patients (roles %s)", len(data.role(*data.fit_roles)), ", ".join(data.fit_roles))
     ctx = _context(method, cfg, data, out_dir, "pretrain")
     cfg, out, seed = ctx.cfg, ctx.out, ctx.seed
     torch.manual_seed(seed)
