@@ -47,6 +47,19 @@ def test_batches_are_seeded_per_epoch():
     assert _epoch(ClassBalancedBatches(LABELS, 2, 4, seed=1), 0) != _epoch(a, 0)
 
 
+@pytest.mark.parametrize("n_unlabelled", [3, 40])
+def test_unlabelled_patients_never_more_than_double_a_batch(n_unlabelled):
+    """Many unlabelled patients (pretraining pool all: most of a cohort may be unlabelled) add batches, each
+    still P classes x K labelled patients plus at most P x K unlabelled ones, and all of them every epoch."""
+    labels = np.array([0] * 5 + [1] * 6 + [-1] * n_unlabelled)
+    sampler = ClassBalancedBatches(labels, 2, 2, seed=0)
+    batches = _epoch(sampler, 1)
+    assert len(batches) == len(sampler) and max(map(len, batches)) <= 8
+    assert set(np.concatenate(batches)) == set(range(len(labels)))
+    for b in batches:
+        assert len(set(b)) == len(b) and sorted(np.bincount(labels[[i for i in b if labels[i] >= 0]])) == [2, 2]
+
+
 def test_without_labels_the_batches_are_plain_shuffles():
     sampler = ClassBalancedBatches([-1] * 10, 2, 2, seed=0)
     batches = _epoch(sampler, 0)

@@ -10,7 +10,9 @@ Every patient appears at least once per epoch: each class's patients, shuffled, 
 (the last topped up with other patients of its class); each batch takes a chunk from each of the P classes
 with the most chunks left (a class whose chunks are used up lends a fresh random chunk when fewer than P
 classes are left). Unlabelled patients (label -1: no triplet anchor, but MPM learns from them) are spread
-over the batches. A class with fewer than K patients gives all it has. Batches are ``(index, epoch)``
+over the batches, at most P x K of them per batch: when they outnumber that, the epoch gets more batches (more
+rounds of labelled chunks), so a batch never holds more than twice the labelled P x K however much of the
+cohort is unlabelled. A class with fewer than K patients gives all it has. Batches are ``(index, epoch)``
 keys as :class:`wsiomics.datasets.EpochBatches` yields, drawn from ``(seed, epoch)`` only, so the data
 order does not depend on worker count or on where a resumed run starts.
 """
@@ -66,15 +68,31 @@ class ClassBalancedBatches(torch.utils.data.Sampler):
             size = self.classes_per_batch * self.per_class
             order = rng.permutation(self.unlabelled)
             return [order[i:i + size] for i in range(0, len(order), size)]
+        batches: list[np.ndarray] = []
+        while not batches or len(batches) < self._unlabelled_batches():
+            batches += self._round(rng)
+        batches = batches[:max(self._unlabelled_batches(), len(self._round_plan(None)))]
+        order = rng.permutation(len(batches))
+        batches = [batches[i] for i in order]
+        extra = rng.permutation(self.unlabelled)
+        return [np.concatenate([b, extra[i::len(batches)]]) for i, b in enumerate(batches)]
+
+    def _round(self, rng: np.random.Generator) -> list[np.ndarray]:
+        """One round: every labelled patient in P x K batches."""
         chunks = {c: self._chunks(m, rng) for c, m in self.members.items()}
         batches = []
         for chosen in self._plan({c: len(v) for c, v in chunks.items()}, rng):
             parts = [chunks[c].pop() if chunks[c] else self._chunks(self.members[c], rng)[0] for c in chosen]
             batches.append(np.concatenate(parts))
-        order = rng.permutation(len(batches))
-        batches = [batches[i] for i in order]
-        extra = rng.permutation(self.unlabelled)
-        return [np.concatenate([b, extra[i::len(batches)]]) for i, b in enumerate(batches)]
+        return batches
+
+    def _round_plan(self, rng: np.random.Generator | None) -> list[list[int]]:
+        k = {c: min(self.per_class, len(m)) for c, m in self.members.items()}
+        return self._plan({c: math.ceil(len(m) / k[c]) for c, m in self.members.items()}, rng)
+
+    def _unlabelled_batches(self) -> int:
+        """Batches needed to hold the unlabelled patients at P x K per batch."""
+        return math.ceil(len(self.unlabelled) / (self.classes_per_batch * self.per_class))
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         rng = np.random.default_rng([self.seed, self.epoch, 2 << 20])
@@ -83,6 +101,5 @@ class ClassBalancedBatches(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         if not self.members:
-            return math.ceil(len(self.unlabelled) / (self.classes_per_batch * self.per_class))
-        k = {c: min(self.per_class, len(m)) for c, m in self.members.items()}
-        return len(self._plan({c: math.ceil(len(m) / k[c]) for c, m in self.members.items()}, None))
+            return self._unlabelled_batches()
+        return max(self._unlabelled_batches(), len(self._round_plan(None)))
