@@ -345,6 +345,22 @@ def test_a_new_task_joins_the_summary_through_its_records_and_statistic(tmp_path
     assert "## toy_score" in text
 
 
+def test_metrics_md_counts_the_unlabelled_patients_that_pretrained(tmp_path):
+    """A line per pretraining pool with the mean train and unlabelled patients per fold (the fold's
+    pretraining record, as train.stages.pretrain writes it), metrics.tsv unchanged by it."""
+    def record(pool, unlabelled):
+        return {"pretrain": {"training": {"pool": pool, "train_patients": 10, "unlabelled_patients": unlabelled}}}
+
+    paths = [write_classify(tmp_path, "gimp", 0, FOLDS[0], **record("all", 6)),
+             write_classify(tmp_path, "gimp", 1, FOLDS[1], **record("all", 8)),
+             write_classify(tmp_path, "mgi", 0, FOLDS[0], **record("labelled", 7)),
+             write_classify(tmp_path, "linear", 0, FOLDS[0])]
+    table, _, text = summarize(paths, SummaryParams(bootstrap=10))
+    assert "Pretraining (train.pretrain.pool: all): 10 train patients per fold + 7 unlabelled" in text
+    assert "(train.pretrain.pool: labelled): 10 train patients per fold (7 unlabelled left out)" in text
+    assert text.count("Pretraining (") == 2 and list(table.columns) == METRIC_COLUMNS
+
+
 def test_bad_metrics_file_is_a_clear_error(tmp_path, capsys):
     bad = tmp_path / "m" / "fold0" / "metrics.json"
     bad.parent.mkdir(parents=True)

@@ -368,6 +368,7 @@ def markdown(table: pd.DataFrame, comparisons: pd.DataFrame, runs: dict[str, Met
         "mean ± std (ddof 0) over folds. n: test patients pooled. Retrieval pools each query's hits, ranked within "
         "its own fold (each fold's embeddings are a different space); the c-index pools pairs of patients of the "
         "same fold (each fold's risks come from its own model). Best pooled value per column in bold.", ""]
+    lines += pretraining_pool_lines(runs)
     if len(comparisons):
         lines += ["## Paired comparisons", "",
                   "Pooled difference (method − versus) on the test patients both have, paired bootstrap 95% CI.", "",
@@ -378,6 +379,24 @@ def markdown(table: pd.DataFrame, comparisons: pd.DataFrame, runs: dict[str, Met
                          f"{r.difference:+.3f} [{_fmt(r.ci_low)}, {_fmt(r.ci_high)}] | {r.n_patients} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def pretraining_pool_lines(runs: dict[str, MethodRun]) -> list[str]:
+    """Who pretrained: per ``train.pretrain.pool``, the mean train and unlabelled patients per fold and the
+    methods (from each fold's pretraining record; none for runs written before it was kept)."""
+    pools: dict[tuple[str, float, float], list[str]] = {}
+    for run in runs.values():
+        info = [(m.get("pretrain") or {}).get("training") or m.get("training") or {} for m in run.folds.values()]
+        info = [i for i in info if "unlabelled_patients" in i]
+        if info:
+            key = (str(info[0]["pool"]), float(np.mean([i["train_patients"] for i in info])),
+                   float(np.mean([i["unlabelled_patients"] for i in info])))
+            pools.setdefault(key, []).append(run.name)
+    lines = [f"Pretraining (train.pretrain.pool: {pool}): {train:g} train patients per fold "
+             + (f"+ {unlabelled:g} unlabelled" if pool == "all" else f"({unlabelled:g} unlabelled left out)")
+             + f" (means over folds; unlabelled patients are never fine-tuned on or tested): {', '.join(names)}."
+             for (pool, train, unlabelled), names in pools.items()]
+    return [*lines, ""] if lines else []
 
 
 def summarize(paths: list[str | Path], params: SummaryParams) -> tuple[pd.DataFrame, pd.DataFrame, str]:

@@ -29,7 +29,7 @@ from wsiomics.train.estimators import ESTIMATORS
 from wsiomics.train.fingerprint import data_fingerprint
 from wsiomics.train.loop import OptimParams, clear_state, fit, load_model_state, resolve_device, save_model
 from wsiomics.train.methods import Method, deep_merge, get_method, pretrained_source
-from wsiomics.train.roles import TRAIN_ROLES, VAL_ROLES, pretrain_roles
+from wsiomics.train.roles import TRAIN_ROLES, UNLABELLED_ROLES, VAL_ROLES, pretrain_roles
 from wsiomics.train.tasks import StageContext, Task, get_task
 
 log = logging.getLogger(__name__)
@@ -159,8 +159,12 @@ def pretrain(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
     method = get_method(method_name)
     if not method.pretrain:
         raise ValueError(f"method {method.name} has no pretraining stage")
-    data = replace(data, fit_roles=pretrain_roles(str((cfg.get("pretrain") or {}).get("pool", "all"))))
-    log.info("pretraining on %d patients (roles %s)", len(data.role(*data.fit_roles)), ", ".join(data.fit_roles))
+    pool = str((cfg.get("pretrain") or {}).get("pool", "all"))
+    data = replace(data, fit_roles=pretrain_roles(pool))
+    n_train, n_unlabelled = len(data.role(*TRAIN_ROLES)), len(data.role(*UNLABELLED_ROLES))
+    log.info("pretraining (pool %s) on %d patients: %d train, the fold's %d unlabelled patients %s", pool,
+             len(data.role(*data.fit_roles)), n_train, n_unlabelled,
+             "too" if UNLABELLED_ROLES[0] in data.fit_roles else "left out")
     ctx = _context(method, cfg, data, out_dir, "pretrain")
     cfg, out, seed = ctx.cfg, ctx.out, ctx.seed
     torch.manual_seed(seed)
@@ -175,7 +179,8 @@ def pretrain(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
     seconds = time.perf_counter() - t0
     ev.write_history(out / "pretrain" / "history.tsv", result.history,
                      f"{method.name} fold {data.fold}: pretraining")
-    info = {"best_epoch": result.best_epoch, "seconds": seconds, "epochs": len(result.history)}
+    info = {"best_epoch": result.best_epoch, "seconds": seconds, "epochs": len(result.history), "pool": pool,
+            "train_patients": n_train, "unlabelled_patients": n_unlabelled}
     metrics, results = evaluate_embeddings(model, data, ctx.device, ctx.dparams, seed, retrieval=method.retrieval)
     ev.write_embeddings(out / "pretrain" / "embeddings.zarr", results,
                         {"method": method.name, "fold": data.fold, "stage": "pretrain"})
