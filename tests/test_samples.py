@@ -414,7 +414,11 @@ def test_cli_error(data_dir: Path) -> None:
 
 def test_main_in_process(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check", str(write_sheet(data_dir / "samples.tsv", VALID_ROWS))]) == 0
-    assert "4 patients" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "4 patients" in out and "3 labelled patients (2 classes), 1 unlabelled (pretraining only)" in out
+    unlabelled = [[*row[:3], "", *row[4:]] for row in VALID_ROWS]
+    assert main(["check", str(write_sheet(data_dir / "nolabels.tsv", unlabelled))]) == 0
+    assert "no labels (folds over every patient" in capsys.readouterr().out
 
 
 # --- features_path: slides whose features are imported -------------------------------------------------
