@@ -200,6 +200,27 @@ def test_unlabelled_patients_pretrain_under_pool_all_and_test_patients_never(coh
         pretrain(name, {**cfg, "pretrain": {**cfg["pretrain"], "pool": "some"}}, data, tmp_path / "bad")
 
 
+def test_cca_aligns_the_pretraining_pool(cohort, tmp_path):
+    """cca's PCA + CCA fit takes the unlabelled patients under pool all (as MGI's pretraining) and not under
+    pool labelled; the test patients' canonical scores move only with what the fit saw."""
+    cfg = method_config(TRAIN_CFG, "cca")
+    data = _with_unlabelled(cohort)
+    moved = _perturbed(data, "unlabelled", np.random.default_rng(1))
+
+    def scores(pool, d):
+        out = tmp_path / f"{pool}{id(d)}"
+        info = finetune("cca", {**cfg, "pretrain": {**cfg["pretrain"], "pool": pool}}, d, out)
+        return info["fit_patients"], zarr.open_group(str(out / "embeddings.zarr"), mode="r")["image"][:]
+
+    paired = [p for p in data.patients if p.slides and p.genes is not None]
+    n_all, base = scores("all", data)
+    assert n_all == sum(p.role in ("train", "unlabelled") for p in paired)
+    assert not np.allclose(base, scores("all", moved)[1])
+    n_labelled, labelled = scores("labelled", data)
+    assert n_labelled == sum(p.role == "train" for p in paired) == n_all - 3
+    np.testing.assert_array_equal(labelled, scores("labelled", moved)[1])
+
+
 def test_a_killed_job_resumes_but_changed_data_trains_afresh(cohort, tmp_path, monkeypatch):
     """A state left by a killed job is resumed on the same data; after the data changed (a patient's genes
     re-normalised, say) the job trains from scratch instead of scoring the old weights."""

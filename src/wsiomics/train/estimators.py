@@ -16,7 +16,7 @@ import numpy as np
 
 from wsiomics.train import evaluate as ev
 from wsiomics.train.linear import PatientVectors, fit_logistic, gene_matrix, pooled_features
-from wsiomics.train.roles import EVAL_ROLES, TRAIN_ROLES, VAL_ROLES
+from wsiomics.train.roles import EVAL_ROLES, TRAIN_ROLES, VAL_ROLES, pretrain_roles
 from wsiomics.train.tasks.base import StageContext
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,9 @@ def fit_linear(ctx: StageContext):
 
 @estimator("sklearn_cca")
 def fit_cca(ctx: StageContext):
-    """Standardise + PCA per modality, then CCA, all fitted on the ``train`` patients with both modalities.
+    """Standardise + PCA per modality, then CCA, all fitted on the patients with both modalities that
+    pretraining would use (``train.pretrain.pool``: ``train``, plus ``unlabelled`` under ``all``), so that the
+    retrieval baseline aligns the same pairs MGI's pretraining does; never a val, test or heldout patient.
 
     Retrieval compares the test patients' canonical image and gene scores (cosine, as for MGI); the
     classification is a logistic regression on both score blocks (missing modality imputed with the
@@ -77,10 +79,12 @@ def fit_cca(ctx: StageContext):
     img = pooled_features(data, everyone, dparams)
     gene = gene_matrix(data, everyone)
     both = ~np.isnan(img).any(1) & ~np.isnan(gene).any(1)
-    fit = np.array([p.role in TRAIN_ROLES for p in everyone]) & both
+    pool = pretrain_roles(str((ctx.cfg.get("pretrain") or {}).get("pool", "all")))
+    fit = np.array([p.role in pool for p in everyone]) & both
     n_fit = int(fit.sum())
     if n_fit < 3 or not data.genes or not data.feature_dim:
-        raise ValueError(f"cca fold {data.fold}: needs at least 3 training patients with slides and expression "
+        raise ValueError(f"cca fold {data.fold}: needs at least 3 training (or unlabelled) patients with slides and "
+                         "expression "
                          f"(has {n_fit})")
     k_pca = int(max(1, min(opts["pca_components"], n_fit - 1, img.shape[1], gene.shape[1])))
     k = int(max(1, min(opts["components"], k_pca)))
