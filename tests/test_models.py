@@ -456,6 +456,23 @@ def test_gimp_missing_modalities_give_finite_outputs_and_gradients():
     assert model.mask_token.grad.abs().sum() > 0
 
 
+def test_gimp_unlabelled_patients_train_mpm_but_never_the_label_triplet():
+    """An unlabelled patient (label -1) in a label-positive batch: changing its features moves MPM and leaves
+    the triplet term bit-equal; given a label it joins the triplet."""
+    model = _gimp().eval()
+    batch = make_batch([[6], [6], [6], [6], [6]], labels=[0, 0, 1, 1, -1])
+
+    def parts(b):
+        return model.pretrain_loss(b, torch.Generator().manual_seed(3))
+
+    base = parts(batch)
+    batch.features[4, :6] += 3.0
+    moved = parts(batch)
+    assert torch.equal(moved["triplet"], base["triplet"]) and float(moved["mpm"]) != float(base["mpm"])
+    batch.labels[4] = 0
+    assert float(parts(batch)["triplet"]) != float(moved["triplet"])
+
+
 def test_gimp_decoder_is_gene_induced():
     model = _gimp(use_triplet=False).eval()
     with torch.no_grad():  # a decoder that is not near-silent at init, so the gene effect is measurable
