@@ -127,7 +127,7 @@ def test_folds_do_not_depend_on_sheet_order_or_other_columns_but_on_the_seed():
 
 def test_label_and_size_errors_say_what_to_change():
     pts = patients(10, ["a", "b"])
-    pts.loc[["P001", "P003", "P005", "P007", "P009"], "label"] = ""
+    pts.loc[["P001", "P002", "P003", "P005", "P007"], "label"] = ""
     with pytest.raises(SplitError, match="5 labelled patients for cross-validation but splits.n_folds is 6.*label "
                                          "more patients"):
         make_splits(pts, SplitParams(n_folds=6))
@@ -193,6 +193,8 @@ def test_unlabelled_patients_are_unlabelled_in_every_fold_and_move_no_labelled_p
         assert (table.role == "unlabelled").sum() == len(unlabelled)
         alone = make_splits(pts.drop(index=withheld), params)
         pd.testing.assert_frame_equal(table[~table.patient_id.isin(withheld)].reset_index(drop=True), alone)
+    one_class = pts.assign(label=pts.label.where(pts.label == "", "a"))  # label-free for the workflow
+    assert "unlabelled" not in set(make_splits(one_class, SplitParams(n_folds=3)).role)
     survival = pts.assign(event=["1", "0"] * 15)
     table = make_splits(survival, SplitParams(n_folds=3))
     assert set(table.role[table.patient_id.isin(withheld)]) == {"unlabelled"}

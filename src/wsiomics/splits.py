@@ -8,11 +8,13 @@ expression) from the data itself.
 Assignment (scikit-learn, deterministic given ``seed``; patients sorted by ``patient_id`` first, so the order
 of the sample sheet does not matter):
 
-0. ``unlabelled``: when some patients have a label, those without one (an empty ``label`` cell) are set
-   aside: role ``unlabelled`` in every fold, never trained on in fine-tuning, validated on or tested in any
-   fold, and the folds below are drawn over the labelled patients alone (exactly the folds those patients
-   would get on their own, so withholding a label never moves anyone else's fold). Pretraining may use
-   them (``train.pretrain.pool: all``). A cohort without any label keeps every patient in the folds;
+0. ``unlabelled``: when the labelled patients have at least two classes, those without a label (an empty
+   ``label`` cell) are set aside: role ``unlabelled`` in every fold, never trained on in fine-tuning,
+   validated on or tested in any fold, and the folds below are drawn over the labelled patients alone
+   (exactly the folds those patients would get on their own, so withholding a label never moves anyone
+   else's fold). Pretraining may use them (``train.pretrain.pool: all``). A cohort without two classes (no
+   label, or one) is a label-free cohort for the workflow and keeps every patient in the folds (strata:
+   the label, empty or not);
 1. ``heldout`` (only when ``test_fraction`` > 0): a label-stratified fixed set of
    ``round(test_fraction * n)`` patients (``train_test_split``), role ``heldout`` in every fold and never
    trained on, validated on or tested in any fold; later stages report it on its own;
@@ -135,7 +137,8 @@ def make_splits(patients: pd.DataFrame, params: SplitParams) -> pd.DataFrame:
                          "twice in the patient table; give one row per patient")
     pts = pts.sort_values("patient_id", kind="stable").set_index("patient_id")
     everyone = pts
-    unlabelled = pts.index[pts["label"] == ""] if (pts["label"] != "").any() else pts.index[:0]
+    classes = set(pts["label"]) - {""}
+    unlabelled = pts.index[pts["label"] == ""] if len(classes) >= 2 else pts.index[:0]
     if len(unlabelled):
         log.info("%d of %d patients have no label: role unlabelled in every fold (pretraining only); the folds "
                  "are drawn over the %d labelled patients", len(unlabelled), len(pts), len(pts) - len(unlabelled))
