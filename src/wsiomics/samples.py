@@ -22,10 +22,10 @@ decimal in (0, 100) and overrides the slide's metadata; a patient has at most on
 and at most one distinct expression file, survival time and event across its rows; ``time`` and
 ``event`` are given together or not at all.
 
-A patient may have no label (empty ``label`` cells): in a sheet where other patients have one it is an
-**unlabelled** patient, role ``unlabelled`` in every fold (:mod:`wsiomics.splits`), used by pretraining
+A patient may have no label (empty ``label`` cells): in a sheet whose labelled patients have two classes or
+more it is an **unlabelled** patient, role ``unlabelled`` in every fold (:mod:`wsiomics.splits`), used by pretraining
 (``train.pretrain.pool: all``) and never fine-tuned on or evaluated; a sheet without any label runs the
-methods that need none (retrieval, segmentation, survival).
+methods that need none (retrieval, segmentation, survival), and so does a sheet with a single class.
 
 All problems are collected and raised together as one :class:`SampleSheetError`, so a user fixes
 the sheet in one pass instead of one error per run. ``workflow/schemas/samples.schema.yaml``
@@ -464,8 +464,9 @@ def _summary(df: pd.DataFrame) -> str:
 def _labels_summary(labels: pd.Series) -> str:
     """Labelled and unlabelled patients, as the folds will treat them."""
     labelled = labels[labels != ""]
-    if labelled.empty:
-        return "no labels (folds over every patient; only the methods that need no label run)"
+    if labelled.nunique() < 2:
+        return (f"{'no labels' if labelled.empty else 'a single class'} (folds over every patient; only the "
+                "methods that need no label run)")
     text = f"{len(labelled)} labelled patients ({labelled.nunique()} classes)"
     n_unlabelled = int((labels == "").sum())
     return f"{text}, {n_unlabelled} unlabelled (pretraining only)" if n_unlabelled else text
