@@ -354,11 +354,15 @@ def test_metrics_md_counts_the_unlabelled_patients_that_pretrained(tmp_path):
     paths = [write_classify(tmp_path, "gimp", 0, FOLDS[0], **record("all", 6)),
              write_classify(tmp_path, "gimp", 1, FOLDS[1], **record("all", 8)),
              write_classify(tmp_path, "mgi", 0, FOLDS[0], **record("labelled", 7)),
+             write_classify(tmp_path, "gimp_no_mpm", 0, FOLDS[0], **record("all", 8)),
+             write_classify(tmp_path, "gimp_no_mpm", 1, FOLDS[1], **{**record("all", 8), "pretrain": {
+                 "training": {"pool": "all", "train_patients": 9, "unlabelled_patients": 8}}}),
              write_classify(tmp_path, "linear", 0, FOLDS[0])]
     table, _, text = summarize(paths, SummaryParams(bootstrap=10))
     assert "Pretraining (train.pretrain.pool: all): 10 train patients per fold + 7 unlabelled" in text
     assert "(train.pretrain.pool: labelled): 10 train patients per fold (7 unlabelled left out)" in text
-    assert text.count("Pretraining (") == 2 and list(table.columns) == METRIC_COLUMNS
+    assert "9.5 train patients per fold + 8 unlabelled" in text  # means over folds, not 9.50000
+    assert text.count("Pretraining (") == 3 and list(table.columns) == METRIC_COLUMNS
 
 
 def test_bad_metrics_file_is_a_clear_error(tmp_path, capsys):

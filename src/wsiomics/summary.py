@@ -392,8 +392,8 @@ def pretraining_pool_lines(runs: dict[str, MethodRun]) -> list[str]:
             key = (str(info[0]["pool"]), float(np.mean([i["train_patients"] for i in info])),
                    float(np.mean([i["unlabelled_patients"] for i in info])))
             pools.setdefault(key, []).append(run.name)
-    lines = [f"Pretraining (train.pretrain.pool: {pool}): {train:g} train patients per fold "
-             + (f"+ {unlabelled:g} unlabelled" if pool == "all" else f"({unlabelled:g} unlabelled left out)")
+    lines = [f"Pretraining (train.pretrain.pool: {pool}): {train:.3g} train patients per fold "
+             + (f"+ {unlabelled:.3g} unlabelled" if pool == "all" else f"({unlabelled:.3g} unlabelled left out)")
              + f" (means over folds; unlabelled patients are never fine-tuned on or tested): {', '.join(names)}."
              for (pool, train, unlabelled), names in pools.items()]
     return [*lines, ""] if lines else []
