@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+from test_train import TRAIN_CFG, _data, cohort  # noqa: F401  (cohort: the module fixture)
 
 from wsiomics.fewshot import (
     FEWSHOT_COLUMNS,
@@ -171,3 +172,77 @@ def test_probe_standardises_with_every_training_patient_not_the_two_drawn():
     own = probe_scores(x_train, ["a", "b"], x_test, ["a", "b"], ["a", "b"])
     fold = probe_scores(x_train, ["a", "b"], x_test, ["a", "b"], ["a", "b"], x_scale=population)
     assert own["balanced_accuracy"] == 0.0 and fold["balanced_accuracy"] == 1.0
+
+
+# ---------------------------------------------------------------- the stage on a tiny on-disk cohort
+
+
+@pytest.fixture(scope="module")
+def pretrained(cohort, tmp_path_factory):  # noqa: F811
+    """gimp and mgi_mlp_genes pretrained on the tiny cohort, for 1 and for 2 epochs."""
+    from wsiomics.train.methods import deep_merge, method_config
+    from wsiomics.train.stages import pretrain
+
+    root = tmp_path_factory.mktemp("fewshot_models")
+    data = _data(cohort)
+    out = {}
+    for name in ("gimp", "mgi_mlp_genes"):
+        for epochs in (1, 2):
+            cfg = deep_merge(method_config(TRAIN_CFG, name), {"pretrain": {"epochs": epochs}})
+            pretrain(name, cfg, data, root / f"{name}{epochs}")
+            out[name, epochs] = (cfg, root / f"{name}{epochs}" / "pretrain" / "model.pt")
+    return data, out
+
+
+@pytest.mark.parametrize("name", ["gimp", "mgi_mlp_genes"])
+def test_stage_probes_the_pretrained_the_untrained_network_and_pooled_features(pretrained, tmp_path, name):
+    from wsiomics.fewshot import EMBEDDING_ORDER, fold_embeddings, run_fold
+
+    data, models = pretrained
+    cfg, path = models[name, 1]
+    table = run_fold(name, cfg, data, path, tmp_path, FewshotParams(k=(1, 2), draws=2))
+    written = pd.read_csv(tmp_path / "fewshot.tsv", sep="\t")
+    assert list(written.columns) == FEWSHOT_COLUMNS and len(written) == len(table) == 2 * 2 * 7
+    assert list(dict.fromkeys(written["embedding"])) == list(EMBEDDING_ORDER)
+    # the test patients with a slide and expression (a patient without either is left out of every probe)
+    complete_test = [p for p in data.role("test") if p.slides and p.genes is not None]
+    assert (written["n_test"] == len(complete_test)).all()
+    assert written["balanced_accuracy"].between(0, 1).all()
+
+    patients, one = fold_embeddings(name, cfg, data, path, tmp_path)
+    _, two = fold_embeddings(name, models[name, 2][0], data, models[name, 2][1], tmp_path)
+    assert {p.role for p in patients} == {"train", "test"}  # val never embedded, never drawn
+    for emb in ("fused", "image", "gene"):  # the untrained network is the same whatever the checkpoint
+        np.testing.assert_array_equal(one[emb + "_no_pretrain"], two[emb + "_no_pretrain"])
+        assert not np.allclose(np.nan_to_num(one[emb]), np.nan_to_num(two[emb]))
+    lacks_slide = np.array([not p.slides for p in patients])
+    assert lacks_slide.any()  # P14 (expression only) trains; P15 (no expression) is a val patient
+    assert np.isnan(one["image"][lacks_slide]).all() and np.isnan(one["pooled_features"][lacks_slide]).all()
+    assert np.isfinite(one["fused"]).all()  # the fused embedding has the missing-modality token
+
+
+@pytest.mark.parametrize("name", ["gimp", "mgi_mlp_genes"])
+def test_image_embedding_is_the_slide_encoder_alone(pretrained, tmp_path, name):
+    """``image`` is what a slide without RNA gets: removing every patient's genes leaves it bit-equal (and the
+    gene embeddings, which no patient then has, leave the probes)."""
+    from dataclasses import replace
+
+    from wsiomics.fewshot import fold_embeddings
+
+    data, models = pretrained
+    cfg, path = models[name, 1]
+    _, full = fold_embeddings(name, cfg, data, path, tmp_path)
+    no_genes = replace(data, patients=[replace(p, genes=None) for p in data.patients])
+    _, slides_only = fold_embeddings(name, cfg, no_genes, path, tmp_path)
+    for emb in ("image", "image_no_pretrain", "pooled_features"):
+        np.testing.assert_array_equal(full[emb], slides_only[emb])
+    assert "gene" not in slides_only and "gene_no_pretrain" not in slides_only
+    assert not np.allclose(full["fused"], slides_only["fused"])  # the fused one does read the genes
+
+
+def test_stage_refuses_a_method_without_pretraining(pretrained, tmp_path):
+    from wsiomics.fewshot import fold_embeddings
+
+    data, models = pretrained
+    with pytest.raises(ValueError, match="no pretraining stage"):
+        fold_embeddings("gimp_no_pretrain", models["gimp", 1][0], data, models["gimp", 1][1], tmp_path)
