@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from test_train import TRAIN_CFG, _data, cohort  # noqa: F401  (cohort: the module fixture)
+from test_train_workflow import dry_run, sheet  # noqa: F401  (sheet: the module fixture)
 
 from wsiomics.fewshot import (
     FEWSHOT_COLUMNS,
@@ -246,3 +247,71 @@ def test_stage_refuses_a_method_without_pretraining(pretrained, tmp_path):
     data, models = pretrained
     with pytest.raises(ValueError, match="no pretraining stage"):
         fold_embeddings("gimp_no_pretrain", models["gimp", 1][0], data, models["gimp", 1][1], tmp_path)
+
+
+def test_fewshot_settings_are_not_part_of_a_methods_training_configuration():
+    """train.fewshot reaches only the fewshot rule: changing k must not change (and so rerun, or fail to resume)
+    every training job, whose command line and resume key carry the method's resolved configuration."""
+    from wsiomics.train.methods import method_config
+
+    a = method_config({**TRAIN_CFG, "fewshot": {"k": [1, 2], "draws": 10, "c": 1.0}}, "gimp")
+    b = method_config({**TRAIN_CFG, "fewshot": {"k": [4], "draws": 3, "c": 0.1}}, "gimp")
+    assert a == b and "fewshot" not in a
+
+
+@pytest.mark.parametrize("test_classes", [("a", "b", "c"), ("a", "c")])
+def test_probe_metrics_follow_the_evaluation_definitions(test_classes):
+    """Balanced accuracy and macro AUC as evaluate.classification_metrics defines them (one-vs-rest over the
+    classes present among the test patients), here with three classes and with one absent from the test."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from wsiomics.train.evaluate import classification_metrics
+
+    rng = np.random.default_rng(3)
+    centre = {"a": (0, 0), "b": (2, 0), "c": (0, 2)}
+    y_train = ["a", "b", "c"] * 3
+    y_test = [test_classes[i % len(test_classes)] for i in range(12)]
+    x_train = np.array([centre[v] for v in y_train]) + rng.normal(0, 1.0, (9, 2))
+    x_test = np.array([centre[v] for v in y_test]) + rng.normal(0, 1.0, (12, 2))
+    found = probe_scores(x_train, y_train, x_test, y_test, ["a", "b", "c"], c=0.5)
+    scaler = StandardScaler().fit(x_train)
+    model = LogisticRegression(C=0.5, max_iter=5000).fit(scaler.transform(x_train), [ord(v) - 97 for v in y_train])
+    expected = classification_metrics(y_test, model.predict_proba(scaler.transform(x_test)), ["a", "b", "c"])
+    assert 0 < expected["balanced_accuracy"] < 1  # not a trivial case
+    assert found["balanced_accuracy"] == pytest.approx(expected["balanced_accuracy"])
+    assert found["auc_macro"] == pytest.approx(expected["auc_macro"])
+
+
+# ---------------------------------------------------------------- the rule in the workflow
+
+
+@pytest.mark.integration
+def test_rule_runs_per_pretrained_method_and_fold_and_feeds_the_summary(sheet, tmp_path):  # noqa: F811
+    import re
+
+    proc = dry_run(sheet, tmp_path, "train={run: [gimp, mgi_mlp_genes, gimp_no_pretrain, linear, cca]}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    runs = [line for line in out.splitlines() if "python -m wsiomics.fewshot run " in line]
+    jobs = sorted(re.search(r"--method (\S+) --fold (\d)", c).groups() for c in runs)
+    # the planned methods with a pretraining stage (from the registry), every fold; none of the others
+    assert jobs == [("gimp", "0"), ("gimp", "1"), ("mgi_mlp_genes", "0"), ("mgi_mlp_genes", "1")], jobs
+    for c in runs:
+        method, fold = re.search(r"--method (\S+) --fold (\d)", c).groups()
+        assert f"--pretrained results/models/{method}/fold{fold}/pretrain/model.pt" in c
+        assert "--k 1,2,4,8,16 --draws 10 --c 1.0" in c and "--features" in c and "--expression" in c
+    summary = [line for line in out.splitlines() if "python -m wsiomics.fewshot summarize " in line]
+    assert len(summary) == 1 and summary[0].count("fewshot.tsv") == 4
+    assert "--out-dir results/fewshot" in summary[0]
+
+
+@pytest.mark.integration
+def test_an_empty_k_turns_the_protocol_off_and_its_settings_rerun_no_training_job(sheet, tmp_path):  # noqa: F811
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("train:\n  run: [gimp]\n  fewshot: {k: [], draws: 3}\n")
+    proc = dry_run(sheet, tmp_path / "work", "--configfile", str(overlay))
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "wsiomics.fewshot" not in out
+    assert "python -m wsiomics.train pretrain --method gimp" in out and '"fewshot"' not in out

@@ -91,23 +91,32 @@ def draw_patients(labels: Sequence[str], pool: np.ndarray, classes: Sequence[str
 def probe_scores(x_train: np.ndarray, y_train: Sequence[str], x_test: np.ndarray, y_test: Sequence[str],
                  classes: Sequence[str], c: float = 1.0, x_scale: np.ndarray | None = None) -> dict[str, Any]:
     """L2 logistic regression (C = ``c``) fitted on the training rows, scored on the test rows: balanced accuracy
-    and macro AUC as every other classification metric (``evaluate.classification_metrics``).
+    and macro AUC with the definitions of every other classification metric (``evaluate.classification_metrics``).
 
     Features are standardised with the mean and std of ``x_scale`` (default ``x_train``): the stage passes every
     training patient's embedding, labels unused. Statistics of the 2 patients drawn at k = 1 would scale each
     noise dimension up to the size of the signal's."""
+    import sklearn
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from wsiomics.train.evaluate import classification_metrics
+    from wsiomics.train.evaluate import weighted_classification_metrics
 
     classes = list(classes)
     y = np.array([classes.index(v) for v in y_train])
-    scaler = StandardScaler().fit(x_train if x_scale is None else x_scale)
-    model = LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(x_train), y)
-    probs = np.zeros((len(x_test), len(classes)))
-    probs[:, model.classes_] = model.predict_proba(scaler.transform(x_test))
-    return classification_metrics(list(y_test), probs, classes)
+    # thousands of tiny fits per job: scikit-learn's per-call argument checks cost more than the fits (inputs
+    # are checked finite by the caller)
+    with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
+        scaler = StandardScaler().fit(x_train if x_scale is None else x_scale)
+        model = LogisticRegression(C=c, max_iter=5000).fit(scaler.transform(x_train), y)
+        probs = np.zeros((len(x_test), len(classes)))
+        probs[:, model.classes_] = model.predict_proba(scaler.transform(x_test))
+    # the closed form of evaluate.classification_metrics (same definitions), without its per-call overhead
+    found = weighted_classification_metrics(np.array([classes.index(v) for v in y_test]), probs,
+                                            np.ones((1, len(y_test))))
+    auc = float(found["auc_macro"][0])
+    return {"balanced_accuracy": float(found["balanced_accuracy"][0]), "auc_macro": None if np.isnan(auc) else auc,
+            "n_test": len(y_test)}
 
 
 def _labelled(labels: Sequence[Any]) -> np.ndarray:
@@ -349,6 +358,10 @@ def write_summary(paths: Sequence[str | Path], out_dir: str | Path) -> pd.DataFr
 # ---------------------------------------------------------------- command line
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(t) for t in text.split(",") if t.strip())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from wsiomics.cli import add_dataclass_options, configure_logging, dataclass_from_args
     from wsiomics.train.__main__ import _common, _config
@@ -359,7 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = sub.add_parser("run", help="one pretrained method on one fold: <out-dir>/fewshot.tsv")
     _common(run)
     run.add_argument("--pretrained", required=True, help="the fold's pretrain/model.pt")
-    add_dataclass_options(run, FewshotParams, section="train.fewshot")
+    run.add_argument("--k", type=_ints, default=FewshotParams.k, metavar="K1,K2,...",
+                     help="labelled training patients per class, comma-separated; empty: none "
+                          f"(default: {','.join(map(str, FewshotParams.k))})")
+    add_dataclass_options(run, FewshotParams, section="train.fewshot", skip=("k",))
     sm = sub.add_parser("summarize", help="summary.tsv and the curves (PNG, SVG) from every fold's fewshot.tsv")
     sm.add_argument("tables", nargs="+", help="results/models/<method>/fold<k>/fewshot.tsv")
     sm.add_argument("--out-dir", required=True, help="results/fewshot")
@@ -372,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from wsiomics.train.methods import get_method
     from wsiomics.train.stages import load_inputs
 
-    params = dataclass_from_args(FewshotParams, args)
+    params = dataclass_from_args(FewshotParams, args, k=args.k)
     cfg = _config(args.config)
     if args.threads:
         cfg["threads"] = args.threads
