@@ -222,6 +222,22 @@ def test_stage_probes_the_pretrained_the_untrained_network_and_pooled_features(p
     assert np.isfinite(one["fused"]).all()  # the fused embedding has the missing-modality token
 
 
+def test_the_untrained_network_is_the_one_pretraining_started_from(cohort, tmp_path, monkeypatch):  # noqa: F811
+    """A pretraining that takes no step saves the network it started from; the stage's ``*_no_pretrain``
+    embeddings are that network's, and so equal the "pretrained" ones of this checkpoint."""
+    from wsiomics.fewshot import fold_embeddings
+    from wsiomics.train import stages
+    from wsiomics.train.loop import FitResult
+    from wsiomics.train.methods import method_config
+
+    cfg, data = method_config(TRAIN_CFG, "gimp"), _data(cohort)
+    monkeypatch.setattr(stages, "fit", lambda *a, **k: FitResult([{"epoch": 0, "train_loss": 0.0}], 0, False))
+    stages.pretrain("gimp", cfg, data, tmp_path)
+    _, emb = fold_embeddings("gimp", cfg, data, tmp_path / "pretrain" / "model.pt", tmp_path)
+    for name in ("fused", "image", "gene"):
+        np.testing.assert_array_equal(emb[name], emb[name + "_no_pretrain"])
+
+
 @pytest.mark.parametrize("name", ["gimp", "mgi_mlp_genes"])
 def test_image_embedding_is_the_slide_encoder_alone(pretrained, tmp_path, name):
     """``image`` is what a slide without RNA gets: removing every patient's genes leaves it bit-equal (and the

@@ -308,7 +308,7 @@ def plot_curves(summary: pd.DataFrame, png: str | Path, svg: str | Path) -> None
 
     from wsiomics.io import atomic_path
 
-    methods = list(dict.fromkeys(summary["method"])) or ["(no pretrained method ran)"]
+    methods = list(dict.fromkeys(summary["method"])) or ["no few-shot rows (every k skipped?)"]
     cols = min(3, len(methods))
     nrows = int(np.ceil(len(methods) / cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.4 * nrows), squeeze=False, sharey=True)
