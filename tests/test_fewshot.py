@@ -331,3 +331,17 @@ def test_an_empty_k_turns_the_protocol_off_and_its_settings_rerun_no_training_jo
     assert proc.returncode == 0, out[-3000:]
     assert "wsiomics.fewshot" not in out
     assert "python -m wsiomics.train pretrain --method gimp" in out and '"fewshot"' not in out
+
+
+@pytest.mark.integration
+def test_fewshot_jobs_ask_a_gpu_unless_their_device_is_cpu(sheet, tmp_path):  # noqa: F811
+    """The demo (config.yaml: train.fewshot.device cpu) runs them beside the training jobs, which hold the one
+    `gpu` slot; with the device left to train.device ("") they ask for the GPU as training does."""
+    from test_train_workflow import job_resources
+
+    demo = job_resources(sheet, tmp_path / "a", "train={run: [gimp]}")
+    assert {res.get("gpu") for rule, _, res in demo if rule == "fewshot"} == {"0"}
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("train:\n  run: [gimp]\n  fewshot: {device: ''}\n")
+    gpu_site = job_resources(sheet, tmp_path / "b", "--configfile", str(overlay))
+    assert {res.get("gpu") for rule, _, res in gpu_site if rule == "fewshot"} == {"1"}

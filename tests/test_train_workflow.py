@@ -178,7 +178,6 @@ def test_scikit_learn_methods_ask_for_no_gpu(sheet, tmp_path):
     gpu = {(rule, method): res.get("gpu") for rule, method, res in jobs}
     assert gpu[("finetune", "linear")] == gpu[("finetune", "cca")] == "0"
     assert gpu[("finetune", "gimp")] == gpu[("pretrain", "gimp")] == gpu[("finetune_segmentation", "image_seg")] == "1"
-    assert gpu[("fewshot", "gimp")] == "1"  # it runs the pretrained and the untrained network
 
 
 def test_train_device_cpu_asks_for_no_gpu(sheet, tmp_path):

@@ -61,6 +61,7 @@ class FewshotParams:
     k: tuple[int, ...] = (1, 2, 4, 8, 16)  # labelled training patients per class
     draws: int = 10  # seeded draws per k
     c: float = 1.0  # inverse L2 penalty of the probe (scikit-learn's C), fixed: too few patients to tune it
+    device: str = ""  # where the networks run: "" = the method's train.device; auto | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
         self.k = tuple(int(v) for v in self.k)
@@ -224,6 +225,8 @@ def run_fold(method_name: str, cfg: dict[str, Any], data, pretrained: str | Path
     """``<out_dir>/fewshot.tsv`` for one method and fold."""
     from wsiomics.io import atomic_path
 
+    if params.device:
+        cfg = {**cfg, "device": params.device}
     patients, embeddings = fold_embeddings(method_name, cfg, data, pretrained, out_dir)
     seed = int(cfg["seed"]) + 1000 * data.fold
     table = fewshot_table(embeddings, [p.label for p in patients], [p.role for p in patients], params, seed,

@@ -26,7 +26,7 @@ rule fewshot:
     resources:
         mem_mb=8000,
         runtime=60,
-        gpu=train_gpu,
+        gpu=fewshot_gpu,
     conda:
         "../../envs/train.yaml"
     shell:

@@ -29,6 +29,13 @@ def fewshot_inputs(wildcards):
     return inputs
 
 
+def fewshot_gpu(wildcards):
+    """The job's `gpu` resource: 0 when its networks run on the CPU (train.fewshot.device, else the method's
+    train.device, is cpu), else 1 (as train_gpu)."""
+    device = FEWSHOT["device"] or str(method_config(TRAIN, wildcards.method).get("device", "auto"))
+    return 0 if device == "cpu" else 1
+
+
 def fewshot_options():
     """train.fewshot as the command's flags (--k 1,2,4 --draws 10 --c 1.0)."""
     try:
