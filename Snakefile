@@ -16,6 +16,7 @@ include: "workflow/rules/features.smk"
 include: "workflow/rules/splits.smk"
 include: "workflow/rules/expression.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/fewshot.smk"
 include: "workflow/rules/summary.smk"
 
 

@@ -183,7 +183,7 @@ def test_scikit_learn_methods_ask_for_no_gpu(sheet, tmp_path):
 def test_train_device_cpu_asks_for_no_gpu(sheet, tmp_path):
     """A CPU-only site (README): train.device: cpu, and no training job holds the gpu resource."""
     jobs = job_resources(sheet, tmp_path, "train={run: [gimp, linear], device: cpu}")
-    assert {rule for rule, _, _ in jobs} == {"pretrain", "finetune"}
+    assert {rule for rule, _, _ in jobs} == {"pretrain", "finetune", "fewshot"}
     assert all(res.get("gpu") == "0" for _, _, res in jobs), jobs
 
 

@@ -131,12 +131,18 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# train: keys that are no method's setting: which methods run, the per-method overrides, and the few-shot
+# protocol's settings (rule fewshot reads them itself; in the resolved configuration they would rerun every
+# training job whenever they change).
+NOT_METHOD_SETTINGS = ("methods", "run", "fewshot")
+
+
 def method_config(train_config: dict[str, Any], name: str) -> dict[str, Any]:
     """The resolved configuration of one method: shared ``train:`` settings, then the method's fixed
     overrides, then the user's ``train.methods.<name>`` overrides. A model setting the user gives for this
     method that its model does not read is an error (:func:`wsiomics.train.build.check_overrides`)."""
     method = get_method(name)
-    shared = {k: v for k, v in train_config.items() if k not in ("methods", "run")}
+    shared = {k: v for k, v in train_config.items() if k not in NOT_METHOD_SETTINGS}
     resolved = deep_merge(shared, method.overrides)
     own = (train_config.get("methods") or {}).get(name) or {}
     resolved = deep_merge(resolved, own)
