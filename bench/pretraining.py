@@ -63,10 +63,18 @@ def prepare(cohort: Path, work: Path, patients: int, seed: int):
             import_h5(row.features_path, out, "synthetic", slide_id=row.slide_id, patient_id=row.patient_id)
     expr_path = work / "expression_cohort.zarr"
     if not expr_path.exists():
-        write_anndata(build_cohort(sheet, CohortParams()), expr_path)
+        with open(ROOT / "config.yaml") as f:
+            write_anndata(build_cohort(sheet, section(CohortParams, yaml.safe_load(f)["expression"])), expr_path)
     slides = sheet[["patient_id", "slide_id"]].drop_duplicates()
     labels = sheet.drop_duplicates("patient_id").set_index("patient_id")["label"]
     return slides, labels, feature_dir, ad.read_zarr(expr_path)
+
+
+def section(cls, values: dict[str, Any]):
+    """``cls`` (a params dataclass whose fields are config keys) from a config section."""
+    import dataclasses
+
+    return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
 
 
 def split(patients: list[str], n_test: int, n_val: int, seed: int) -> tuple[list[str], list[str], list[str]]:
@@ -184,6 +192,26 @@ def runs(args: argparse.Namespace) -> list[tuple[str, str, dict[str, Any]]]:
     return out
 
 
+def fewshot_inputs(out: Path, data, emb: dict[str, np.ndarray], ids: list[str], train: list[str],
+                   test: list[str], labels: pd.Series) -> None:
+    """What the few-shot column needs, kept beside each run: the pretrained ``image`` embedding, mean-pooled
+    features (``pooled_features``, the baseline) and labels of the n training and the test-pool patients.
+
+    The few-shot probe itself (k labelled training patients per class, seeded draws, balanced accuracy) is the
+    few-shot stage's pure function (issue 19 item 3, branch k-fewshot), not re-implemented here: until it lands
+    the column is reported as pending, and these files let it be filled in without retraining."""
+    from wsiomics.datasets import DatasetParams
+    from wsiomics.train.linear import pooled_features
+
+    index = {p: i for i, p in enumerate(ids)}
+    patients = {p.patient_id: p for p in data.patients}
+    who = [p for p in (*train, *test) if p in index]
+    pooled = pooled_features(data, [patients[p] for p in who], DatasetParams(cache_mb=256.0))  # every token
+    np.savez_compressed(out / "fewshot_inputs.npz", patient_id=np.array(who), role=np.array(
+        ["train" if i < len(train) else "test" for i in range(len(who))]), label=labels[who].to_numpy(str),
+        image=emb["image"][[index[p] for p in who]], pooled_features=pooled.astype(np.float32))
+
+
 def run(args: argparse.Namespace) -> pd.DataFrame:
     from wsiomics.datasets import load_fold
     from wsiomics.expression.cohort import write_anndata
@@ -198,7 +226,8 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     groups = candidate_groups(test, args.candidates, args.seed)
     truth = pd.read_csv(Path(args.cohort) / "patients_truth.tsv", sep="\t", index_col="patient_id")
     with open(ROOT / "config.yaml") as f:
-        train_cfg = yaml.safe_load(f)["train"]
+        config = yaml.safe_load(f)
+    train_cfg, expression_cfg = config["train"], config["expression"]  # as the workflow runs them
     train_cfg.update(device="cpu", threads=args.threads, seed=args.seed)
     for path in args.overlay:
         with open(path) as f:
@@ -210,7 +239,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
         expr = work / f"n{n}" / "expression.zarr"
         if not expr.exists():
             keep = cohort.obs_names.isin(folds["patient_id"])
-            write_anndata(normalize_fold(cohort[keep].copy(), folds, 0, NormalizeParams()), expr)
+            write_anndata(normalize_fold(cohort[keep].copy(), folds, 0, section(NormalizeParams, expression_cfg)), expr)
         data = load_fold(folds, 0, slides, feature_dir, expr)
         for label, name, overlay in runs(args):
             t0 = time.perf_counter()
@@ -218,6 +247,8 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
             emb, ids, info = method_embeddings(name, cfg, data, work / f"n{n}" / label)
             found = group_retrieval(emb, ids, groups)
             r2 = latent_r2(emb, ids, test, truth, args.seed)
+            if label == "mgi":
+                fewshot_inputs(work / f"n{n}" / label, data, emb, ids, order[:n], test, labels)
             seconds = time.perf_counter() - t0
             epochs = info.get("epochs", "")
             for r in found:
