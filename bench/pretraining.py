@@ -212,6 +212,55 @@ def fewshot_inputs(out: Path, data, emb: dict[str, np.ndarray], ids: list[str], 
         image=emb["image"][[index[p] for p in who]], pooled_features=pooled.astype(np.float32))
 
 
+def fewshot_module():
+    """ADAPTER, to delete once branch k-fewshot is merged (then ``import wsiomics.fewshot`` is all there is):
+    the few-shot stage's module from this tree, else as committed on k-fewshot (``git show``), else None."""
+    try:
+        import wsiomics.fewshot as module
+
+        return module
+    except ImportError:
+        pass
+    import importlib.util
+    import subprocess
+    import sys
+    import tempfile
+
+    found = subprocess.run(["git", "-C", str(ROOT), "show", "k-fewshot:src/wsiomics/fewshot.py"], capture_output=True,
+                           text=True)
+    if found.returncode:
+        return None
+    path = Path(tempfile.mkdtemp()) / "fewshot_k_branch.py"
+    path.write_text(found.stdout)
+    spec = importlib.util.spec_from_file_location("fewshot_k_branch", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def fewshot(work: Path, ks: tuple[int, ...], draws: int, seed: int) -> pd.DataFrame | None:
+    """Few-shot balanced accuracy of MGI's pretrained ``image`` embedding and of ``pooled_features`` per n and k:
+    the few-shot stage's ``fewshot_table`` on each n's kept inputs (k labelled training patients per class,
+    ``draws`` seeded draws, scored on the test pool). None while that function is not available."""
+    module = fewshot_module()
+    if module is None:
+        log.warning("few-shot: the few-shot stage's function is not available (branch k-fewshot): column pending")
+        return None
+    tables = []
+    for path in sorted(work.glob("n*/mgi/fewshot_inputs.npz")):
+        x = np.load(path)
+        table = module.fewshot_table({"image": x["image"], "pooled_features": x["pooled_features"]},
+                                     x["label"].tolist(), x["role"].tolist(),
+                                     module.FewshotParams(k=ks, draws=draws), seed)
+        tables.append(table.assign(n_pretrain=int(path.parent.parent.name[1:])))
+    if not tables:
+        return None
+    rows = pd.concat(tables)
+    rows.to_csv(work / "fewshot.tsv", sep="\t", index=False)
+    return rows
+
+
 def run(args: argparse.Namespace) -> pd.DataFrame:
     from wsiomics.datasets import load_fold
     from wsiomics.expression.cohort import write_anndata
@@ -296,10 +345,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patients", type=int, default=1300, help="patients of a cohort made here")
     parser.add_argument("--seed", type=int, default=0, help="cohort, split and training seed")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="training pairs")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--test", type=int, default=200, help="test pool (cut into candidate groups)")
     parser.add_argument("--val", type=int, default=50)
     parser.add_argument("--candidates", type=int, default=50, help="candidates per retrieval query")
+    parser.add_argument("--k", type=int, nargs="+", default=[2, 4, 8], help="few-shot: patients per class")
+    parser.add_argument("--draws", type=int, default=10, help="few-shot: seeded draws per k")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=400, help="pretraining steps at most (CPU budget; 0: none)")
     parser.add_argument("--overlay", nargs="*", default=[], help="YAML overlays of the train section")
@@ -313,6 +364,11 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarise(rows, Path(args.out))
     plot(summary, Path(args.out), args.candidates)
     print(summary.to_string(index=False))
+    shots = fewshot(Path(args.out), tuple(args.k), args.draws, args.seed)
+    if shots is not None:
+        table = shots.groupby(["n_pretrain", "k", "embedding"])["balanced_accuracy"].agg(["mean", "std"]).round(3)
+        table.reset_index().to_csv(Path(args.out) / "fewshot_summary.tsv", sep="\t", index=False)
+        print(table.unstack("embedding").to_string())
     (Path(args.out) / "args.json").write_text(json.dumps(vars(args), indent=1))
 
 
