@@ -19,8 +19,9 @@ Protocol (the stage API directly, not the workflow; each training size is one "f
 5. **few-shot** (pending the few-shot stage's function, issue 19 item 3): k labelled training patients per
    class, the pretrained ``image`` embedding against ``pooled_features``.
 
-``python bench/pretraining.py --out /work/runs/k-align/bench`` (about 15 min on one CPU thread at the default
-sizes). Writes ``retrieval.tsv`` (n, method, group, recall_i2g@1/@5, recall_g2i@1/@5, n_candidates),
+``python bench/pretraining.py --out /work/runs/k-align/bench`` (mgi + cca at the default sizes took 38 min on a
+machine shared by seven; the gene-encoder ablations add about as much each). Writes ``retrieval.tsv``
+(n, method, group, recall_i2g@1/@5, recall_g2i@1/@5, n_candidates),
 ``summary.tsv`` (mean and sd over groups) and ``retrieval.png``.
 """
 
