@@ -15,7 +15,7 @@ from test_datasets import grid_coords, write_store
 
 from wsiomics.datasets import load_fold
 from wsiomics.models.batch import Batch
-from wsiomics.models.mgi import MGI, MGIConfig, info_nce
+from wsiomics.models.mgi import MGI, MGIConfig, info_nce, tile_view
 from wsiomics.models.slide_transformer import SlideTransformerConfig
 from wsiomics.train import loop
 from wsiomics.train.build import build_model
@@ -211,6 +211,62 @@ def test_contrastive_training_aligns_paired_embeddings():
     with torch.no_grad():
         out = model(batch)
     assert retrieval_metrics(out.image.numpy(), out.gene.numpy())["recall_i2g@1"] == 1.0
+
+
+def test_tile_view_keeps_a_random_share_of_each_patients_own_tokens_in_order():
+    b, length = 3, 10
+    mask = torch.zeros(b, length, dtype=torch.bool)
+    mask[0] = True
+    mask[1, :4] = True  # patient 2: no token at all
+    ids = torch.arange(b * length, dtype=torch.float32).view(b, length, 1)  # a token's identity as its feature
+    batch = Batch(features=ids.expand(b, length, 3).clone(), positions=ids.expand(b, length, 2).clone(),
+                  slide_index=torch.where(mask, 0, -1), token_mask=mask, genes=torch.zeros(b, 4),
+                  has_image=mask.any(1), has_gene=torch.ones(b, dtype=torch.bool), labels=torch.zeros(b).long(),
+                  patient_index=torch.arange(b), tile_targets=torch.zeros(b, length))
+    drawn = []
+    for seed in range(6):
+        view = tile_view(batch, 0.5, torch.Generator().manual_seed(seed))
+        assert view.features.shape == (b, 5, 3) and view.tile_targets is None
+        assert view.token_mask.sum(1).tolist() == [5, 2, 0]  # ceil(0.5 x n) of each patient's n tokens
+        for i in range(2):
+            kept = view.features[i, view.token_mask[i], 0]
+            own = ids[i, mask[i], 0]
+            assert set(kept.tolist()) <= set(own.tolist())  # its own real tokens only, never padding
+            assert torch.equal(kept, kept.sort().values)  # raster order kept
+            assert torch.equal(view.positions[i, view.token_mask[i], 0], kept)  # positions travel with features
+        assert (view.slide_index[~view.token_mask] == -1).all()
+        drawn.append(tuple(view.features[1, view.token_mask[1], 0].tolist()))
+    assert len(set(drawn)) > 1  # random subsets, not always the first tokens
+    again = tile_view(batch, 0.5, torch.Generator().manual_seed(0))
+    assert torch.equal(again.features, tile_view(batch, 0.5, torch.Generator().manual_seed(0)).features)
+
+
+def test_views_intra_term_and_gene_dropout_in_the_pretraining_loss():
+    batch = _batch()
+    plain = _model()
+    viewed = _model(views=2, view_fraction=0.6, intra_weight=0.5)
+    out = viewed.pretrain_loss(batch, torch.Generator().manual_seed(0))
+    assert set(out) == {"loss", "infonce", "intra", "logit_scale"}
+    assert float(out["loss"]) == pytest.approx(float(out["infonce"]) + 0.5 * float(out["intra"]), rel=1e-5)
+    out["loss"].backward()
+    assert viewed.image_encoder.cls_token.grad is not None
+    # views: 1 (default) sees every token: no randomness, no intra term
+    a = plain.pretrain_loss(batch, torch.Generator().manual_seed(0))
+    b = plain.pretrain_loss(batch, torch.Generator().manual_seed(1))
+    assert set(a) == {"loss", "infonce", "logit_scale"} and float(a["loss"]) == pytest.approx(float(b["loss"]))
+    # gene dropout zeroes about that share of the genes the encoder sees, drawn from the generator
+    seen = []
+    dropping = _model(gene_dropout=0.5)
+    dropping.encode_gene = lambda bt: (seen.append(bt.genes.clone()), plain.encode_gene(bt))[1]
+    dropping.pretrain_loss(batch, torch.Generator().manual_seed(0))
+    zeroed = float((seen[0] == 0).float().mean())
+    assert 0.3 < zeroed < 0.7
+    kept = seen[0] != 0
+    assert torch.equal(seen[0][kept], batch.genes[kept])
+    with pytest.raises(ValueError, match="views: 2"):
+        _model(intra_weight=1.0)
+    with pytest.raises(ValueError, match="view_fraction"):
+        _model(views=2, view_fraction=0.0)
 
 
 # ---------------------------------------------------------------- end to end on a tiny on-disk cohort

@@ -36,6 +36,7 @@ retrieval compares after normalisation.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +98,11 @@ class MGIConfig:
     head: str = "linear"  # classification head on the fused embedding: linear | mlp
     head_input: str = "encoder"  # what the head reads: encoder ([CLS] ; pooled genes) | projection (the shared space)
     dropout: float = 0.1  # classification head (mlp)
+    # pretraining views and augmentation (TANGLE / THREADS style); the defaults keep plain CLIP on the whole crop
+    views: int = 1  # image views per slide and step: 1 = every token of the crop; 2 = two random tile subsets
+    view_fraction: float = 0.5  # share of a patient's tokens in each view (views: 2)
+    intra_weight: float = 0.0  # weight of an image-image InfoNCE between the two views (TANGLE's intra term)
+    gene_dropout: float = 0.0  # share of genes zeroed (set to the training mean) per patient in pretraining
 
     def __post_init__(self) -> None:
         self.image = SlideTransformerConfig(**self.image) if isinstance(self.image, dict) else self.image
@@ -110,6 +116,13 @@ class MGIConfig:
         if self.embed_dim < 1 or self.n_classes < 1 or self.n_genes < 1:
             raise ValueError(f"need embed_dim, n_classes, n_genes >= 1; got {self.embed_dim}, {self.n_classes}, "
                              f"{self.n_genes}")
+        if self.views not in (1, 2):
+            raise ValueError(f"views must be 1 or 2, got {self.views}")
+        if not 0.0 < self.view_fraction <= 1.0 or not 0.0 <= self.gene_dropout < 1.0 or self.intra_weight < 0:
+            raise ValueError(f"need 0 < view_fraction <= 1, 0 <= gene_dropout < 1, intra_weight >= 0; got "
+                             f"{self.view_fraction}, {self.gene_dropout}, {self.intra_weight}")
+        if self.intra_weight > 0 and self.views != 2:
+            raise ValueError("intra_weight contrasts two image views of a slide: set views: 2")
         if not (self.temperature > 0 and 1.0 / self.temperature <= self.max_logit_scale):
             raise ValueError(f"need 0 < temperature with 1 / temperature <= max_logit_scale; got {self.temperature}, "
                              f"{self.max_logit_scale}")
@@ -186,13 +199,61 @@ class MGI(HeadSplit):
     # -------------------------------------------------- pre-training
 
     def pretrain_loss(self, batch: Batch, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Symmetric InfoNCE over the batch's patients with both modalities (``generator`` unused: no masking)."""
-        image = self.encode_image(batch)[0]
-        gene = self.encode_gene(batch)[0]
+        """Symmetric InfoNCE over the batch's patients with both modalities.
+
+        ``views: 2``: each slide is seen as two random tile subsets (``view_fraction`` of its tokens each),
+        each view contrasted with the genes (the mean of the two InfoNCEs), plus ``intra_weight`` x an InfoNCE
+        between the two views; ``gene_dropout`` zeroes a random share of each patient's genes. Both draw from
+        ``generator`` (the training loop's, checkpointed), so a run is reproducible from its seed."""
         paired = batch.has_image & batch.has_gene  # (B,)
+        gene = self.encode_gene(self._gene_dropout(batch, generator))[0]
+        if self.cfg.views == 2:
+            images = [self.encode_image(tile_view(batch, self.cfg.view_fraction, generator))[0] for _ in range(2)]
+        else:
+            images = [self.encode_image(batch)[0]]
         scale = self.scale()
         if int(paired.sum()) < 2:  # no negatives: nothing to contrast (no grad: the training loop skips the batch)
-            loss = image.new_zeros((), dtype=torch.float32)
-        else:
-            loss = info_nce(image[paired], gene[paired], scale)
-        return {"loss": loss, "infonce": loss.detach(), "logit_scale": scale.detach()}
+            loss = gene.new_zeros((), dtype=torch.float32)
+            return {"loss": loss, "infonce": loss.detach(), "logit_scale": scale.detach()}
+        loss = sum(info_nce(image[paired], gene[paired], scale) for image in images) / len(images)
+        out = {"loss": loss, "infonce": loss.detach(), "logit_scale": scale.detach()}
+        if self.cfg.intra_weight > 0:
+            intra = info_nce(images[0][batch.has_image], images[1][batch.has_image], scale)
+            out.update(loss=loss + self.cfg.intra_weight * intra, intra=intra.detach())
+        return out
+
+    def _gene_dropout(self, batch: Batch, generator: torch.Generator | None) -> Batch:
+        rate = self.cfg.gene_dropout
+        if rate <= 0:
+            return batch
+        keep = torch.rand(batch.genes.shape, generator=generator, device=_device(generator)) >= rate  # (B, G)
+        return dataclasses.replace(batch, genes=batch.genes * keep.to(batch.genes.device, batch.genes.dtype))
+
+
+def _device(generator: torch.Generator | None) -> torch.device:
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def tile_view(batch: Batch, fraction: float, generator: torch.Generator | None = None) -> Batch:
+    """A random subset of each patient's tokens: ``ceil(fraction x n)`` of its n real tokens, in their raster
+    order, gathered into a batch ``ceil(fraction x L)`` tokens long (so a view costs ``fraction`` of a pass).
+
+    TANGLE and THREADS sample random patch subsets of a slide as its views; two of them are two views of one
+    patient for the intra-modality term. Tile targets are dropped (pretraining does not read them)."""
+    mask = batch.token_mask  # (B, L)
+    b, length = mask.shape
+    keep = max(1, math.ceil(fraction * length))
+    scores = torch.rand(b, length, generator=generator, device=_device(generator)).to(mask.device)
+    scores = torch.where(mask, scores, torch.full_like(scores, -1.0))  # real tokens first, padding last
+    chosen = scores.topk(keep, dim=1).indices.sort(dim=1).values  # (B, keep): raster order kept
+    count = torch.ceil(fraction * mask.sum(1).float()).long().clamp(min=1)  # (B,) tokens each patient keeps
+    rank = scores.gather(1, chosen).argsort(dim=1, descending=True).argsort(dim=1)  # (B, keep) rank among chosen
+    view_mask = mask.gather(1, chosen) & (rank < count[:, None])  # (B, keep)
+
+    def take(x: torch.Tensor) -> torch.Tensor:
+        index = chosen.view(b, keep, *([1] * (x.dim() - 2))).expand(b, keep, *x.shape[2:])
+        return x.gather(1, index)
+
+    return dataclasses.replace(batch, features=take(batch.features), positions=take(batch.positions),
+                               slide_index=torch.where(view_mask, take(batch.slide_index), -1), token_mask=view_mask,
+                               tile_targets=None)
