@@ -143,6 +143,40 @@ def test_survival_methods_write_risks_metrics_and_km(cohort, tmp_path, name, los
     assert (tmp_path / "km.png").stat().st_size > 1000 and "km_logrank_p" in metrics
 
 
+def test_without_model_selection_the_val_patients_train(cohort, tmp_path):
+    """select: last picks no epoch on val, so the val patients join the training patients (bins included)."""
+    folds, slides, stores, expr, outcomes = cohort
+    data = load_fold(folds, 0, slides, None, expr)
+    fit = outcomes.loc[[p.patient_id for p in data.role("train", "val")]]
+    for select, n_train, used in (("val", 36, data.role("train")), ("last", 44, data.role("train", "val"))):
+        own = {"gene_only_survival": {"finetune": {"epochs": 2, "select": select}}}
+        cfg = method_config({**CFG, "methods": own}, "gene_only_survival")
+        finetune("gene_only_survival", cfg, data, tmp_path / select, outcomes=outcomes)
+        metrics = json.loads((tmp_path / select / "metrics.json").read_text())
+        assert metrics["training"]["train_patients"] == n_train
+        events = fit.loc[[p.patient_id for p in used]].query("event == 1")["time"].to_numpy()
+        np.testing.assert_allclose(metrics["bins"], time_bins(events, 4), rtol=1e-6)
+    assert len(fit) == 44
+
+
+@pytest.mark.parametrize("name", ["gene_only_survival", "image_only_survival", "late_fusion_survival",
+                                  "gimp_survival", "mgi_survival"])
+def test_survival_networks_select_no_epoch_on_a_few_val_patients(cohort, tmp_path, name):
+    """By default a survival fine-tune keeps its last epoch and trains on train + val: the classification
+    default (early stopping on val) is left as it is."""
+    from wsiomics.train import stages
+
+    folds, slides, stores, expr, outcomes = cohort
+    data = load_fold(folds, 0, slides, None, expr)
+    ctx = stages._context(METHODS[name], method_config(CFG, name), data, tmp_path, "finetune",
+                          inputs={"outcomes": outcomes})
+    ctx.data = stages.get_task("survival").prepare(ctx)
+    assert not stages._optim(ctx.cfg["finetune"])[1]  # select on val: no
+    fit = stages.get_task("survival").training_data(ctx)
+    assert len(fit.role("train")) == 44 and not fit.role("val")
+    assert stages._optim(method_config(CFG, name.removesuffix("_survival"))["finetune"])[1]
+
+
 def test_gimp_survival_starts_from_gimps_pretrained_encoders(cohort, tmp_path):
     from wsiomics.train import stages
 

@@ -42,6 +42,13 @@ def settings(cfg: dict[str, Any]) -> tuple[str, int]:
     return loss, n_bins
 
 
+def fit_roles_of(cfg: dict[str, Any]) -> tuple[str, ...]:
+    """The roles a survival network is fitted on: ``train``, and ``val`` too when the fine-tune selects no
+    epoch on it (``select: last``)."""
+    select = str((cfg.get("finetune") or {}).get("select", "val"))
+    return (*TRAIN_ROLES, *VAL_ROLES) if select == "last" else TRAIN_ROLES
+
+
 def read_outcomes(samples: str | Path) -> pd.DataFrame:
     """Per-patient ``time`` (days) and ``event`` (1 = event, 0 = censored) from the sample sheet, which
     :func:`wsiomics.samples.load_sample_sheet` checks (a bad or conflicting value is a sheet error naming
@@ -146,7 +153,7 @@ class Survival(Task):
             p.outcome = (np.array([outcomes.at[p.patient_id, "time"], outcomes.at[p.patient_id, "event"]], np.float32)
                          if p.patient_id in outcomes.index else None)
         loss, n_bins = settings(ctx.cfg)
-        train = [p.outcome for p in ctx.data.role(*TRAIN_ROLES) if p.outcome is not None]
+        train = [p.outcome for p in ctx.data.role(*fit_roles_of(ctx.cfg)) if p.outcome is not None]
         event_times = np.array([o[0] for o in train if o[1] == 1])
         if len(event_times) < 2:
             raise ValueError(f"{ctx.method.name} fold {ctx.data.fold}: {len(event_times)} training patients with an "
@@ -160,8 +167,11 @@ class Survival(Task):
         return n_bins if loss == "nll" else 1
 
     def training_data(self, ctx: StageContext) -> FoldData:
-        data = ctx.data
-        return replace(data, patients=[p for p in data.patients if p.role in EVAL_ROLES or p.outcome is not None])
+        """The patients with follow-up, plus the evaluated ones. Without model selection (``finetune.select:
+        last``) the ``val`` patients train too: nothing else would use them (``coxph`` fits on them as well)."""
+        data, fit_roles = ctx.data, fit_roles_of(ctx.cfg)
+        return replace(data, patients=[replace(p, role=TRAIN_ROLES[0]) if p.role in fit_roles else p
+                                       for p in data.patients if p.role in EVAL_ROLES or p.outcome is not None])
 
     def objective(self, ctx: StageContext):
         loss = ctx.found["loss"]
