@@ -29,7 +29,8 @@ def roc_points(labels: list[str] | np.ndarray, probs: np.ndarray, classes: list[
         positive = labels == c
         if positive.all() or not positive.any():
             continue
-        fpr, tpr, _ = skm.roc_curve(positive, probs[:, classes.index(c)])
+        # every threshold kept (drop_intermediate=False): the plotted steps are exactly the data's
+        fpr, tpr, _ = skm.roc_curve(positive, probs[:, classes.index(c)], drop_intermediate=False)
         curves[c] = (fpr, tpr, float(skm.auc(fpr, tpr)))
     if len(curves) > 1:
         grid = np.unique(np.concatenate([f for f, _, _ in curves.values()]))
