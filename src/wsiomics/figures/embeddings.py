@@ -85,8 +85,8 @@ def draw_embedding_maps(results: Results, out: Path, params: FigureParams) -> li
                     ax.scatter(xy[mask, 0], xy[mask, 1], s=14, color=colour, label=style.title_case(group),
                                edgecolors="white", linewidths=0.3)
                 ax.set(title=f"coloured by {name}", xticks=[], yticks=[], xlabel="UMAP 1", ylabel="UMAP 2")
-                ax.legend(loc="best", markerscale=1.2)
+                ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, markerscale=1.2)
             fig.suptitle(f"{method}: {which} embeddings ({'fine-tuned' if stage == 'finetune' else 'pretrained'}), "
-                         f"{len(table)} test patients, {table['fold'].nunique()} folds", fontsize=9)
+                         f"{len(table)} test patients, {table['fold'].nunique()} folds", fontsize=9, y=1.02)
             written += style.save(fig, out / f"{method}.png")
     return written

@@ -169,14 +169,15 @@ def draw_attention(results: Results, out: Path, params: FigureParams) -> list[Pa
                 p = confidence.get(smap.patient_id)
                 ax.set_title(f"{method} fold {smap.fold}: {smap.slide_id}\ntrue {style.title_case(label)}"
                              + (f", p(true) {p:.2f}" if p is not None else ""))
-                fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="attention percentile in the slide")
+                fig.colorbar(im, ax=ax, orientation="horizontal", fraction=0.05, pad=0.03,
+                             label="attention percentile within the slide")
                 for row, (name, idx) in enumerate((("top", top), ("bottom", bottom))):
                     for j, i in enumerate(idx):
                         if not tiles:
                             break
                         tax = fig.add_subplot(grid[row, 1 + j])
                         tax.imshow(tiles[row * len(top) + j])
-                        tax.set(xticks=[], yticks=[])
+                        tax.axis("off")
                         tax.set_title(f"{name} {j + 1}: {smap.values[i]:.2g}", fontsize=6)
                 written += style.save(fig, out / method / f"{smap.slide_id}.png")
     return written
