@@ -185,3 +185,15 @@ def test_registry_gives_every_kind_a_caption_and_a_category():
         assert (REPO / "workflow" / "rules" / spec["caption"]).resolve().is_file(), f"caption of {name} missing"
         assert spec["path"] == f"results/figures/{name}"
         assert set(spec["labels"].values()) == {f"{{{w}}}" for w in kinds()[name].wildcards}
+
+
+def test_reading_the_registry_imports_no_plotting_or_stage_library():
+    """The workflow reads the registry while parsing, with the launcher's Python (tests/test_workflow.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from wsiomics.figures import report_outputs; report_outputs(); "
+            "print(sorted(m for m in ('matplotlib', 'sklearn', 'scanpy', 'anndata', 'zarr', 'torch', 'openslide', "
+            "'cv2') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn import metrics as skm
 
 from wsiomics.figures import register
 from wsiomics.figures.params import FigureParams
@@ -22,6 +21,8 @@ def roc_points(labels: list[str] | np.ndarray, probs: np.ndarray, classes: list[
     """One-vs-rest ROC of each class present with at least one patient on each side: class -> (fpr, tpr, auc),
     plus ``"macro"``: the per-class TPRs interpolated on their union of FPRs and averaged (the curve whose
     area is the macro AUC). Two classes: the one curve of the second class's probability."""
+    from sklearn import metrics as skm
+
     labels = np.asarray(labels)
     curves: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
     shown = classes[1:] if len(classes) == 2 else classes
@@ -74,6 +75,8 @@ def draw_roc(results: Results, out: Path, params: FigureParams) -> list[Path]:
 
 @register("confusion", category="Models", subcategory="Confusion matrices", pattern="{method}.png")
 def draw_confusion(results: Results, out: Path, params: FigureParams) -> list[Path]:
+    from sklearn import metrics as skm
+
     from wsiomics.figures import style
 
     written = []
