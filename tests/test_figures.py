@@ -197,3 +197,23 @@ def test_reading_the_registry_imports_no_plotting_or_stage_library():
             "'cv2') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_km_pools_folds_split_at_each_folds_training_median(tmp_path):
+    from wsiomics.figures.survival import draw_km, risk_groups
+
+    root = tmp_path / "results"
+    for fold, shift in ((0, 0.0), (1, 10.0)):  # fold 1's risks are on another scale: its own median splits it
+        d = root / "models/surv" / f"fold{fold}"
+        d.mkdir(parents=True)
+        pd.DataFrame({"patient_id": [f"F{fold}P{i}" for i in range(8)],
+                      "role": ["train"] * 4 + ["test"] * 4,
+                      "risk": np.array([1, 2, 3, 4, 0.5, 2.4, 2.6, 9]) + shift,
+                      "time": [10, 20, 30, 40, 100, 90, 15, 5], "event": [1, 1, 0, 1, 0, 1, 1, 1]}).to_csv(
+            d / "risks.tsv", sep="\t", index=False)
+    results = Results(root)
+    groups = risk_groups(results, "surv")
+    assert groups["high"].tolist() == [False, False, True, True] * 2  # training median 2.5 (+ shift)
+    written = draw_km(results, tmp_path / "km", FigureParams())
+    assert [p.name for p in written] == ["surv.png", "surv.svg"]
+    _check_png(written[0])
