@@ -48,7 +48,7 @@ rule figures:
         mem_mb=4000,
         runtime=60,
     conda:
-        "../../envs/train.yaml"
+        "../../envs/figures.yaml"
     shell:
         "python -m wsiomics.figures --results results --out results/figures --samples {params.samples:q}"
         " --segmentation {params.segmentation:q} {params.options} > {log:q} 2>&1"
