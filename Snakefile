@@ -18,6 +18,7 @@ include: "workflow/rules/expression.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/fewshot.smk"
 include: "workflow/rules/summary.smk"
+include: "workflow/rules/figures.smk"
 
 
 localrules:

@@ -36,6 +36,7 @@ SECTIONS = {
     "SplitParams": "splits",
     "CohortConfig": "synth",
     "SummaryParams": "summary",
+    "FigureParams": "figures",
 }
 
 
