@@ -25,9 +25,13 @@ $(STAMP): pyproject.toml
 # jobs that ask for a GPU run at once instead of the profile's one.
 # compileall first: where PYTHONDONTWRITEBYTECODE is set (as on these build machines), Python would otherwise
 # recompile the package's sources in each of the demo's ~150 job processes.
+# It ends with the Snakemake report (README "Report"): results/report.html, self-contained, or results/report.zip
+# when the html would be over REPORT_MAX_MB (a browser slows down on more embedded images than that).
+REPORT_MAX_MB ?= 50
 demo: venv
 	$(BIN)/python -m compileall -q src
 	$(BIN)/snakemake --cores $(CORES) --resources gpu=$(CORES)
+	$(BIN)/python -m wsiomics.report html --out results/report.html --max-mb $(REPORT_MAX_MB)
 
 # pytest exits 5 when it collects no tests; make treats that as a failure, as it should.
 test: venv

@@ -9,6 +9,10 @@ min_version("9.0")
 configfile: f"{workflow.basedir}/config.yaml"
 
 
+# The landing page of `snakemake --report` (README "Report"); figures and tables join it with report(...).
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/synth.smk"
 include: "workflow/rules/tiling.smk"
@@ -19,6 +23,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/fewshot.smk"
 include: "workflow/rules/summary.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/report.smk"
 
 
 localrules:

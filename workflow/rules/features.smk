@@ -71,7 +71,8 @@ rule slide_status:
         report(
             SLIDE_STATUS,
             caption="../report/slide_status.rst",
-            category="Tiling QC",
+            category="QC",
+            subcategory="Slide status",
             labels={"table": "slide status"},
         ),
     params:

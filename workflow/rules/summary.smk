@@ -11,9 +11,24 @@ rule summarize:
     input:
         model_metrics,
     output:
-        metrics="results/summary/metrics.tsv",
-        comparisons="results/summary/comparisons.tsv",
-        table="results/summary/metrics.md",
+        metrics=report(
+            "results/summary/metrics.tsv",
+            caption="../report/metrics_tsv.rst",
+            category="Summary",
+            labels={"table": "summary/metrics.tsv"},
+        ),
+        comparisons=report(
+            "results/summary/comparisons.tsv",
+            caption="../report/comparisons.rst",
+            category="Summary",
+            labels={"table": "summary/comparisons.tsv"},
+        ),
+        table=report(
+            "results/summary/metrics.md",
+            caption="../report/metrics_md.rst",
+            category="Summary",
+            labels={"table": "summary/metrics.md"},
+        ),
     params:
         options=summary_options(),
     log:

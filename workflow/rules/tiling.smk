@@ -14,7 +14,8 @@ rule tile:
         qc=report(
             "results/qc/tiles/{slide_id}.png",
             caption="../report/tile_qc.rst",
-            category="Tiling QC",
+            category="QC",
+            subcategory="Tissue and tiles",
             labels={"slide": "{slide_id}"},
         ),
     params:

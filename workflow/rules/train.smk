@@ -14,7 +14,13 @@ rule pretrain:
     output:
         model="results/models/{method}/fold{fold}/pretrain/model.pt",
         history="results/models/{method}/fold{fold}/pretrain/history.tsv",
-        curve="results/models/{method}/fold{fold}/pretrain/loss_curve.png",
+        curve=report(
+            "results/models/{method}/fold{fold}/pretrain/loss_curve.png",
+            caption="../report/loss_curve.rst",
+            category="Models",
+            subcategory="{method}",
+            labels={"stage": "pretrain", "fold": "{fold}"},
+        ),
         metrics="results/models/{method}/fold{fold}/pretrain/metrics.json",
         embeddings=directory("results/models/{method}/fold{fold}/pretrain/embeddings.zarr"),
     params:
@@ -48,6 +54,13 @@ rule finetune:
         embeddings=directory("results/models/{method}/fold{fold}/embeddings.zarr"),
         attention=directory("results/models/{method}/fold{fold}/attention"),
         history="results/models/{method}/fold{fold}/history.tsv",
+        curve=report(
+            "results/models/{method}/fold{fold}/loss_curve.png",
+            caption="../report/loss_curve.rst",
+            category="Models",
+            subcategory="{method}",
+            labels={"stage": "fine-tune", "fold": "{fold}"},
+        ),
     params:
         options=train_options,
         config=lambda wildcards: method_config(TRAIN, wildcards.method),
@@ -77,8 +90,22 @@ rule finetune_segmentation:
         unpack(segmentation_inputs),
     output:
         metrics="results/models/{method}/fold{fold}/metrics.json",
-        tumour=directory("results/models/{method}/fold{fold}/tumour"),
+        tumour=report(
+            directory("results/models/{method}/fold{fold}/tumour"),
+            patterns=["{slide_id}.png"],
+            caption="../report/tumour_map_fold.rst",
+            category="Segmentation",
+            subcategory="{method}",
+            labels={"slide": "{slide_id}", "fold": "{fold}"},
+        ),
         history="results/models/{method}/fold{fold}/history.tsv",
+        curve=report(
+            "results/models/{method}/fold{fold}/loss_curve.png",
+            caption="../report/loss_curve.rst",
+            category="Models",
+            subcategory="{method}",
+            labels={"stage": "fine-tune", "fold": "{fold}"},
+        ),
     params:
         options=train_options,
         config=lambda wildcards: method_config(TRAIN, wildcards.method),
@@ -109,8 +136,21 @@ rule finetune_survival:
     output:
         metrics="results/models/{method}/fold{fold}/metrics.json",
         risks="results/models/{method}/fold{fold}/risks.tsv",
-        km="results/models/{method}/fold{fold}/km.png",
+        km=report(
+            "results/models/{method}/fold{fold}/km.png",
+            caption="../report/km_fold.rst",
+            category="Survival",
+            subcategory="{method}",
+            labels={"fold": "{fold}"},
+        ),
         history="results/models/{method}/fold{fold}/history.tsv",
+        curve=report(
+            "results/models/{method}/fold{fold}/loss_curve.png",
+            caption="../report/loss_curve.rst",
+            category="Models",
+            subcategory="{method}",
+            labels={"stage": "fine-tune", "fold": "{fold}"},
+        ),
     params:
         options=train_options,
         config=lambda wildcards: method_config(TRAIN, wildcards.method),
@@ -135,7 +175,12 @@ rule summarize_models:
     input:
         model_metrics,
     output:
-        "results/models/summary.tsv",
+        report(
+            "results/models/summary.tsv",
+            caption="../report/models_summary.rst",
+            category="Summary",
+            labels={"table": "models/summary.tsv"},
+        ),
     log:
         "logs/train/summary.log",
     benchmark:
