@@ -140,3 +140,19 @@ def test_latent_factors_drive_stain_and_a_gene_set_and_default_is_unchanged():
     hi = np.mean([sample_counts(model, 0, rng, latent=(1.0, 0.0))[genes0].sum() for _ in range(20)])
     lo = np.mean([sample_counts(model, 0, rng, latent=(-1.0, 0.0))[genes0].sum() for _ in range(20)])
     assert hi / lo > 8  # log2 fold change 2 per unit: 2**4 between -1 and +1
+
+
+def test_missing_modality_fractions_leave_each_patient_one_modality_and_keep_the_rest():
+    """fraction_no_expression / fraction_no_slide (a deployment cohort): disjoint patients lose RNA or slides;
+    every other patient, slide and label is what the same seed gives without them."""
+    base = CohortConfig(n_patients=40, seed=5, faults=False)
+    plain, plain_slides = plan_cohort(base)
+    cfg = CohortConfig(n_patients=40, seed=5, faults=False, fraction_no_expression=0.25, fraction_no_slide=0.2)
+    pts, specs = plan_cohort(cfg)
+    assert (~pts.has_expression).sum() == 10 and (~pts.has_slide).sum() == 8
+    assert not (~pts.has_expression & ~pts.has_slide).any()  # nobody is left without either modality
+    assert pts.label.tolist() == plain.label.tolist()
+    kept = {p for p in pts.patient_id[pts.has_slide]}
+    assert [s for s in plain_slides if s.patient_id in kept] == specs
+    with pytest.raises(ValueError, match="fraction"):
+        plan_cohort(CohortConfig(n_patients=8, faults=False, fraction_no_expression=0.6, fraction_no_slide=0.6))
