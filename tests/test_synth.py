@@ -156,3 +156,21 @@ def test_missing_modality_fractions_leave_each_patient_one_modality_and_keep_the
     assert [s for s in plain_slides if s.patient_id in kept] == specs
     with pytest.raises(ValueError, match="fraction"):
         plan_cohort(CohortConfig(n_patients=8, faults=False, fraction_no_expression=0.6, fraction_no_slide=0.6))
+
+
+def test_genome_seed_gives_another_cohort_the_same_genome(tmp_path):
+    """A deployment cohort (another seed) must share the training cohort's genes and programmes."""
+    from wsiomics.synth.cohort import write_cohort
+
+    common = dict(n_patients=4, slide_width_um=600, slide_height_um=500, n_genes=200, faults=False)
+    a = write_cohort(tmp_path / "a", CohortConfig(seed=0, **common), progress=False)
+    b = write_cohort(tmp_path / "b", CohortConfig(seed=1, genome_seed=0, **common), progress=False)
+    c = write_cohort(tmp_path / "c", CohortConfig(seed=1, **common), progress=False)
+
+    def genes(sheet):
+        path = sorted((sheet.parent / "expression").glob("*.tsv"))[0]
+        table = pd.read_csv(path, sep="\t", comment="#")
+        return table[table["gene_id"].str.startswith("ENSG")][["gene_id", "gene_type"]]
+
+    assert genes(a).equals(genes(b))
+    assert not genes(a).equals(genes(c))

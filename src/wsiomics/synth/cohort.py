@@ -55,6 +55,9 @@ class CohortConfig:
     # drawn from their own random stream, so every other patient, slide and label is the same seed's)
     fraction_no_expression: float = 0.0
     fraction_no_slide: float = 0.0
+    # The synthetic genome (gene ids and types, the programme and latent gene sets) follows this seed; -1: seed.
+    # A second cohort of the same disease (to deploy a model to): another seed with the first's genome_seed.
+    genome_seed: int = -1
 
 
 # Log-hazard of the synthetic follow-up: the latent factors are seen by both modalities (stain, a gene set),
@@ -223,7 +226,7 @@ def write_cohort(out_dir: str | Path, cfg: CohortConfig, workers: int = 1, progr
         (out / sub).mkdir(parents=True, exist_ok=True)
     patients, slides = plan_cohort(cfg)
 
-    model = gene_model(cfg.n_genes, cfg.seed)
+    model = gene_model(cfg.n_genes, cfg.seed if cfg.genome_seed < 0 else cfg.genome_seed)
     rng = np.random.default_rng(cfg.seed + 1)
     expression_paths = {}
     for p in patients.itertuples():
