@@ -17,6 +17,7 @@ include: "workflow/rules/splits.smk"
 include: "workflow/rules/expression.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/summary.smk"
+include: "workflow/rules/deploy.smk"
 
 
 localrules:
