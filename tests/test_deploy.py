@@ -30,7 +30,7 @@ from wsiomics.train.methods import method_config
 from wsiomics.train.stages import finetune, load_inputs
 
 N_GENES = 12
-N_FOLDS = 2
+N_FOLDS = 3
 ROOT = Path(__file__).resolve().parents[1]
 IDENTITY = {"encoder": "toy_encoder", "weights": {"source": "hub", "name": "toy", "sha256": "ab" * 32},
             "target_mpp": 0.5}
@@ -78,8 +78,7 @@ def cohort(root: Path, prefix: str, n: int, rng: np.random.Generator, no_rna=(),
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """The trained run (models per fold for gene_only, image_only, late_fusion; linear is refitted) and the
-    new cohort."""
+    """The trained run (gene_only, image_only, late_fusion, linear on every fold) and the new cohort."""
     root = tmp_path_factory.mktemp("deploy")
     rng = np.random.default_rng(0)
     train_sheet = cohort(root / "run", "T", 16, rng)
@@ -91,7 +90,7 @@ def run(tmp_path_factory):
     for k in range(N_FOLDS):
         write_anndata(normalize_fold(raw, folds, k, NormalizeParams(gene_selection="all")),
                       root / "run" / "expression" / f"fold{k}.zarr")
-    for name in ("gene_only", "image_only", "late_fusion"):
+    for name in ("gene_only", "image_only", "late_fusion", "linear"):
         cfg = method_config(TRAIN_CFG, name)
         for k in range(N_FOLDS):
             data = _run_fold(root, name, k)
@@ -108,8 +107,9 @@ def _run_fold(root: Path, method: str, fold: int):
                        fold, get_method(method))
 
 
-def _predict(run, method: str, out: Path, **over):
-    root, sheet = run
+def _predict(run, method: str, out: Path, sheet: Path | None = None, **over):
+    root, deploy_sheet = run
+    sheet = sheet or deploy_sheet
     kwargs = dict(features=root / "new" / "features", expression=root / "new" / "cohort.zarr",
                   fold_expression=root / "run" / "expression", train_features=root / "run" / "features",
                   train_folds=root / "run" / "folds.tsv", train_samples=root / "run" / "samples.tsv")
@@ -136,10 +136,29 @@ def test_ensemble_is_the_mean_of_the_fold_models(run, tmp_path, method):
     assert (table["predicted"] == mean.idxmax(axis=1).str.removeprefix("prob_").to_numpy()).all()
     # the fold models are not all the same model: the mean is a mean of different things
     by_fold = folds.pivot(index="patient_id", columns="fold", values="prob_a")
-    assert not np.allclose(by_fold[0], by_fold[1])
+    assert not np.allclose(by_fold[0], by_fold[1]) and not np.allclose(by_fold[1], by_fold[2])
+    assert not np.allclose(by_fold.mean(1), by_fold.median(1))  # three folds: a mean, not a median
     assert metrics["ensemble"]["balanced_accuracy"] >= 0.75  # the label is a strong shift in both modalities
     assert set(metrics["ensemble"]["by_modalities"]) == {"image+gene", "image", "gene"}
     assert json.loads((tmp_path / method / "metrics.json").read_text())["n_patients"] == 8
+
+
+@pytest.mark.parametrize("method", ["late_fusion", "image_only", "linear"])
+def test_deploying_to_the_run_cohort_reproduces_each_folds_test_predictions(run, tmp_path, method):
+    """The fold models as deployed (a network from model.pt; linear refitted on the fold's training patients)
+    are the models the run evaluated: on the run's own cohort, each fold's predictions of its test patients equal
+    the run's predictions.tsv."""
+    root, _ = run
+    _predict(run, method, tmp_path, sheet=root / "run" / "samples.tsv", features=root / "run" / "features",
+             expression=root / "run" / "cohort.zarr")
+    ours = pd.read_csv(tmp_path / "fold_predictions.tsv", sep="\t", keep_default_na=False)
+    for k in range(N_FOLDS):
+        theirs = pd.read_csv(root / "run" / "models" / method / f"fold{k}" / "predictions.tsv", sep="\t")
+        theirs = theirs[theirs["role"] == "test"].set_index("patient_id")
+        mine = ours[ours["fold"] == k].set_index("patient_id").loc[theirs.index]
+        np.testing.assert_allclose(mine[_probs(theirs)].to_numpy(float), theirs[_probs(theirs)].to_numpy(float),
+                                   atol=2e-6)
+        assert (mine["predicted"] == theirs["predicted"]).all()
 
 
 def test_ensemble_averages_only_the_folds_that_predicted():
@@ -192,6 +211,7 @@ def test_deploy_genes_use_each_folds_training_transform(run, tmp_path):
 @pytest.mark.parametrize("attr, value, named", [
     ("encoder", "uni_v1", "encoder"),
     ("weights", {"source": "hub", "name": "toy", "sha256": "cd" * 32}, "weights_sha256"),
+    ("weights", {"source": "random", "name": "", "sha256": None}, "weights_sha256"),
     ("target_mpp", 0.25, "target_mpp"),
 ])
 def test_features_of_another_encoder_are_refused(run, tmp_path, attr, value, named):
@@ -204,7 +224,7 @@ def test_features_of_another_encoder_are_refused(run, tmp_path, attr, value, nam
         _predict(run, "image_only", tmp_path / "out", features=other)
     message = str(e.value)
     assert named in message and str(root / "run" / "features") in message and str(other) in message
-    shown = value["sha256"] if attr == "weights" else value
+    shown = value["sha256"] if attr == "weights" else value  # random weights: None against the run's digest
     trained = IDENTITY["weights"]["sha256"] if attr == "weights" else IDENTITY[attr]
     assert repr(shown) in message and repr(trained) in message
     assert not (tmp_path / "out" / "predictions.tsv").exists()

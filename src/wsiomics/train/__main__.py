@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         cfg["threads"] = args.threads
     if args.command == "predict":
+        from wsiomics.samples import SampleSheetError
         from wsiomics.train.deploy import DeployError, predict
 
         try:
@@ -95,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     features=args.features or None, expression=args.expression or None,
                     fold_expression=args.fold_expression or None, train_features=args.train_features or None,
                     train_folds=args.train_folds or None, train_samples=args.train_samples or None)
-        except DeployError as e:
+        except (DeployError, SampleSheetError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         return 0

@@ -49,8 +49,8 @@ class DeployError(ValueError):
 
 def feature_identity(store: str | Path) -> dict[str, Any] | None:
     """What must match between a training and a deploy feature store: encoder, weights sha256 (``None`` for
-    imported features: their sha256 is the source file's), target um/px, feature width. None for a store
-    without usable features."""
+    random weights, and for imported features: their sha256 is the source file's, so it is not compared),
+    target um/px, feature width. None for a store without usable features."""
     try:
         root = zarr.open_group(str(store), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
@@ -76,9 +76,10 @@ def training_identity(feature_dir: str | Path) -> tuple[dict[str, Any], Path]:
 def check_same_features(train: dict[str, Any], train_store: Path, deploy: dict[str, Any], deploy_store: Path) -> None:
     """Refuse deploy features made otherwise than the training run's (naming both values and stores)."""
     keys = ["encoder", "target_mpp", "feature_dim"]
-    if train["weights_sha256"] is not None and deploy["weights_sha256"] is not None:
-        keys.append("weights_sha256")
-    elif (train["source"] == "imported") != (deploy["source"] == "imported"):
+    imported = (train["source"] == "imported", deploy["source"] == "imported")
+    if not any(imported):
+        keys.append("weights_sha256")  # random weights have none: None == None
+    elif not all(imported):
         log.warning("weights of %s (%s) and %s (%s) cannot be compared: imported features carry no encoder "
                     "weights digest", train_store, train["source"], deploy_store, deploy["source"])
     for key in keys:
@@ -281,7 +282,10 @@ def predict(method_name: str, cfg: dict[str, Any], models_dir: str | Path, n_fol
     out = Path(out_dir)
     use_image = "image" in method.modalities and features is not None
     use_gene = "gene" in method.modalities and expression is not None and fold_expression is not None
-    base = deploy_patients(load_sample_sheet(samples), features if use_image else None)
+    try:
+        base = deploy_patients(load_sample_sheet(samples), features if use_image else None)
+    except DatasetError as e:
+        raise DeployError(f"the deploy cohort {samples}: {e}") from None
     if use_image and any(p.slides for p in base):
         if train_features is None:
             raise DeployError("the deploy slides' features need the training run's (--train-features) to check "
