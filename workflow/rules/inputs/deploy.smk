@@ -1,5 +1,4 @@
 # Input functions, targets and command-line options of the deployment rules (deploy.smk).
-from wsiomics.samples import patients as _deploy_patient_rows
 
 DEPLOY = config["deploy"]
 DEPLOY_NAME = DEPLOY["name"]
