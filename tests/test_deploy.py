@@ -274,3 +274,13 @@ def test_rule_predict_in_a_dry_run_with_deploy_set(tmp_path):
     assert f"--out results/deploy/hospital/features/resnet50_trunc/{slide}.zarr" in text
     assert f"--out results/tiles/{slide}.zarr" in text
     assert str(tmp_path / "hospital" / "slides") in text and "expression cohort --samples" in text
+
+
+def test_deploy_name_without_samples_is_refused(tmp_path):
+    overlay = tmp_path / "deploy.yaml"
+    overlay.write_text("deploy:\n  name: hospital\n")
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory",
+                           str(tmp_path / "work"), "--configfile", str(overlay), "-n", "-c1"],
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "deploy: name ('hospital') and samples ('') go together" in done.stdout + done.stderr
