@@ -24,6 +24,7 @@ include: "workflow/rules/fewshot.smk"
 include: "workflow/rules/summary.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/deploy.smk"
 
 
 localrules:

@@ -170,3 +170,37 @@ def test_unlabelled_fraction_withholds_labels_as_the_feature_generator_does(tmp_
     assert set(feature_sheet.index[feature_sheet.label == ""]) == unlabelled
     with pytest.raises(ValueError, match="unlabelled_fraction"):
         plan_cohort(CohortConfig(n_patients=8, unlabelled_fraction=1.0))
+
+
+def test_missing_modality_fractions_leave_each_patient_one_modality_and_keep_the_rest():
+    """fraction_no_expression / fraction_no_slide (a deployment cohort): disjoint patients lose RNA or slides;
+    every other patient, slide and label is what the same seed gives without them."""
+    base = CohortConfig(n_patients=40, seed=5, faults=False)
+    plain, plain_slides = plan_cohort(base)
+    cfg = CohortConfig(n_patients=40, seed=5, faults=False, fraction_no_expression=0.25, fraction_no_slide=0.2)
+    pts, specs = plan_cohort(cfg)
+    assert (~pts.has_expression).sum() == 10 and (~pts.has_slide).sum() == 8
+    assert not (~pts.has_expression & ~pts.has_slide).any()  # nobody is left without either modality
+    assert pts.label.tolist() == plain.label.tolist()
+    kept = {p for p in pts.patient_id[pts.has_slide]}
+    assert [s for s in plain_slides if s.patient_id in kept] == specs
+    with pytest.raises(ValueError, match="fraction"):
+        plan_cohort(CohortConfig(n_patients=8, faults=False, fraction_no_expression=0.6, fraction_no_slide=0.6))
+
+
+def test_genome_seed_gives_another_cohort_the_same_genome(tmp_path):
+    """A deployment cohort (another seed) must share the training cohort's genes and programmes."""
+    from wsiomics.synth.cohort import write_cohort
+
+    common = dict(n_patients=4, slide_width_um=600, slide_height_um=500, n_genes=200, faults=False)
+    a = write_cohort(tmp_path / "a", CohortConfig(seed=0, **common), progress=False)
+    b = write_cohort(tmp_path / "b", CohortConfig(seed=1, genome_seed=0, **common), progress=False)
+    c = write_cohort(tmp_path / "c", CohortConfig(seed=1, **common), progress=False)
+
+    def genes(sheet):
+        path = sorted((sheet.parent / "expression").glob("*.tsv"))[0]
+        table = pd.read_csv(path, sep="\t", comment="#")
+        return table[table["gene_id"].str.startswith("ENSG")][["gene_id", "gene_type"]]
+
+    assert genes(a).equals(genes(b))
+    assert not genes(a).equals(genes(c))

@@ -56,6 +56,13 @@ class CohortConfig:
     latent_factors: int = 0  # shared image/expression factors per patient (0: none; at most 2)
     survival: bool = False  # follow-up columns time (days) and event in the sheet
     unlabelled_fraction: float = 0.0  # share of patients whose label is withheld in the sheet (truth keeps it)
+    # A cohort to deploy a trained model to: shares of patients without RNA / without slides (disjoint sets,
+    # drawn from their own random stream, so every other patient, slide and label is the same seed's)
+    fraction_no_expression: float = 0.0
+    fraction_no_slide: float = 0.0
+    # The synthetic genome (gene ids and types, the programme and latent gene sets) follows this seed; -1: seed.
+    # A second cohort of the same disease (to deploy a model to): another seed with the first's genome_seed.
+    genome_seed: int = -1
 
 
 # Log-hazard of the synthetic follow-up: the latent factors are seen by both modalities (stain, a gene set),
@@ -112,6 +119,20 @@ def withheld_labels(patient_ids: np.ndarray, fraction: float, seed: int) -> set[
     return {str(p) for p in np.random.default_rng([seed, 13]).choice(patient_ids, n, replace=False)}
 
 
+def _drop_modalities(cfg: CohortConfig, patients: list[dict]) -> None:
+    """Mark round(fraction x n) patients without expression and others without slides (in place)."""
+    n = cfg.n_patients
+    n_rna, n_slide = round(cfg.fraction_no_expression * n), round(cfg.fraction_no_slide * n)
+    if min(cfg.fraction_no_expression, cfg.fraction_no_slide) < 0 or n_rna + n_slide > n:
+        raise ValueError(f"fraction_no_expression ({cfg.fraction_no_expression}) + fraction_no_slide "
+                         f"({cfg.fraction_no_slide}) must be >= 0 and sum to at most 1: a patient keeps one modality")
+    order = np.random.default_rng([cfg.seed, 11]).permutation(n)
+    for i in order[:n_rna]:
+        patients[i]["has_expression"] = False
+    for i in order[n_rna:n_rna + n_slide]:
+        patients[i]["has_slide"] = False
+
+
 def plan_cohort(cfg: CohortConfig) -> tuple[pd.DataFrame, list[SlideSpec]]:
     """Decide every patient and slide (no I/O): patient table (with ``labelled``: the sheet shows the label)
     and slide specs."""
@@ -141,6 +162,9 @@ def plan_cohort(cfg: CohortConfig) -> tuple[pd.DataFrame, list[SlideSpec]]:
                 mpp=cfg.mpp_40x if forty else cfg.mpp_20x, seed=int(rng.integers(2**31)),
                 tissue_type=tissue_type, pen=bool(rng.random() < cfg.fraction_pen),
                 stain=_stain(rng, latent[i], cfg.latent_factors)))
+    _drop_modalities(cfg, patients)
+    no_slide = {p["patient_id"] for p in patients if not p["has_slide"]}
+    slides = [s for s in slides if s.patient_id not in no_slide]
     if cfg.faults:
         # Faults go to patients that keep at least one good slide, except the expression-only patient.
         last = cfg.n_patients - 1
@@ -219,7 +243,7 @@ def write_cohort(out_dir: str | Path, cfg: CohortConfig, workers: int = 1, progr
         (out / sub).mkdir(parents=True, exist_ok=True)
     patients, slides = plan_cohort(cfg)
 
-    model = gene_model(cfg.n_genes, cfg.seed)
+    model = gene_model(cfg.n_genes, cfg.seed if cfg.genome_seed < 0 else cfg.genome_seed)
     rng = np.random.default_rng(cfg.seed + 1)
     expression_paths = {}
     for p in patients.itertuples():

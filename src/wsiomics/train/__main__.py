@@ -1,4 +1,4 @@
-"""``python -m wsiomics.train {pretrain,finetune,methods}``: the training stages' command line.
+"""``python -m wsiomics.train {pretrain,finetune,predict,methods}``: the training stages' command line.
 
 The method's resolved configuration arrives as one JSON document (``--config``, built by the workflow
 from ``config.yaml``'s ``train:`` section); it is parsed with ``json.loads``, never evaluated.
@@ -45,6 +45,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     _common(ft)
     ft.add_argument("--pretrained", default="",
                     help="the fold's pretrain/model.pt (methods with pretraining; mgi_seg: mgi's)")
+    pr = sub.add_parser("predict", help="apply a finished run's fold models to a new cohort (deployment)")
+    pr.add_argument("--method", required=True, help="a classification method of the run")
+    pr.add_argument("--models-dir", required=True, help="the run's results/models/<method> (fold<k>/model.pt)")
+    pr.add_argument("--n-folds", type=int, required=True, help="folds of the run (fold0 .. fold<n-1>)")
+    pr.add_argument("--samples", required=True, help="the new cohort's sample sheet")
+    pr.add_argument("--features", default="",
+                    help="the new cohort's feature stores (results/deploy/<name>/features/<encoder>)")
+    pr.add_argument("--expression", default="",
+                    help="the new cohort's raw expression (results/deploy/<name>/expression/cohort.zarr)")
+    pr.add_argument("--fold-expression", default="",
+                    help="the run's results/expression (fold<k>.zarr: each fold's fitted normalisation)")
+    pr.add_argument("--train-features", default="", help="the run's feature stores (results/features/<encoder>)")
+    pr.add_argument("--train-folds", default="", help="the run's folds.tsv (scikit-learn baselines are refitted)")
+    pr.add_argument("--train-samples", default="", help="the run's sample sheet (scikit-learn baselines)")
+    pr.add_argument("--config", required=True, help="the method's resolved configuration as JSON (or @file.json)")
+    pr.add_argument("--out-dir", required=True, help="results/deploy/<name>/<method>")
+    pr.add_argument("--threads", type=int, default=None, help="CPU threads (overrides the config's)")
     sub.add_parser("methods", help="list the methods")
     sm = sub.add_parser("summarize", help="method x metric table (mean, std over folds) from metrics.json files")
     sm.add_argument("metrics", nargs="+", help="results/models/<method>/fold<k>/metrics.json")
@@ -70,6 +87,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = _config(args.config)
     if args.threads:
         cfg["threads"] = args.threads
+    if args.command == "predict":
+        from wsiomics.samples import SampleSheetError
+        from wsiomics.train.deploy import DeployError, predict
+
+        try:
+            predict(args.method, cfg, args.models_dir, args.n_folds, args.samples, args.out_dir,
+                    features=args.features or None, expression=args.expression or None,
+                    fold_expression=args.fold_expression or None, train_features=args.train_features or None,
+                    train_folds=args.train_folds or None, train_samples=args.train_samples or None)
+        except (DeployError, SampleSheetError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
     method = get_method(args.method)
     data = load_inputs(args.folds, args.samples or None, args.features or None, args.expression or None, args.fold,
                        method)

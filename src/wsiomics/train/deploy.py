@@ -1,0 +1,352 @@
+"""Deployment: a finished run's fold models applied to a new cohort (``python -m wsiomics.train predict``).
+
+The new cohort's slides are tiled and featurised by the training run's encoder (the workflow's tiling and
+feature rules, under ``results/deploy/<name>/``); its RNA is normalised with each fold's fitted transform
+(genes, means and stds of that fold's training patients, ``uns['normalization']`` of ``fold<k>.zarr``),
+never refitted on the new cohort. Every deploy patient is an evaluated (``test``) patient of every fold:
+
+- a network method loads ``fold<k>/model.pt`` (weights + the configuration and shapes it was built from);
+- a scikit-learn baseline (``linear``, ``cca``) saved no estimator: it is refitted, with the fold's seed, on
+  exactly the fold's training patients (deterministic, so the same model the run evaluated) and applied.
+
+A patient is predicted from what it has of the method's modalities (``modalities``: ``image+gene``, ``image``
+or ``gene``); one with none of them (``image_only`` for a patient without slides) is listed with empty
+probabilities and ``predicted`` (logged). The ensemble is the mean probability over the folds that predicted
+the patient. Outputs (``out_dir`` = ``results/deploy/<name>/<method>``): ``predictions.tsv`` (ensemble),
+``fold_predictions.tsv`` (one row per patient and fold, the same columns plus ``fold``), ``metrics.json``
+(when the sheet has labels: ensemble and per-fold metrics, over all patients and per modality set) and
+``attention/fold<k>/<slide_id>.zarr`` (network methods with attention).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+
+from wsiomics.datasets import DatasetError, FoldData, PatientRecord, read_slide_record
+from wsiomics.train import evaluate as ev
+from wsiomics.train.methods import Method, get_method
+from wsiomics.train.roles import EVAL_ROLES, TRAIN_ROLES, VAL_ROLES
+
+log = logging.getLogger(__name__)
+
+MODALITY_SETS = ("image+gene", "image", "gene")
+
+
+class DeployError(ValueError):
+    """The new cohort cannot be scored by the run's models; the message names both sides and the fix."""
+
+
+# ---------------------------------------------------------------- features: same encoder as the training run
+
+
+def feature_identity(store: str | Path) -> dict[str, Any] | None:
+    """What must match between a training and a deploy feature store: encoder, weights sha256 (``None`` for
+    random weights, and for imported features: their sha256 is the source file's, so it is not compared),
+    target um/px, feature width. None for a store without usable features."""
+    try:
+        root = zarr.open_group(str(store), mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+        raise DeployError(f"{store}: no feature store") from None
+    attrs = dict(root.attrs)
+    if attrs.get("status", "ok") != "ok" or "features" not in root:
+        return None
+    weights = attrs.get("weights") or {}
+    return {"encoder": attrs.get("encoder"), "source": weights.get("source"),
+            "weights_sha256": None if weights.get("source") == "imported" else weights.get("sha256"),
+            "target_mpp": attrs.get("target_mpp"), "feature_dim": int(root["features"].shape[1])}
+
+
+def training_identity(feature_dir: str | Path) -> tuple[dict[str, Any], Path]:
+    """The identity of the training run's features (its first usable store) and that store."""
+    for store in sorted(Path(feature_dir).glob("*.zarr")):
+        identity = feature_identity(store)
+        if identity is not None:
+            return identity, store
+    raise DeployError(f"{feature_dir}: no usable training feature store; the run's image models need them")
+
+
+def check_same_features(train: dict[str, Any], train_store: Path, deploy: dict[str, Any], deploy_store: Path) -> None:
+    """Refuse deploy features made otherwise than the training run's (naming both values and stores)."""
+    keys = ["encoder", "target_mpp", "feature_dim"]
+    imported = (train["source"] == "imported", deploy["source"] == "imported")
+    if not any(imported):
+        keys.append("weights_sha256")  # random weights have none: None == None
+    elif not all(imported):
+        log.warning("weights of %s (%s) and %s (%s) cannot be compared: imported features carry no encoder "
+                    "weights digest", train_store, train["source"], deploy_store, deploy["source"])
+    for key in keys:
+        a, b = train[key], deploy[key]
+        same = (a is not None and b is not None and np.isclose(float(a), float(b))) if key == "target_mpp" else a == b
+        if not same:
+            raise DeployError(
+                f"{key} differs: the deploy cohort's features {deploy_store} have {key} {b!r}, the training run's "
+                f"{train_store} have {a!r}. The models only apply to features of the training run's encoder, "
+                "weights and resolution: extract the new cohort's slides with the same features: and tiling: "
+                "config (or import features made that way).")
+
+
+# ---------------------------------------------------------------- the deploy cohort as evaluated patients
+
+
+def deploy_patients(sheet: pd.DataFrame, features: str | Path | None) -> list[PatientRecord]:
+    """Every patient of the (validated) deploy sheet as a ``test`` patient, with its usable slides."""
+    from wsiomics.samples import patients as patient_rows
+    from wsiomics.samples import slides as slide_rows
+
+    pts = patient_rows(sheet)
+    slides = slide_rows(sheet).reset_index()
+    slides_of = slides.groupby("patient_id")["slide_id"].apply(sorted).to_dict() if len(slides) else {}
+    out = []
+    for pid in sorted(pts.index):
+        record = PatientRecord(patient_id=str(pid), label=str(pts.loc[pid, "label"] or ""), role="test")
+        if features is not None:
+            for slide_id in slides_of.get(pid, []):
+                slide = read_slide_record(slide_id, Path(features) / f"{slide_id}.zarr")
+                if slide is not None:
+                    record.slides.append(slide)
+        out.append(record)
+    return out
+
+
+def check_deploy_features(patients: list[PatientRecord], train_features: str | Path) -> int:
+    """Every deploy slide's store against the training run's; returns the feature width."""
+    train, train_store = training_identity(train_features)
+    for p in patients:
+        for slide in p.slides:
+            identity = feature_identity(slide.store)
+            if identity is not None:
+                check_same_features(train, train_store, identity, Path(slide.store))
+    return int(train["feature_dim"])
+
+
+def fold_genes(cohort, fold_store: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The deploy patients' expression z-scored by the fold's fitted transform (``uns['normalization']``:
+    genes, means and stds of the fold's training patients), and the fold's gene metadata."""
+    import anndata as ad
+
+    from wsiomics.expression.normalize import apply_fitted
+    from wsiomics.expression.readers import ExpressionInputError
+
+    fold = ad.read_zarr(str(fold_store))
+    fitted = fold.uns["normalization"]
+    meta: dict[str, Any] = {"genes": list(fold.var_names)}
+    if "gene_groups" in fold.var:
+        meta["gene_groups"] = [str(g) for g in fold.var["gene_groups"]]
+    if cohort is None or cohort.n_obs == 0:
+        return pd.DataFrame(columns=meta["genes"], dtype=np.float32), meta
+    try:
+        z, _ = apply_fitted(cohort, None, fitted)
+    except ExpressionInputError as e:
+        raise DeployError(f"the deploy cohort's expression cannot take {fold_store}'s normalisation: {e} "
+                          "(read the new cohort's RNA with the training run's expression: settings)") from None
+    return pd.DataFrame(z.astype(np.float32), index=cohort.obs_names.astype(str), columns=meta["genes"]), meta
+
+
+def modalities_used(patient: PatientRecord, method: Method) -> str:
+    """``image+gene``, ``image``, ``gene``: what of the method's modalities the patient has ("" = none)."""
+    have = [m for m, ok in (("image", bool(patient.slides)), ("gene", patient.genes is not None))
+            if ok and m in method.modalities]
+    return "+".join(have)
+
+
+def with_genes(patients: list[PatientRecord], genes: pd.DataFrame) -> list[PatientRecord]:
+    """Copies of ``patients`` carrying this fold's normalised expression (None where they have none)."""
+    out = []
+    for p in patients:
+        values = genes.loc[p.patient_id].to_numpy(np.float32) if p.patient_id in genes.index else None
+        out.append(PatientRecord(p.patient_id, p.label, p.role, list(p.slides), values))
+    return out
+
+
+# ---------------------------------------------------------------- one fold's predictions
+
+
+def network_fold(method: Method, fold_dir: Path, patients: list[PatientRecord], run_cfg: dict[str, Any],
+                 fold: int) -> tuple[list[ev.PatientResult], list[str]]:
+    """The fold's saved network (``model.pt``) on the deploy patients; its classes."""
+    import torch
+
+    from wsiomics.train.build import build_model
+    from wsiomics.train.loop import load_model_state, resolve_device
+    from wsiomics.train.stages import data_params
+
+    path = fold_dir / "model.pt"
+    if not path.exists():
+        raise DeployError(f"{path}: no fine-tuned model; run the training run's finetune rule first")
+    state = load_model_state(path)
+    meta = state["metadata"]
+    cfg = dict(meta["config"])
+    torch.set_num_threads(int(run_cfg.get("threads", cfg.get("threads", 2))))
+    data = FoldData(fold=fold, patients=patients, classes=list(meta["classes"]), genes=list(meta["genes"]),
+                    gene_groups=meta.get("gene_groups"), feature_dim=int(meta["feature_dim"]))
+    model = build_model(method, cfg, data)
+    model.load_state_dict(state["model"])
+    device = resolve_device(str(run_cfg.get("device", cfg.get("device", "auto"))))
+    return ev.run_model(model, data, EVAL_ROLES, device, data_params(cfg, fold)), data.classes
+
+
+def sklearn_fold(method: Method, cfg: dict[str, Any], train: FoldData, patients: list[PatientRecord]
+                 ) -> tuple[list[ev.PatientResult], list[str]]:
+    """Refit the baseline on the fold's training patients exactly as the run did (same seed and patients),
+    with the deploy patients as the evaluated ones."""
+    from wsiomics.train.estimators import ESTIMATORS
+    from wsiomics.train.stages import _context
+
+    kept = [p for p in train.patients if p.role in (*TRAIN_ROLES, *VAL_ROLES)]
+    data = FoldData(fold=train.fold, patients=kept + patients, classes=train.classes, genes=train.genes,
+                    gene_groups=train.gene_groups, feature_dim=train.feature_dim)
+    with tempfile.TemporaryDirectory() as scratch:  # the estimator's history.tsv: the run has its own
+        ctx = _context(method, cfg, data, scratch, "finetune")
+        results, _, _ = ESTIMATORS[method.model](ctx)
+    return results, train.classes
+
+
+# ---------------------------------------------------------------- ensemble, tables, metrics
+
+
+def fold_table(results: list[ev.PatientResult], patients: list[PatientRecord], method: Method, fold: int,
+               classes: list[str]) -> pd.DataFrame:
+    """One row per deploy patient: label, predicted, prob_<class>, modalities (empty probabilities for a
+    patient the method cannot predict)."""
+    by_record = {id(r.patient): r for r in results}  # the results hold the very records given to the model
+    rows = []
+    for p in patients:
+        used = modalities_used(p, method)
+        r = by_record.get(id(p))
+        probs = None if (r is None or r.probs is None or not used) else np.asarray(r.probs, dtype=np.float64)
+        row = {"patient_id": p.patient_id, "fold": fold, "label": p.label,
+               "predicted": "" if probs is None else classes[int(np.argmax(probs))]}
+        row.update({f"prob_{c}": (np.nan if probs is None else float(probs[i])) for i, c in enumerate(classes)})
+        row["modalities"] = used if probs is not None else ""
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["patient_id", "fold", "label", "predicted",
+                                       *[f"prob_{c}" for c in classes], "modalities"])
+
+
+def ensemble(folds: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
+    """Mean probability over the folds that predicted each patient; predicted = its argmax."""
+    probs = [f"prob_{c}" for c in classes]
+    rows = []
+    for pid, part in folds.groupby("patient_id", sort=True):
+        scored = part.dropna(subset=probs)
+        mean = scored[probs].mean().to_numpy() if len(scored) else np.full(len(classes), np.nan)
+        rows.append({"patient_id": pid, "label": part["label"].iloc[0],
+                     "predicted": classes[int(np.argmax(mean))] if len(scored) else "",
+                     **dict(zip(probs, mean, strict=True)),
+                     "modalities": scored["modalities"].iloc[0] if len(scored) else ""})
+    return pd.DataFrame(rows, columns=["patient_id", "label", "predicted", *probs, "modalities"])
+
+
+def table_metrics(table: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
+    """Classification metrics over the predicted, labelled patients: all, then per modality set."""
+    probs = [f"prob_{c}" for c in classes]
+    scored = table.dropna(subset=probs)
+
+    def of(part: pd.DataFrame) -> dict[str, Any]:
+        with warnings.catch_warnings():  # a modality set of a few patients may hold one class: f1 says so
+            warnings.simplefilter("ignore", UserWarning)
+            return ev.classification_metrics(part["label"].tolist(), part[probs].to_numpy(), classes)
+
+    out = of(scored)
+    out["by_modalities"] = {m: of(scored[scored["modalities"] == m]) for m in MODALITY_SETS
+                            if (scored["modalities"] == m).any()}
+    return out
+
+
+def predict(method_name: str, cfg: dict[str, Any], models_dir: str | Path, n_folds: int, samples: str | Path,
+            out_dir: str | Path, features: str | Path | None = None, expression: str | Path | None = None,
+            fold_expression: str | Path | None = None, train_features: str | Path | None = None,
+            train_folds: str | Path | None = None, train_samples: str | Path | None = None) -> dict[str, Any]:
+    """Apply ``models_dir/fold<k>`` (k < n_folds) to the sheet ``samples``; write ``out_dir``'s files.
+
+    ``features``: the deploy slides' feature stores; ``expression``: the deploy cohort's raw table
+    (``cohort.zarr``); ``fold_expression``: the run's ``results/expression`` (``fold<k>.zarr``, whose fitted
+    transform normalises the deploy RNA); ``train_features``: the run's feature stores (the encoder check;
+    the baselines' refit); ``train_folds`` / ``train_samples``: the run's folds and sheet (the baselines' refit).
+    """
+    import anndata as ad
+
+    from wsiomics.samples import load_sample_sheet
+
+    method = get_method(method_name)
+    if method.task != "classify":
+        raise DeployError(f"{method.name} is a {method.task} method; deployment predicts classification methods")
+    out = Path(out_dir)
+    use_image = "image" in method.modalities and features is not None
+    use_gene = "gene" in method.modalities and expression is not None and fold_expression is not None
+    try:
+        base = deploy_patients(load_sample_sheet(samples), features if use_image else None)
+    except DatasetError as e:
+        raise DeployError(f"the deploy cohort {samples}: {e}") from None
+    if use_image and any(p.slides for p in base):
+        if train_features is None:
+            raise DeployError("the deploy slides' features need the training run's (--train-features) to check "
+                              "they come from the same encoder")
+        check_deploy_features(base, train_features)
+    cohort = ad.read_zarr(str(expression)) if use_gene else None
+    tables, classes_seen = [], None
+    for fold in range(n_folds):
+        genes = pd.DataFrame()
+        if use_gene:
+            genes, _ = fold_genes(cohort, Path(fold_expression) / f"fold{fold}.zarr")
+        patients = with_genes(base, genes)
+        if method.is_sklearn:
+            train = _training_fold(method, fold, train_folds, train_samples, train_features, fold_expression)
+            results, classes = sklearn_fold(method, cfg, train, patients)
+        else:
+            results, classes = network_fold(method, Path(models_dir) / f"fold{fold}", patients, cfg, fold)
+            attention = out / "attention" / f"fold{fold}"
+            attention.mkdir(parents=True, exist_ok=True)
+            ev.write_tile_maps(attention, [r for r in results if modalities_used(r.patient, method)], "attention",
+                               "attention", {"method": method.name, "fold": fold, "deploy": True})
+        if classes_seen is not None and classes != classes_seen:
+            raise DeployError(f"{models_dir}: fold {fold}'s classes {classes} differ from fold 0's {classes_seen}")
+        classes_seen = classes
+        tables.append(fold_table(results, patients, method, fold, classes))
+    folds = pd.concat(tables, ignore_index=True)
+    table = ensemble(folds, classes_seen)
+    for pid in table.loc[table["modalities"] == "", "patient_id"]:
+        log.warning("%s: patient %s not predicted: it has none of the method's modalities (%s)", method.name, pid,
+                    ", ".join(method.modalities))
+    (out / "attention").mkdir(parents=True, exist_ok=True)
+    ev.write_predictions(out / "fold_predictions.tsv", folds)
+    ev.write_predictions(out / "predictions.tsv", table)
+    metrics: dict[str, Any] = {"method": method.name, "n_folds": n_folds, "classes": classes_seen,
+                               "n_patients": len(table), "n_predicted": int((table["modalities"] != "").sum()),
+                               "modalities": table["modalities"].replace("", "none").value_counts().to_dict()}
+    labelled = table["label"].isin(classes_seen)
+    unknown = sorted(set(table["label"]) - set(classes_seen) - {""})
+    if unknown:
+        log.warning("deploy labels %s are not among the run's classes %s: left out of the metrics", unknown,
+                    classes_seen)
+    if labelled.any():
+        metrics["ensemble"] = table_metrics(table, classes_seen)
+        metrics["folds"] = {str(k): table_metrics(part, classes_seen) for k, part in folds.groupby("fold")}
+    ev.write_json(out / "metrics.json", metrics)
+    log.info("%s: %d deploy patients, %s; ensemble balanced accuracy %s", method.name, len(table),
+             metrics["modalities"], (metrics.get("ensemble") or {}).get("balanced_accuracy"))
+    return metrics
+
+
+def _training_fold(method: Method, fold: int, folds: str | Path | None, samples: str | Path | None,
+                   features: str | Path | None, fold_expression: str | Path | None) -> FoldData:
+    """The run's fold as its baseline was fitted on (the same loader as the training stage)."""
+    from wsiomics.train.stages import load_inputs
+
+    if folds is None:
+        raise DeployError(f"{method.name} is a scikit-learn baseline: it is refitted on the run's training "
+                          "patients; pass --train-folds (and --train-samples, --train-features, --fold-expression)")
+    expr = str(Path(fold_expression) / f"fold{fold}.zarr") if fold_expression else None
+    try:
+        return load_inputs(str(folds), str(samples) if samples else None, str(features) if features else None,
+                           expr, fold, method)
+    except DatasetError as e:
+        raise DeployError(f"{method.name} fold {fold}: cannot rebuild the training fold: {e}") from None

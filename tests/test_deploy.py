@@ -1,0 +1,286 @@
+"""Deployment (python -m wsiomics.train predict): a tiny run's fold models applied to a new cohort.
+
+The run: 16 patients, two folds, label = a shift in the image features and in the first genes; fold models
+trained by the real stages. The new cohort: 8 patients of the same classes, two without RNA, two without slides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+from test_datasets import grid_coords
+from test_train import TRAIN_CFG
+
+from wsiomics.expression.cohort import write_anndata
+from wsiomics.expression.normalize import NormalizeParams, normalize_fold
+from wsiomics.io import atomic_zarr, write_array
+from wsiomics.splits import SplitParams, make_splits
+from wsiomics.train.__main__ import main as train_main
+from wsiomics.train.deploy import DeployError, ensemble, predict
+from wsiomics.train.methods import method_config
+from wsiomics.train.stages import finetune, load_inputs
+
+N_GENES = 12
+N_FOLDS = 3
+ROOT = Path(__file__).resolve().parents[1]
+IDENTITY = {"encoder": "toy_encoder", "weights": {"source": "hub", "name": "toy", "sha256": "ab" * 32},
+            "target_mpp": 0.5}
+
+
+def feature_store(path: Path, feats: np.ndarray, **identity) -> Path:
+    attrs = {"status": "ok", "patch_size_level0": 224.0, **IDENTITY, **identity}
+    with atomic_zarr(path, attrs=attrs) as root:
+        write_array(root, "features", feats.astype(np.float16), chunk_rows=64)
+        write_array(root, "coords", grid_coords(4, 3, 224).astype(np.int64))
+    return path
+
+
+def cohort(root: Path, prefix: str, n: int, rng: np.random.Generator, no_rna=(), no_slide=()):
+    """A sheet (features_path stores, dummy expression files), its raw counts AnnData and the labels."""
+    rows, counts, ids = [], [], []
+    (root / "rna").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        pid, label = f"{prefix}{i:02d}", "ab"[i % 2]
+        shift = 1.5 if label == "b" else -1.5
+        rna = ""
+        if i not in no_rna:
+            lam = np.full(N_GENES, 200.0)
+            lam[:3] *= np.exp(shift)
+            counts.append(rng.poisson(lam))
+            ids.append(pid)
+            rna = f"rna/{pid}.tsv"
+            (root / rna).write_text("placeholder: the test hands the counts over as cohort.zarr\n")
+        if i in no_slide:
+            rows.append({"patient_id": pid, "slide_id": "", "features_path": "", "label": label,
+                         "expression_path": rna})
+            continue
+        sid = f"{pid}-S0"
+        store = feature_store(root / "features" / f"{sid}.zarr", rng.normal(size=(12, 6)) + shift)
+        rows.append({"patient_id": pid, "slide_id": sid, "features_path": str(store), "label": label,
+                     "expression_path": rna})
+    pd.DataFrame(rows).to_csv(root / "samples.tsv", sep="\t", index=False)
+    raw = ad.AnnData(X=None, obs=pd.DataFrame(index=pd.Index(ids, name="patient_id")),
+                     var=pd.DataFrame(index=pd.Index([f"ENSG{j:011d}" for j in range(N_GENES)], name="gene_id")),
+                     layers={"counts": np.array(counts, dtype=np.int32)})
+    raw.uns["expression"] = {"values": "counts"}
+    write_anndata(raw, root / "cohort.zarr")
+    return root / "samples.tsv"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """The trained run (gene_only, image_only, late_fusion, linear on every fold) and the new cohort."""
+    root = tmp_path_factory.mktemp("deploy")
+    rng = np.random.default_rng(0)
+    train_sheet = cohort(root / "run", "T", 16, rng)
+    sheet = pd.read_csv(train_sheet, sep="\t", dtype=str)
+    folds = make_splits(sheet.drop_duplicates("patient_id")[["patient_id", "label"]],
+                        SplitParams(n_folds=N_FOLDS, val_fraction=0.2, seed=0))
+    folds.to_csv(root / "run" / "folds.tsv", sep="\t", index=False)
+    raw = ad.read_zarr(root / "run" / "cohort.zarr")
+    for k in range(N_FOLDS):
+        write_anndata(normalize_fold(raw, folds, k, NormalizeParams(gene_selection="all")),
+                      root / "run" / "expression" / f"fold{k}.zarr")
+    for name in ("gene_only", "image_only", "late_fusion", "linear"):
+        cfg = method_config(TRAIN_CFG, name)
+        for k in range(N_FOLDS):
+            data = _run_fold(root, name, k)
+            finetune(name, cfg, data, root / "run" / "models" / name / f"fold{k}")
+    deploy_sheet = cohort(root / "new", "N", 8, np.random.default_rng(1), no_rna=(0, 3), no_slide=(1, 6))
+    return root, deploy_sheet
+
+
+def _run_fold(root: Path, method: str, fold: int):
+    from wsiomics.train.methods import get_method
+
+    return load_inputs(str(root / "run" / "folds.tsv"), str(root / "run" / "samples.tsv"),
+                       str(root / "run" / "features"), str(root / "run" / "expression" / f"fold{fold}.zarr"),
+                       fold, get_method(method))
+
+
+def _predict(run, method: str, out: Path, sheet: Path | None = None, **over):
+    root, deploy_sheet = run
+    sheet = sheet or deploy_sheet
+    kwargs = dict(features=root / "new" / "features", expression=root / "new" / "cohort.zarr",
+                  fold_expression=root / "run" / "expression", train_features=root / "run" / "features",
+                  train_folds=root / "run" / "folds.tsv", train_samples=root / "run" / "samples.tsv")
+    kwargs.update(over)
+    return predict(method, method_config(TRAIN_CFG, method), root / "run" / "models" / method, N_FOLDS, sheet,
+                   out, **kwargs)
+
+
+def _probs(table: pd.DataFrame) -> list[str]:
+    return [c for c in table if c.startswith("prob_")]
+
+
+@pytest.mark.parametrize("method", ["late_fusion", "linear"])
+def test_ensemble_is_the_mean_of_the_fold_models(run, tmp_path, method):
+    metrics = _predict(run, method, tmp_path / method)
+    table = pd.read_csv(tmp_path / method / "predictions.tsv", sep="\t", keep_default_na=False)
+    folds = pd.read_csv(tmp_path / method / "fold_predictions.tsv", sep="\t", keep_default_na=False)
+    assert list(table.columns) == ["patient_id", "label", "predicted", "prob_a", "prob_b", "modalities"]
+    assert list(folds.columns) == ["patient_id", "fold", "label", "predicted", "prob_a", "prob_b", "modalities"]
+    assert sorted(folds["fold"].unique()) == list(range(N_FOLDS)) and len(folds) == N_FOLDS * len(table)
+    probs = _probs(table)
+    mean = folds.groupby("patient_id")[probs].mean()
+    np.testing.assert_allclose(table.set_index("patient_id")[probs].to_numpy(float), mean.to_numpy(float), atol=1e-5)
+    assert (table["predicted"] == mean.idxmax(axis=1).str.removeprefix("prob_").to_numpy()).all()
+    # the fold models are not all the same model: the mean is a mean of different things
+    by_fold = folds.pivot(index="patient_id", columns="fold", values="prob_a")
+    assert not np.allclose(by_fold[0], by_fold[1]) and not np.allclose(by_fold[1], by_fold[2])
+    assert not np.allclose(by_fold.mean(1), by_fold.median(1))  # three folds: a mean, not a median
+    assert metrics["ensemble"]["balanced_accuracy"] >= 0.75  # the label is a strong shift in both modalities
+    assert set(metrics["ensemble"]["by_modalities"]) == {"image+gene", "image", "gene"}
+    assert json.loads((tmp_path / method / "metrics.json").read_text())["n_patients"] == 8
+
+
+@pytest.mark.parametrize("method", ["late_fusion", "image_only", "linear"])
+def test_deploying_to_the_run_cohort_reproduces_each_folds_test_predictions(run, tmp_path, method):
+    """The fold models as deployed (a network from model.pt; linear refitted on the fold's training patients)
+    are the models the run evaluated: on the run's own cohort, each fold's predictions of its test patients equal
+    the run's predictions.tsv."""
+    root, _ = run
+    _predict(run, method, tmp_path, sheet=root / "run" / "samples.tsv", features=root / "run" / "features",
+             expression=root / "run" / "cohort.zarr")
+    ours = pd.read_csv(tmp_path / "fold_predictions.tsv", sep="\t", keep_default_na=False)
+    for k in range(N_FOLDS):
+        theirs = pd.read_csv(root / "run" / "models" / method / f"fold{k}" / "predictions.tsv", sep="\t")
+        theirs = theirs[theirs["role"] == "test"].set_index("patient_id")
+        mine = ours[ours["fold"] == k].set_index("patient_id").loc[theirs.index]
+        np.testing.assert_allclose(mine[_probs(theirs)].to_numpy(float), theirs[_probs(theirs)].to_numpy(float),
+                                   atol=2e-6)
+        assert (mine["predicted"] == theirs["predicted"]).all()
+
+
+def test_ensemble_averages_only_the_folds_that_predicted():
+    folds = pd.DataFrame({"patient_id": ["A", "A", "B", "B"], "fold": [0, 1, 0, 1], "label": ["x", "x", "y", "y"],
+                          "predicted": ["x", "y", "", ""], "prob_x": [0.9, 0.3, np.nan, np.nan],
+                          "prob_y": [0.1, 0.7, np.nan, np.nan], "modalities": ["gene", "gene", "", ""]})
+    table = ensemble(folds, ["x", "y"]).set_index("patient_id")
+    assert table.loc["A", "prob_x"] == pytest.approx(0.6) and table.loc["A", "predicted"] == "x"
+    assert np.isnan(table.loc["B", "prob_x"])
+    assert table.loc["B", "predicted"] == "" and table.loc["B", "modalities"] == ""
+
+
+def test_modality_fallbacks(run, tmp_path):
+    """Without RNA: image only; without slides: genes only; a single-modality method lists the patients it
+    cannot predict with empty probabilities."""
+    outs = {}
+    for method in ("late_fusion", "image_only", "gene_only", "linear"):
+        _predict(run, method, tmp_path / method)
+        outs[method] = pd.read_csv(tmp_path / method / "predictions.tsv", sep="\t", keep_default_na=False,
+                                   index_col="patient_id")
+    expected = {"N00": "image", "N03": "image", "N01": "gene", "N06": "gene"}
+    for method in ("late_fusion", "linear"):
+        got = outs[method]["modalities"].to_dict()
+        assert got == {p: expected.get(p, "image+gene") for p in got}
+    image_only, gene_only = outs["image_only"], outs["gene_only"]
+    assert (image_only.loc[["N01", "N06"], "prob_a"] == "").all() and (image_only.loc[["N01", "N06"], "predicted"]
+                                                                       == "").all()
+    assert set(image_only.drop(["N01", "N06"])["modalities"]) == {"image"}
+    assert (gene_only.loc[["N00", "N03"], "modalities"] == "").all()
+    assert set(gene_only.drop(["N00", "N03"])["modalities"]) == {"gene"}
+    # attention maps of the deploy slides (network methods), per fold
+    assert sorted(p.name for p in (tmp_path / "image_only" / "attention" / "fold0").iterdir()) == sorted(
+        f"N{i:02d}-S0.zarr" for i in range(8) if i not in (1, 6))
+
+
+def test_deploy_genes_use_each_folds_training_transform(run, tmp_path):
+    """The deploy cohort's RNA is z-scored with the fold's fitted means/stds (training patients), not its own."""
+    from wsiomics.train.deploy import fold_genes
+
+    root, _ = run
+    raw = ad.read_zarr(root / "new" / "cohort.zarr")
+    genes, _ = fold_genes(raw, root / "run" / "expression" / "fold0.zarr")
+    fitted = ad.read_zarr(root / "run" / "expression" / "fold0.zarr").uns["normalization"]
+    x = np.asarray(raw.layers["counts"], float)
+    lognorm = np.log1p(x / x.sum(1, keepdims=True) * 1e6)
+    np.testing.assert_allclose(genes.to_numpy(), (lognorm - fitted["means"]) / fitted["stds"], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(genes.to_numpy().mean(0), 0.0, atol=1e-3)  # not re-centred on the new cohort
+
+
+@pytest.mark.parametrize("attr, value, named", [
+    ("encoder", "uni_v1", "encoder"),
+    ("weights", {"source": "hub", "name": "toy", "sha256": "cd" * 32}, "weights_sha256"),
+    ("weights", {"source": "random", "name": "", "sha256": None}, "weights_sha256"),
+    ("target_mpp", 0.25, "target_mpp"),
+])
+def test_features_of_another_encoder_are_refused(run, tmp_path, attr, value, named):
+    root, sheet = run
+    other = tmp_path / "features"
+    for store in sorted((root / "new" / "features").glob("*.zarr")):
+        feats = zarr.open_array(f"{store}/features", mode="r")[:].astype(np.float32)
+        feature_store(other / store.name, feats, **{attr: value})
+    with pytest.raises(DeployError) as e:
+        _predict(run, "image_only", tmp_path / "out", features=other)
+    message = str(e.value)
+    assert named in message and str(root / "run" / "features") in message and str(other) in message
+    shown = value["sha256"] if attr == "weights" else value  # random weights: None against the run's digest
+    trained = IDENTITY["weights"]["sha256"] if attr == "weights" else IDENTITY[attr]
+    assert repr(shown) in message and repr(trained) in message
+    assert not (tmp_path / "out" / "predictions.tsv").exists()
+
+
+def test_cli_refuses_a_mismatched_encoder_with_the_message(run, tmp_path, capsys):
+    root, sheet = run
+    other = tmp_path / "features"
+    for store in sorted((root / "new" / "features").glob("*.zarr")):
+        feature_store(other / store.name, zarr.open_array(f"{store}/features", mode="r")[:].astype(np.float32),
+                      encoder="conch_v1")
+    rc = train_main(["predict", "--method", "image_only", "--models-dir", str(root / "run" / "models" / "image_only"),
+                     "--n-folds", str(N_FOLDS), "--samples", str(sheet), "--features", str(other),
+                     "--train-features", str(root / "run" / "features"), "--config",
+                     json.dumps(method_config(TRAIN_CFG, "image_only")), "--out-dir", str(tmp_path / "out")])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "conch_v1" in err and "toy_encoder" in err
+
+
+def test_rule_predict_in_a_dry_run_with_deploy_set(tmp_path):
+    """With deploy set, the default target asks for every classification method's predictions, made by rule
+    predict from the new cohort's own tiles and features (results/deploy/<name>/...), whose slide ids are the
+    run's own (another seed of the generator): no collision."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    small = ["--n-patients", "4", "--slide-width-um", "600", "--slide-height-um", "500", "--n-genes", "50"]
+    for name, seed in (("run_cohort", "0"), ("hospital", "2")):
+        subprocess.run([sys.executable, "-m", "wsiomics.synth", "--out", str(tmp_path / name), *small, "--seed", seed,
+                        "--genome-seed", "0"], check=True, env=env, capture_output=True)
+    overlay = tmp_path / "deploy.yaml"
+    overlay.write_text(f"samples: {tmp_path / 'run_cohort' / 'samples.tsv'}\nsplits:\n  n_folds: 2\n"
+                       f"deploy:\n  name: hospital\n  samples: {tmp_path / 'hospital' / 'samples.tsv'}\n"
+                       "train:\n  run: [linear, image_only, mgi_seg]\n")
+    work = tmp_path / "work"
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(work),
+                           "--configfile", str(overlay), "-n", "-p", "-c1"], env=env, capture_output=True, text=True)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-3000:]
+    predicts = [line for line in text.splitlines() if "python -m wsiomics.train predict" in line]
+    assert sorted(line.split("--method ")[1].split()[0] for line in predicts) == ["image_only", "linear"]
+    linear = next(line for line in predicts if "--method linear" in line)
+    assert "--fold-expression results/expression" in linear and "--train-folds results/splits/folds.tsv" in linear
+    assert "--expression results/deploy/hospital/expression/cohort.zarr" in linear
+    assert "--features results/deploy/hospital/features/resnet50_trunc" in linear
+    slide = "TCGA-SY-0001-01Z-00-DX1"  # in both cohorts: its deploy tiles and features are stores of their own
+    assert f"--out results/deploy/hospital/tiles/{slide}.zarr" in text
+    assert f"--out results/deploy/hospital/features/resnet50_trunc/{slide}.zarr" in text
+    assert f"--out results/tiles/{slide}.zarr" in text
+    assert str(tmp_path / "hospital" / "slides") in text and "expression cohort --samples" in text
+
+
+def test_deploy_name_without_samples_is_refused(tmp_path):
+    overlay = tmp_path / "deploy.yaml"
+    overlay.write_text("deploy:\n  name: hospital\n")
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory",
+                           str(tmp_path / "work"), "--configfile", str(overlay), "-n", "-c1"],
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "deploy: name ('hospital') and samples ('') go together" in done.stdout + done.stderr
