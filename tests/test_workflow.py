@@ -227,14 +227,15 @@ def test_demo_checkpoint_generates_the_cohort_then_tiles_it(tmp_path):
 
 
 def planned(*args: str) -> set[str]:
-    """Rules of the jobs a dry run would start (its 'Job stats' table), without the target rule `all`."""
+    """Rules of the jobs a dry run would start (its 'Job stats' table), without the target rule `all` and the
+    report's jobs (figures, report_landing), which follow any change of what they draw."""
     proc = snakemake(*args, "-n")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     if "Nothing to be done" in out:
         return set()
     table = out.split("Job stats:")[1].split("total")[0].splitlines()[3:]
-    return {line.split()[0] for line in table if line.strip()} - {"all"}
+    return {line.split()[0] for line in table if line.strip()} - {"all", "figures", "report_landing"}
 
 
 @pytest.mark.slow

@@ -39,8 +39,18 @@ rule summarize_fewshot:
     input:
         fewshot_tables,
     output:
-        summary="results/fewshot/summary.tsv",
-        png="results/fewshot/curves.png",
+        summary=report(
+            "results/fewshot/summary.tsv",
+            caption="../report/fewshot_summary.rst",
+            category="Few-shot",
+            labels={"table": "few-shot summary"},
+        ),
+        png=report(
+            "results/fewshot/curves.png",
+            caption="../report/fewshot_curves.rst",
+            category="Few-shot",
+            labels={"figure": "few-shot curves"},
+        ),
         svg="results/fewshot/curves.svg",
     log:
         "logs/fewshot/summary.log",
