@@ -213,41 +213,12 @@ def fewshot_inputs(out: Path, data, emb: dict[str, np.ndarray], ids: list[str], 
         image=emb["image"][[index[p] for p in who]], pooled_features=pooled.astype(np.float32))
 
 
-def fewshot_module():
-    """ADAPTER, to delete once branch k-fewshot is merged (then ``import wsiomics.fewshot`` is all there is):
-    the few-shot stage's module from this tree, else as committed on k-fewshot (``git show``), else None."""
-    try:
-        import wsiomics.fewshot as module
-
-        return module
-    except ImportError:
-        pass
-    import importlib.util
-    import subprocess
-    import sys
-    import tempfile
-
-    found = subprocess.run(["git", "-C", str(ROOT), "show", "k-fewshot:src/wsiomics/fewshot.py"], capture_output=True,
-                           text=True)
-    if found.returncode:
-        return None
-    path = Path(tempfile.mkdtemp()) / "fewshot_k_branch.py"
-    path.write_text(found.stdout)
-    spec = importlib.util.spec_from_file_location("fewshot_k_branch", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def fewshot(work: Path, ks: tuple[int, ...], draws: int, seed: int) -> pd.DataFrame | None:
     """Few-shot balanced accuracy of MGI's pretrained ``image`` embedding and of ``pooled_features`` per n and k:
     the few-shot stage's ``fewshot_table`` on each n's kept inputs (k labelled training patients per class,
-    ``draws`` seeded draws, scored on the test pool). None while that function is not available."""
-    module = fewshot_module()
-    if module is None:
-        log.warning("few-shot: the few-shot stage's function is not available (branch k-fewshot): column pending")
-        return None
+    ``draws`` seeded draws, scored on the test pool). None when no n has its inputs."""
+    import wsiomics.fewshot as module
+
     tables = []
     for path in sorted(work.glob("n*/mgi/fewshot_inputs.npz")):
         x = np.load(path)
