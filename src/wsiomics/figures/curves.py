@@ -45,11 +45,7 @@ def draw_roc(results: Results, out: Path, params: FigureParams) -> list[Path]:
     from wsiomics.figures import style
 
     written = []
-    for method in results.methods:
-        found = results.predictions(method)
-        if found is None:
-            continue
-        table, classes = found
+    for method, table, classes in results.methods_with_predictions():
         probs = table[[f"prob_{c}" for c in classes]].to_numpy(float)
         curves = roc_points(table["label"].to_numpy(), probs, classes)
         if not curves:
@@ -80,11 +76,7 @@ def draw_confusion(results: Results, out: Path, params: FigureParams) -> list[Pa
     from wsiomics.figures import style
 
     written = []
-    for method in results.methods:
-        found = results.predictions(method)
-        if found is None:
-            continue
-        table, classes = found
+    for method, table, classes in results.methods_with_predictions():
         counts = skm.confusion_matrix(table["label"], table["predicted"], labels=classes)
         rows = counts.sum(1, keepdims=True)
         share = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)

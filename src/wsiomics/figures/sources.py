@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -137,6 +138,13 @@ class Results:
             log.info("%s: no labelled %s patient among the predictions; skipped", method, role)
             return None
         return table.reset_index(drop=True), classes
+
+    def methods_with_predictions(self) -> Iterator[tuple[str, pd.DataFrame, list[str]]]:
+        """(method, pooled test predictions, classes) for each method that wrote labelled predictions."""
+        for method in self.methods:
+            found = self.predictions(method)
+            if found is not None:
+                yield method, *found
 
     def histories(self, method: str) -> dict[str, dict[int, pd.DataFrame]]:
         """stage ("pretrain", "finetune") -> fold -> history.tsv."""
