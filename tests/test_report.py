@@ -132,6 +132,20 @@ def test_the_landing_page_holds_the_configuration_and_versions():
     assert [yaml.safe_load(p) for p in page.pre] == [config]  # the literal block reads back as the config
 
 
+def test_how_to_read_names_only_the_stages_that_ran():
+    classify = pd.DataFrame({"method": ["linear", "mgi_seg"], "group": ["baselines", "segmentation"],
+                             "metric": ["accuracy", "dice_mean"]})
+    text = " ".join(report.how_to_read(classify))
+    assert "**Segmentation**" in text and "**Models**" in text and "results table" in text
+    assert "Survival" not in text and "Kaplan" not in text
+    survival = pd.DataFrame({"method": ["coxph"], "group": ["survival"], "metric": ["c_index_harrell"]})
+    text = " ".join(report.how_to_read(survival))
+    assert "**Survival**" in text and "Segmentation" not in text
+    nothing = " ".join(report.how_to_read(None))  # tiling only: no method ran
+    assert "**QC**" in nothing and "Models" not in nothing and "results table" not in nothing
+    assert not render(report.landing(None, None, {"samples": "s.tsv"}, [("python", "3.11")], survival)).problems
+
+
 def test_package_versions_are_the_installed_ones():
     import importlib.metadata
 

@@ -156,10 +156,34 @@ def run_counts(slide_status: pd.DataFrame | None, metrics: pd.DataFrame | None) 
     return counts
 
 
+# the report's menu entries by stage, and the summary group whose rows mean the stage ran (None: always there)
+MENU = (
+    ("QC", None, "each slide's tissue detection and tiles, the slide status table"),
+    ("Models", "*", "loss curves per method, fold and stage, ROC curves, confusion matrices, embedding maps"),
+    ("Segmentation", "segmentation", "tumour maps"),
+    ("Survival", "survival", "Kaplan–Meier plots"),
+    ("Summary", "*", "the tables behind the results below, to download"),
+)
+
+
+def how_to_read(metrics: pd.DataFrame | None) -> list[str]:
+    """The paragraph that walks a reader through the report, naming only the stages this run has."""
+    groups = set(metrics["group"]) if metrics is not None and "group" in metrics else set()
+    entries = [f"**{name}** ({what})" for name, group, what in MENU
+               if group is None or (group == "*" and groups) or group in groups]
+    results = ("below are the results table (pooled over every fold's test patients, with a patient-level "
+               "bootstrap 95% CI, then the mean ± std over folds), " if groups else "below are ")
+    return ["How to read this report: " + results + "the slides' status, the package versions and the "
+            "configuration. The menu on the left holds every figure and table by stage: " + ", ".join(entries)
+            + ". Each entry has a caption saying what it shows; click the eye to view it, the download arrow to "
+            "save it. *Rules* and *Statistics* show how each file was made and how long it took.", ""]
+
+
 def landing(summary: str | None, slide_status: pd.DataFrame | None, config: dict[str, Any],
-            versions: list[tuple[str, str]]) -> str:
-    """The landing page's reStructuredText: results table, slide status, configuration, package versions."""
-    lines: list[str] = []
+            versions: list[tuple[str, str]], metrics: pd.DataFrame | None = None) -> str:
+    """The landing page's reStructuredText: how to read the report, results table, slide status,
+    configuration, package versions."""
+    lines: list[str] = how_to_read(metrics)
     if summary is not None:
         lines += markdown_to_rst(summary, top_level=0)
     lines += section("Run", 0)
@@ -246,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         status = (pd.read_csv(args.slide_status, sep="\t", dtype=str, keep_default_na=False)
                   if args.slide_status else None)
         metrics = pd.read_csv(args.metrics, sep="\t") if args.metrics else None
-        text = landing(summary, status, config, package_versions())
+        text = landing(summary, status, config, package_versions(), metrics)
         counts = run_counts(status, metrics)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
