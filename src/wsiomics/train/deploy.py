@@ -198,13 +198,13 @@ def sklearn_fold(method: Method, cfg: dict[str, Any], train: FoldData, patients:
     """Refit the baseline on the fold's training patients exactly as the run did (same seed and patients),
     with the deploy patients as the evaluated ones."""
     from wsiomics.train.estimators import ESTIMATORS
-    from wsiomics.train.stages import _context
+    from wsiomics.train.stages import fold_context
 
     kept = [p for p in train.patients if p.role in (*TRAIN_ROLES, *VAL_ROLES)]
     data = FoldData(fold=train.fold, patients=kept + patients, classes=train.classes, genes=train.genes,
                     gene_groups=train.gene_groups, feature_dim=train.feature_dim)
     with tempfile.TemporaryDirectory() as scratch:  # the estimator's history.tsv: the run has its own
-        ctx = _context(method, cfg, data, scratch, "finetune")
+        ctx = fold_context(method, cfg, data, scratch, "finetune")
         results, _, _ = ESTIMATORS[method.model](ctx)
     return results, train.classes
 
