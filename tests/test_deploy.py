@@ -161,6 +161,23 @@ def test_deploying_to_the_run_cohort_reproduces_each_folds_test_predictions(run,
         assert (mine["predicted"] == theirs["predicted"]).all()
 
 
+def test_a_refitted_baseline_reads_the_new_cohorts_slides_when_their_ids_are_the_runs(run, tmp_path):
+    """cca reads the run's training patients and the deploy patients in one dataset: a deploy cohort whose
+    patient and slide ids repeat the run's (another hospital's numbering) is predicted from its own features."""
+    root, _ = run
+    same_ids = cohort(tmp_path / "same", "T", 8, np.random.default_rng(1), no_rna=(0, 3), no_slide=(1, 6))
+    own_ids = cohort(tmp_path / "own", "N", 8, np.random.default_rng(1), no_rna=(0, 3), no_slide=(1, 6))
+    tables = []
+    for sheet in (same_ids, own_ids):
+        _predict(run, "cca", sheet.parent / "out", sheet=sheet, features=sheet.parent / "features",
+                 expression=sheet.parent / "cohort.zarr")
+        table = pd.read_csv(sheet.parent / "out" / "fold_predictions.tsv", sep="\t", keep_default_na=False)
+        tables.append(table.assign(patient_id=table["patient_id"].str[1:]).set_index(["fold", "patient_id"]))
+    probs = _probs(tables[0])
+    np.testing.assert_allclose(tables[0][probs].to_numpy(float), tables[1].loc[tables[0].index, probs].to_numpy(float),
+                               atol=1e-9)
+
+
 def test_ensemble_averages_only_the_folds_that_predicted():
     folds = pd.DataFrame({"patient_id": ["A", "A", "B", "B"], "fold": [0, 1, 0, 1], "label": ["x", "x", "y", "y"],
                           "predicted": ["x", "y", "", ""], "prob_x": [0.9, 0.3, np.nan, np.nan],
