@@ -301,3 +301,98 @@ def test_deploy_name_without_samples_is_refused(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, capture_output=True, text=True)
     assert done.returncode != 0
     assert "deploy: name ('hospital') and samples ('') go together" in done.stdout + done.stderr
+
+
+# ---------------------------------------------------------------- segmentation: tumour maps of the deploy slides
+
+
+def seg_cohort(root: Path, prefix: str, n: int, rng: np.random.Generator, annotated: int) -> Path:
+    """One slide per patient on a 4 x 3 tile grid; the left two tile columns are tumour (their features shifted)
+    and the first ``annotated`` slides say so in a GeoJSON annotation."""
+    from shapely.geometry import box, mapping
+
+    rows = []
+    tumour = grid_coords(4, 3, 224)[:, 0] < 448
+    for i in range(n):
+        pid = f"{prefix}{i:02d}"
+        sid = f"{pid}-S0"
+        store = feature_store(root / "features" / f"{sid}.zarr", rng.normal(size=(12, 6)) + 2.5 * tumour[:, None])
+        note = ""
+        if i < annotated:
+            note = str(root / "annotations" / f"{sid}.geojson")
+            Path(note).parent.mkdir(parents=True, exist_ok=True)
+            Path(note).write_text(json.dumps({"type": "FeatureCollection", "features": [
+                {"type": "Feature", "geometry": mapping(box(0, 0, 448, 672)),
+                 "properties": {"objectType": "annotation", "classification": {"name": "Tumor"}}}]}))
+        rows.append({"patient_id": pid, "slide_id": sid, "features_path": str(store), "label": "ab"[i % 2],
+                     "annotation_path": note, "expression_path": ""})
+    pd.DataFrame(rows).to_csv(root / "samples.tsv", sep="\t", index=False)
+    return root / "samples.tsv"
+
+
+@pytest.fixture(scope="module")
+def seg_run(tmp_path_factory):
+    """image_seg fine-tuned on every fold of a 12-patient run; a new cohort of 5 slides, 3 of them annotated."""
+    from test_segmentation import CFG as SEG_CFG
+
+    from wsiomics.train.methods import get_method
+
+    root = tmp_path_factory.mktemp("deploy_seg")
+    sheet = seg_cohort(root / "run", "T", 12, np.random.default_rng(0), annotated=12)
+    rows = pd.read_csv(sheet, sep="\t", dtype=str)
+    folds = make_splits(rows[["patient_id", "label"]], SplitParams(n_folds=N_FOLDS, val_fraction=0.2, seed=0))
+    folds.to_csv(root / "run" / "folds.tsv", sep="\t", index=False)
+    cfg = method_config(SEG_CFG, "image_seg")
+    for k in range(N_FOLDS):
+        data = load_inputs(str(root / "run" / "folds.tsv"), str(sheet), str(root / "run" / "features"), None, k,
+                           get_method("image_seg"))
+        finetune("image_seg", cfg, data, root / "run" / "models" / "image_seg" / f"fold{k}", samples=str(sheet))
+    new = seg_cohort(root / "new", "N", 5, np.random.default_rng(1), annotated=3)
+    return root, cfg, new
+
+
+def _tumour(path: Path) -> np.ndarray:
+    return zarr.open_group(path, mode="r")["tumour_prob"][:]
+
+
+def test_segmentation_deploys_the_fold_ensembles_tumour_maps(seg_run, tmp_path):
+    """Every deploy slide gets the fine-tune's tumour map (zarr + PNG) of the mean over the fold models'
+    probabilities, a row in tumour_slides.tsv, and Dice where the deploy sheet annotates it."""
+    root, cfg, sheet = seg_run
+    common = dict(features=root / "new" / "features", train_features=root / "run" / "features")
+    metrics = predict("image_seg", cfg, root / "run" / "models" / "image_seg", N_FOLDS, sheet, tmp_path / "all",
+                      **common)
+    slides = [f"N{i:02d}-S0" for i in range(5)]
+    assert sorted(p.stem for p in (tmp_path / "all" / "tumour").glob("*.png")) == slides
+    per_fold = []
+    for k in range(N_FOLDS):  # each fold model alone: a models folder whose only fold is fold k
+        alone = tmp_path / f"alone{k}"
+        (alone / "fold0").mkdir(parents=True)
+        (alone / "fold0" / "model.pt").symlink_to(root / "run" / "models" / "image_seg" / f"fold{k}" / "model.pt")
+        predict("image_seg", cfg, alone, 1, sheet, tmp_path / f"out{k}", **common)
+        per_fold.append([_tumour(tmp_path / f"out{k}" / "tumour" / f"{s}.zarr") for s in slides])
+    for i, s in enumerate(slides):
+        ensemble_map = _tumour(tmp_path / "all" / "tumour" / f"{s}.zarr")
+        np.testing.assert_allclose(ensemble_map, np.mean([f[i] for f in per_fold], axis=0), atol=1e-6)
+    assert not np.allclose(per_fold[0][0], per_fold[1][0])  # three models, not one
+    ens = metrics["ensemble"]
+    assert sorted(ens["dice_per_slide"]) == slides[:3] and ens["skipped_slides"] == slides[3:]
+    assert ens["dice_mean"] > 0.8  # the tumour tiles are a strong shift
+    assert set(metrics["folds"]) == {str(k) for k in range(N_FOLDS)}
+    table = pd.read_csv(tmp_path / "all" / "tumour_slides.tsv", sep="\t", keep_default_na=False)
+    assert table["slide_id"].tolist() == slides and (table["modalities"] == "image").all()
+    assert table["dice"].iloc[3:].eq("").all() and (table["n_tiles"] == 12).all()
+    assert json.loads((tmp_path / "all" / "metrics.json").read_text())["n_slides"] == 5
+
+
+def test_deployed_tumour_maps_of_the_run_cohort_are_the_runs_own(seg_run, tmp_path):
+    """Fold 0's model deployed to the run's own slides maps fold 0's test slides exactly as the run did."""
+    root, cfg, _ = seg_run
+    predict("image_seg", cfg, root / "run" / "models" / "image_seg", 1, root / "run" / "samples.tsv", tmp_path,
+            features=root / "run" / "features", train_features=root / "run" / "features")
+    theirs = sorted((root / "run" / "models" / "image_seg" / "fold0" / "tumour").glob("*.zarr"))
+    assert theirs
+    for store in theirs:
+        np.testing.assert_allclose(_tumour(tmp_path / "tumour" / store.name), _tumour(store), atol=1e-6)
+        assert (zarr.open_group(tmp_path / "tumour" / store.name, mode="r")["coords"][:]
+                == zarr.open_group(store, mode="r")["coords"][:]).all()
