@@ -263,9 +263,10 @@ def test_cli_refuses_a_mismatched_encoder_with_the_message(run, tmp_path, capsys
 
 
 def test_rule_predict_in_a_dry_run_with_deploy_set(tmp_path):
-    """With deploy set, the default target asks for every classification method's predictions, made by rule
-    predict from the new cohort's own tiles and features (results/deploy/<name>/...), whose slide ids are the
-    run's own (another seed of the generator): no collision."""
+    """With deploy set, the default target asks for every classification method's predictions and every
+    segmentation method's tumour maps, made by rules predict and predict_tumour from the new cohort's own tiles
+    and features (results/deploy/<name>/...), whose slide ids are the run's own (another seed of the generator):
+    no collision."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     small = ["--n-patients", "4", "--slide-width-um", "600", "--slide-height-um", "500", "--n-genes", "50"]
     for name, seed in (("run_cohort", "0"), ("hospital", "2")):
@@ -281,7 +282,11 @@ def test_rule_predict_in_a_dry_run_with_deploy_set(tmp_path):
     text = done.stdout + done.stderr
     assert done.returncode == 0, text[-3000:]
     predicts = [line for line in text.splitlines() if "python -m wsiomics.train predict" in line]
-    assert sorted(line.split("--method ")[1].split()[0] for line in predicts) == ["image_only", "linear"]
+    assert sorted(line.split("--method ")[1].split()[0] for line in predicts) == ["image_only", "linear", "mgi_seg"]
+    seg = next(line for line in predicts if "--method mgi_seg" in line)
+    assert "--out-dir results/deploy/hospital/mgi_seg" in seg and "--models-dir results/models/mgi_seg" in seg
+    assert "--expression results/deploy/hospital/expression/cohort.zarr" in seg
+    assert "rule predict_tumour:" in text and "results/deploy/hospital/mgi_seg/tumour_slides.tsv" in text
     linear = next(line for line in predicts if "--method linear" in line)
     assert "--fold-expression results/expression" in linear and "--train-folds results/splits/folds.tsv" in linear
     assert "--expression results/deploy/hospital/expression/cohort.zarr" in linear
