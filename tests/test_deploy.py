@@ -178,6 +178,40 @@ def test_a_refitted_baseline_reads_the_new_cohorts_slides_when_their_ids_are_the
                                atol=1e-9)
 
 
+def test_cca_refitted_for_deployment_is_the_runs_own_with_unlabelled_patients(tmp_path):
+    """cca fits its projections on the fold's train and unlabelled patients (train.pretrain.pool: all): the
+    deploy refit keeps the unlabelled ones too, so on the run's own cohort it predicts as the run did."""
+    from wsiomics.train.methods import get_method
+
+    rng = np.random.default_rng(3)
+    sheet = cohort(tmp_path / "run", "U", 20, rng)
+    rows = pd.read_csv(sheet, sep="\t", dtype=str, keep_default_na=False)
+    rows.loc[rows["patient_id"].isin(["U16", "U17", "U18", "U19"]), "label"] = ""  # unlabelled: pretraining only
+    rows.to_csv(sheet, sep="\t", index=False)
+    folds = make_splits(rows[["patient_id", "label"]], SplitParams(n_folds=N_FOLDS, val_fraction=0.2, seed=0))
+    assert (folds["role"] == "unlabelled").any()
+    folds.to_csv(tmp_path / "run" / "folds.tsv", sep="\t", index=False)
+    raw = ad.read_zarr(tmp_path / "run" / "cohort.zarr")
+    cfg = method_config(TRAIN_CFG, "cca")
+    for k in range(N_FOLDS):
+        write_anndata(normalize_fold(raw, folds, k, NormalizeParams(gene_selection="all")),
+                      tmp_path / "run" / "expression" / f"fold{k}.zarr")
+        data = load_inputs(str(tmp_path / "run" / "folds.tsv"), str(sheet), str(tmp_path / "run" / "features"),
+                           str(tmp_path / "run" / "expression" / f"fold{k}.zarr"), k, get_method("cca"))
+        finetune("cca", cfg, data, tmp_path / "run" / "models" / "cca" / f"fold{k}")
+    run = tmp_path / "run"
+    predict("cca", cfg, run / "models" / "cca", N_FOLDS, sheet, tmp_path / "out", features=run / "features",
+            expression=run / "cohort.zarr", fold_expression=run / "expression", train_features=run / "features",
+            train_folds=run / "folds.tsv", train_samples=sheet)
+    ours = pd.read_csv(tmp_path / "out" / "fold_predictions.tsv", sep="\t", keep_default_na=False)
+    for k in range(N_FOLDS):
+        theirs = pd.read_csv(run / "models" / "cca" / f"fold{k}" / "predictions.tsv", sep="\t")
+        theirs = theirs[theirs["role"] == "test"].set_index("patient_id")
+        mine = ours[ours["fold"] == k].set_index("patient_id").loc[theirs.index]
+        np.testing.assert_allclose(mine[_probs(theirs)].to_numpy(float), theirs[_probs(theirs)].to_numpy(float),
+                                   atol=1e-6)
+
+
 def test_ensemble_averages_only_the_folds_that_predicted():
     folds = pd.DataFrame({"patient_id": ["A", "A", "B", "B"], "fold": [0, 1, 0, 1], "label": ["x", "x", "y", "y"],
                           "predicted": ["x", "y", "", ""], "prob_x": [0.9, 0.3, np.nan, np.nan],

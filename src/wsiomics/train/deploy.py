@@ -38,7 +38,7 @@ import zarr
 from wsiomics.datasets import DatasetError, FoldData, PatientRecord, read_slide_record
 from wsiomics.train import evaluate as ev
 from wsiomics.train.methods import Method, get_method
-from wsiomics.train.roles import EVAL_ROLES, TRAIN_ROLES, VAL_ROLES
+from wsiomics.train.roles import EVAL_ROLES
 
 log = logging.getLogger(__name__)
 
@@ -226,12 +226,13 @@ def tumour_fold(method: Method, fold_dir: Path, patients: list[PatientRecord], r
 
 def sklearn_fold(method: Method, cfg: dict[str, Any], train: FoldData, patients: list[PatientRecord]
                  ) -> tuple[list[ev.PatientResult], list[str]]:
-    """Refit the baseline on the fold's training patients exactly as the run did (same seed and patients),
-    with the deploy patients as the evaluated ones."""
+    """Refit the baseline on the fold's training patients exactly as the run did (same seed and patients: every
+    patient but the evaluated ones, so cca's projections see the unlabelled ones as in the run), with the
+    deploy patients as the evaluated ones."""
     from wsiomics.train.estimators import ESTIMATORS
     from wsiomics.train.stages import fold_context
 
-    kept = [p for p in train.patients if p.role in (*TRAIN_ROLES, *VAL_ROLES)]
+    kept = [p for p in train.patients if p.role not in EVAL_ROLES]
     data = FoldData(fold=train.fold, patients=kept + patients, classes=train.classes, genes=train.genes,
                     gene_groups=train.gene_groups, feature_dim=train.feature_dim)
     with tempfile.TemporaryDirectory() as scratch:  # the estimator's history.tsv: the run has its own
