@@ -435,3 +435,81 @@ def test_deployed_tumour_maps_of_the_run_cohort_are_the_runs_own(seg_run, tmp_pa
         np.testing.assert_allclose(_tumour(tmp_path / "tumour" / store.name), _tumour(store), atol=1e-6)
         assert (zarr.open_group(tmp_path / "tumour" / store.name, mode="r")["coords"][:]
                 == zarr.open_group(store, mode="r")["coords"][:]).all()
+
+
+# ---------------------------------------------------------------- survival: the ensemble risk of the deploy patients
+
+
+def _with_follow_up(sheet: Path, rng: np.random.Generator) -> pd.DataFrame:
+    """time and event columns for the sheet: label b dies sooner. Returns the outcomes per patient."""
+    rows = pd.read_csv(sheet, sep="\t", dtype=str, keep_default_na=False)
+    pts = rows.drop_duplicates("patient_id").set_index("patient_id")
+    time = {p: float(np.round(rng.exponential(200.0 if pts.at[p, "label"] == "b" else 900.0))) + 1 for p in pts.index}
+    event = {p: int(i % 4 != 3) for i, p in enumerate(pts.index)}
+    rows["time"], rows["event"] = rows["patient_id"].map(time), rows["patient_id"].map(event)
+    rows.to_csv(sheet, sep="\t", index=False)
+    return pd.DataFrame({"time": time, "event": event}).rename_axis("patient_id")
+
+
+@pytest.fixture(scope="module")
+def surv_run(run, tmp_path_factory):
+    """late_fusion_survival (Cox head) fine-tuned on every fold of the deploy run's cohort, with follow-up."""
+    root, _ = run
+    cfg = method_config({**TRAIN_CFG, "survival": {"loss": "cox", "n_bins": 4}}, "late_fusion_survival")
+    models = tmp_path_factory.mktemp("surv") / "late_fusion_survival"
+    outcomes = pd.read_csv(root / "run" / "samples.tsv", sep="\t", dtype=str)["patient_id"].drop_duplicates()
+    rng = np.random.default_rng(5)
+    labels = {p: "ab"[int(p[1:]) % 2] for p in outcomes}
+    outcomes = pd.DataFrame({"time": [float(np.round(rng.exponential(200.0 if labels[p] == "b" else 900.0))) + 1
+                                      for p in outcomes], "event": 1}, index=pd.Index(outcomes, name="patient_id"))
+    for k in range(N_FOLDS):
+        finetune("late_fusion_survival", cfg, _run_fold(root, "late_fusion_survival", k), models / f"fold{k}",
+                 outcomes=outcomes)
+    return cfg, models
+
+
+def test_survival_deploys_the_mean_risk_percentile_over_the_folds(run, surv_run, tmp_path):
+    """Each fold's risk is placed among its fitted patients' risks (the run's risks.tsv); the ensemble risk is
+    the mean of those places; c-index where the deploy sheet has follow-up; modalities as classification."""
+    from scipy.stats import percentileofscore
+
+    root, _ = run
+    cfg, models = surv_run
+    sheet = root / "new" / "samples_follow_up.tsv"  # beside the deploy sheet: its relative paths hold
+    sheet.write_text((root / "new" / "samples.tsv").read_text())
+    _with_follow_up(sheet, np.random.default_rng(6))
+    metrics = predict("late_fusion_survival", cfg, models, N_FOLDS, sheet, tmp_path / "out",
+                      features=root / "new" / "features", expression=root / "new" / "cohort.zarr",
+                      fold_expression=root / "run" / "expression", train_features=root / "run" / "features")
+    table = pd.read_csv(tmp_path / "out" / "risks.tsv", sep="\t", keep_default_na=False).set_index("patient_id")
+    folds = pd.read_csv(tmp_path / "out" / "fold_risks.tsv", sep="\t")
+    assert list(table.columns) == ["risk", "time", "event", "modalities"]
+    expected = {}
+    for k, part in folds.groupby("fold"):
+        ref = pd.read_csv(models / f"fold{k}" / "risks.tsv", sep="\t")
+        ref = ref.loc[ref["role"].isin(["train", "val"]), "risk"].to_numpy(float)
+        for pid, risk in zip(part["patient_id"], part["risk"], strict=True):
+            expected.setdefault(pid, []).append(percentileofscore(ref, risk, kind="mean") / 100.0)
+    for pid, values in expected.items():
+        assert float(table.at[pid, "risk"]) == pytest.approx(np.mean(values), abs=1e-5)
+    assert table.loc[["N00", "N03"], "modalities"].tolist() == ["image", "image"]  # no RNA
+    assert table.loc[["N01", "N06"], "modalities"].tolist() == ["gene", "gene"]  # no slides
+    assert metrics["ensemble"]["n_test"] == 8 and metrics["ensemble"]["c_index"] is not None
+    assert set(metrics["folds"]) == {str(k) for k in range(N_FOLDS)}
+    assert set(metrics["ensemble"]["by_modalities"]) == {"image+gene", "image", "gene"}
+
+
+def test_deployed_survival_risks_of_the_run_cohort_are_the_runs_own(run, surv_run, tmp_path):
+    root, _ = run
+    cfg, models = surv_run
+    predict("late_fusion_survival", cfg, models, N_FOLDS, root / "run" / "samples.tsv", tmp_path,
+            features=root / "run" / "features", expression=root / "run" / "cohort.zarr",
+            fold_expression=root / "run" / "expression", train_features=root / "run" / "features")
+    ours = pd.read_csv(tmp_path / "fold_risks.tsv", sep="\t")
+    for k in range(N_FOLDS):
+        theirs = pd.read_csv(models / f"fold{k}" / "risks.tsv", sep="\t").set_index("patient_id")
+        mine = ours[ours["fold"] == k].set_index("patient_id").loc[theirs.index]
+        np.testing.assert_allclose(mine["risk"].to_numpy(float), theirs["risk"].to_numpy(float), rtol=1e-5,
+                                   atol=1e-6)
+    table = pd.read_csv(tmp_path / "risks.tsv", sep="\t")
+    assert table["time"].isna().all() and "ensemble" not in json.loads((tmp_path / "metrics.json").read_text())

@@ -375,6 +375,123 @@ def predict_tumour(method: Method, cfg: dict[str, Any], models_dir: str | Path, 
     return metrics
 
 
+RISK_COLUMNS = ["patient_id", "risk", "time", "event", "modalities"]
+
+
+def risk_percentile(risks: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Each risk's place among ``reference`` (a fold's fitted patients' risks) in [0, 1]: the share below it,
+    ties counting half. 0.5 is the fold's training median, the split of the run's Kaplan-Meier figure."""
+    ref = np.sort(np.asarray(reference, np.float64))
+    if not len(ref):
+        raise DeployError("a survival fold has no fitted patients' risks to place the deploy risks among")
+    below = np.searchsorted(ref, risks, side="left")
+    at_or_below = np.searchsorted(ref, risks, side="right")
+    return (below + at_or_below) / (2.0 * len(ref))
+
+
+def risks_fold(method: Method, fold_dir: Path, patients: list[PatientRecord], run_cfg: dict[str, Any],
+               fold: int) -> list[ev.PatientResult]:
+    """The fold's survival network on the deploy patients: each one's risk (higher = earlier event) as the
+    run computed it (:meth:`~wsiomics.train.tasks.survival.Survival.predict`, the fold's loss)."""
+    from wsiomics.train.stages import fold_context
+    from wsiomics.train.tasks import get_task
+    from wsiomics.train.tasks.survival import settings
+
+    model, data, cfg, device = load_network(method, fold_dir, patients, run_cfg, fold)
+    task = get_task(method.task)
+    with tempfile.TemporaryDirectory() as scratch:  # the context's output folder: nothing is written there
+        ctx = fold_context(method, {**cfg, "threads": run_cfg.get("threads", cfg.get("threads", 2))}, data, scratch,
+                           "finetune")
+        ctx.device = device
+        ctx.found["loss"] = settings(cfg)[0]  # the risk needs only the loss; follow-up is the metrics' business
+        return task.predict(model, ctx)
+
+
+def deploy_outcomes(samples: str | Path) -> pd.DataFrame:
+    """The deploy sheet's follow-up (``time``, ``event`` per patient), empty when it has none."""
+    from wsiomics.train.tasks.survival import read_outcomes
+
+    try:
+        return read_outcomes(samples)
+    except ValueError:
+        return pd.DataFrame(columns=["time", "event"])
+
+
+def c_index(table: pd.DataFrame, column: str) -> dict[str, Any]:
+    """Harrell's c-index of ``column`` over the rows with follow-up and a risk (None when undefined)."""
+    from sksurv.metrics import concordance_index_censored
+
+    known = table.dropna(subset=["time", column])
+    known = known[known["event"].notna()]
+    event = known["event"].to_numpy(int).astype(bool)
+    out: dict[str, Any] = {"n_test": len(known), "n_events": int(event.sum()), "c_index": None}
+    if len(known) >= 2 and event.any():
+        try:
+            out["c_index"] = float(concordance_index_censored(event, known["time"].to_numpy(float),
+                                                              known[column].to_numpy(float))[0])
+        except ValueError as e:  # a few patients (one modality set) may hold no comparable pair
+            log.info("c-index undefined over %d patients (%s)", len(known), e)
+    return out
+
+
+def predict_risks(method: Method, cfg: dict[str, Any], models_dir: str | Path, n_folds: int, samples: str | Path,
+                  out_dir: str | Path, features: str | Path | None = None, expression: str | Path | None = None,
+                  fold_expression: str | Path | None = None,
+                  train_features: str | Path | None = None) -> dict[str, Any]:
+    """A survival network's fold models on the deploy patients. The folds' risks are not on one scale (a Cox
+    head's log-risk is defined up to a constant per fold, a discrete-time head's risk depends on the fold's time
+    bins), so each is placed among its fold's fitted patients' risks (the run's ``risks.tsv``, roles train and
+    val: :func:`risk_percentile`) and the ensemble risk is the mean of those percentiles over the folds that
+    predicted the patient. Writes ``risks.tsv`` (``patient_id, risk, time, event, modalities``; time and event
+    when the deploy sheet has them), ``fold_risks.tsv`` (``patient_id, fold, risk`` (the fold's own),
+    ``risk_percentile, modalities``) and ``metrics.json`` (Harrell's c-index of the ensemble and of each fold,
+    overall and per modality set, when the sheet has follow-up)."""
+    if method.is_sklearn:
+        raise DeployError(f"{method.name} is not deployed: a refitted Cox baseline would need the run's follow-up "
+                          "and the deploy cohort's in one fold; deploy a survival network (e.g. gimp_survival)")
+    out = Path(out_dir)
+    base, cohort = deploy_cohort(method, samples, features, expression, fold_expression, train_features)
+    rows = []
+    for fold in range(n_folds):
+        fold_dir = Path(models_dir) / f"fold{fold}"
+        reference_path = fold_dir / "risks.tsv"
+        if not reference_path.exists():
+            raise DeployError(f"{reference_path}: no risks of the fold's patients; run the training run's "
+                              "finetune_survival rule first")
+        reference = pd.read_csv(reference_path, sep="\t")
+        reference = reference.loc[reference["role"].isin(("train", "val")), "risk"].to_numpy(float)
+        genes = fold_genes(cohort, Path(fold_expression) / f"fold{fold}.zarr")[0] if cohort is not None \
+            else pd.DataFrame()
+        patients = with_genes(base, genes)
+        by_record = {id(r.patient): r for r in risks_fold(method, fold_dir, patients, cfg, fold)}
+        for p in patients:
+            used, r = modalities_used(p, method), by_record.get(id(p))
+            risk = float(r.risk) if (used and r is not None) else np.nan
+            rows.append({"patient_id": p.patient_id, "fold": fold, "risk": risk,
+                         "risk_percentile": float(risk_percentile(np.array([risk]), reference)[0])
+                         if used else np.nan, "modalities": used})
+    folds = pd.DataFrame(rows, columns=["patient_id", "fold", "risk", "risk_percentile", "modalities"])
+    outcomes = deploy_outcomes(samples)
+    table = folds.groupby("patient_id", sort=True).agg(risk=("risk_percentile", "mean"),
+                                                       modalities=("modalities", "first")).reset_index()
+    table = table.join(outcomes, on="patient_id").astype({"event": "Int64"})[RISK_COLUMNS]
+    ev.write_predictions(out / "fold_risks.tsv", folds)
+    ev.write_predictions(out / "risks.tsv", table)
+    metrics: dict[str, Any] = {"method": method.name, "n_folds": n_folds, "n_patients": len(table),
+                               "n_predicted": int(table["risk"].notna().sum()),
+                               "modalities": table["modalities"].replace("", "none").value_counts().to_dict()}
+    if len(outcomes):
+        metrics["ensemble"] = {**c_index(table, "risk"), "by_modalities": {
+            m: c_index(table[table["modalities"] == m], "risk") for m in MODALITY_SETS
+            if (table["modalities"] == m).any()}}
+        with_follow_up = folds.join(outcomes, on="patient_id")
+        metrics["folds"] = {str(k): c_index(part, "risk") for k, part in with_follow_up.groupby("fold")}
+    ev.write_json(out / "metrics.json", metrics)
+    log.info("%s: risks of %d deploy patients, %s; ensemble c-index %s", method.name, len(table),
+             metrics["modalities"], (metrics.get("ensemble") or {}).get("c_index"))
+    return metrics
+
+
 def predict(method_name: str, cfg: dict[str, Any], models_dir: str | Path, n_folds: int, samples: str | Path,
             out_dir: str | Path, features: str | Path | None = None, expression: str | Path | None = None,
             fold_expression: str | Path | None = None, train_features: str | Path | None = None,
@@ -390,9 +507,12 @@ def predict(method_name: str, cfg: dict[str, Any], models_dir: str | Path, n_fol
     if method.task == "segment":
         return predict_tumour(method, cfg, models_dir, n_folds, samples, out_dir, features, expression,
                               fold_expression, train_features)
+    if method.task == "survival":
+        return predict_risks(method, cfg, models_dir, n_folds, samples, out_dir, features, expression,
+                             fold_expression, train_features)
     if method.task != "classify":
-        raise DeployError(f"{method.name} is a {method.task} method; deployment predicts classification and "
-                          "segmentation methods")
+        raise DeployError(f"{method.name} is a {method.task} method; deployment predicts classification, "
+                          "segmentation and survival methods")
     out = Path(out_dir)
     base, cohort = deploy_cohort(method, samples, features, expression, fold_expression, train_features)
     use_gene = cohort is not None
