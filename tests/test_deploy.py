@@ -332,6 +332,28 @@ def test_rule_predict_in_a_dry_run_with_deploy_set(tmp_path):
     assert str(tmp_path / "hospital" / "slides") in text and "expression cohort --samples" in text
 
 
+def test_rule_predict_risks_deploys_the_survival_networks_in_a_dry_run(tmp_path):
+    """With deploy set and survival methods in train.run, the default target asks for each survival network's
+    risks.tsv (rule predict_risks, after the fold's risks.tsv); coxph, a refitted baseline, is not deployed."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    small = ["--n-patients", "8", "--slide-width-um", "600", "--slide-height-um", "500", "--n-genes", "50"]
+    for name, seed in (("run_cohort", "0"), ("hospital", "2")):
+        subprocess.run([sys.executable, "-m", "wsiomics.synth", "--out", str(tmp_path / name), *small, "--seed", seed,
+                        "--genome-seed", "0", "--survival"], check=True, env=env, capture_output=True)
+    overlay = tmp_path / "deploy.yaml"
+    overlay.write_text(f"samples: {tmp_path / 'run_cohort' / 'samples.tsv'}\nsplits:\n  n_folds: 2\n"
+                       f"deploy:\n  name: hospital\n  samples: {tmp_path / 'hospital' / 'samples.tsv'}\n"
+                       "train:\n  run: [late_fusion_survival, coxph]\n")
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory",
+                           str(tmp_path / "work"), "--configfile", str(overlay), "-n", "-p", "-c1"], env=env,
+                          capture_output=True, text=True)
+    text = done.stdout + done.stderr
+    assert done.returncode == 0, text[-3000:]
+    predicts = [line for line in text.splitlines() if "python -m wsiomics.train predict" in line]
+    assert [line.split("--method ")[1].split()[0] for line in predicts] == ["late_fusion_survival"]
+    assert "rule predict_risks:" in text and "results/deploy/hospital/late_fusion_survival/risks.tsv" in text
+
+
 def test_deploy_name_without_samples_is_refused(tmp_path):
     overlay = tmp_path / "deploy.yaml"
     overlay.write_text("deploy:\n  name: hospital\n")

@@ -111,3 +111,17 @@ if DEPLOY_NAME:
             f"logs/deploy/{DEPLOY_NAME}/{{method}}/predict_tumour.log",
         benchmark:
             f"benchmarks/deploy/{DEPLOY_NAME}/{{method}}/predict_tumour.tsv"
+
+    # Survival networks: the ensemble risk of every deploy patient (each fold's risk as a percentile of its fitted
+    # patients' risks, averaged), fold_risks.tsv, and the c-index in metrics.json where the sheet has follow-up.
+    use rule predict as predict_risks with:
+        wildcard_constraints:
+            method=SURVIVAL_METHODS,
+        output:
+            risks=f"{DEPLOY_DIR}/{{method}}/risks.tsv",
+            folds=f"{DEPLOY_DIR}/{{method}}/fold_risks.tsv",
+            metrics=f"{DEPLOY_DIR}/{{method}}/metrics.json",
+        log:
+            f"logs/deploy/{DEPLOY_NAME}/{{method}}/predict_risks.log",
+        benchmark:
+            f"benchmarks/deploy/{DEPLOY_NAME}/{{method}}/predict_risks.tsv"
