@@ -21,6 +21,8 @@ A segmentation method (``mgi_seg``, ``image_seg``) maps tumour on every deploy s
 (:func:`predict_tumour`): the ensemble tumour probability per tile (mean over the folds), written as the run's
 fine-tune writes one fold's maps (``tumour/<slide_id>.zarr`` + ``.png``), ``tumour_slides.tsv`` (one row per
 slide) and ``metrics.json`` (Dice of the ensemble and of each fold where the deploy sheet has annotations).
+A survival network gives risks (:func:`predict_risks`): each fold's risk as a percentile of its fitted patients'
+risks, the ensemble risk their mean (``risks.tsv``, ``fold_risks.tsv``, ``metrics.json`` with the c-index).
 """
 
 from __future__ import annotations
@@ -496,7 +498,8 @@ def predict(method_name: str, cfg: dict[str, Any], models_dir: str | Path, n_fol
             out_dir: str | Path, features: str | Path | None = None, expression: str | Path | None = None,
             fold_expression: str | Path | None = None, train_features: str | Path | None = None,
             train_folds: str | Path | None = None, train_samples: str | Path | None = None) -> dict[str, Any]:
-    """Apply ``models_dir/fold<k>`` (k < n_folds) to the sheet ``samples``; write ``out_dir``'s files.
+    """Apply ``models_dir/fold<k>`` (k < n_folds) to the sheet ``samples``; write ``out_dir``'s files
+    (classification here; segmentation: :func:`predict_tumour`; survival: :func:`predict_risks`).
 
     ``features``: the deploy slides' feature stores; ``expression``: the deploy cohort's raw table
     (``cohort.zarr``); ``fold_expression``: the run's ``results/expression`` (``fold<k>.zarr``, whose fitted
