@@ -162,7 +162,7 @@ def method_embeddings(name: str, cfg: dict[str, Any], data, out: Path) -> tuple[
         root = open_store(out / "pretrain" / "embeddings.zarr")
         ids = [str(v) for v in root["patient_id"][:]]
         return {k: np.asarray(root[k][:]) for k in ("image", "gene")}, ids, info
-    ctx = stages._context(method, cfg, data, out, "finetune")
+    ctx = stages.fold_context(method, cfg, data, out, "finetune")
     ctx.device = torch.device("cpu")
     results, info, _ = ESTIMATORS[method.model](ctx)
     ids = [r.patient.patient_id for r in results]

@@ -55,6 +55,17 @@ def test_raster_order_and_positions_do_not_depend_on_resolution(tmp_path):
     np.testing.assert_array_equal(whole, feats[s20.order].astype(np.float16))
 
 
+def test_cache_tells_apart_two_stores_of_the_same_slide_id(tmp_path):
+    """Two cohorts may reuse slide ids (a deploy cohort's refitted baselines read the run's stores and the new
+    cohort's in one dataset): the cache is keyed by the store, not the id."""
+    coords = grid_coords(3, 2, 224)
+    run = read_slide_record("S1", write_store(tmp_path / "run" / "S1.zarr", coords, np.zeros((6, 3)), 224.0))
+    new = read_slide_record("S1", write_store(tmp_path / "new" / "S1.zarr", coords, np.ones((6, 3)), 224.0))
+    cache = FeatureCache(1e9)
+    assert cache.read(run, None).sum() == 0
+    assert cache.read(new, None).sum() == 18
+
+
 def test_failed_slide_is_skipped_and_incomplete_store_is_an_error(tmp_path):
     empty = write_store(tmp_path / "bad.zarr", np.zeros((0, 2)), np.zeros((0, 3)), 224.0, status="unreadable")
     assert read_slide_record("bad", empty) is None

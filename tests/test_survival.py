@@ -168,8 +168,8 @@ def test_survival_networks_select_no_epoch_on_a_few_val_patients(cohort, tmp_pat
 
     folds, slides, stores, expr, outcomes = cohort
     data = load_fold(folds, 0, slides, None, expr)
-    ctx = stages._context(METHODS[name], method_config(CFG, name), data, tmp_path, "finetune",
-                          inputs={"outcomes": outcomes})
+    ctx = stages.fold_context(METHODS[name], method_config(CFG, name), data, tmp_path, "finetune",
+                              inputs={"outcomes": outcomes})
     ctx.data = stages.get_task("survival").prepare(ctx)
     assert not stages._optim(ctx.cfg["finetune"])[1]  # select on val: no
     fit = stages.get_task("survival").training_data(ctx)
@@ -184,7 +184,7 @@ def test_gimp_survival_starts_from_gimps_pretrained_encoders(cohort, tmp_path):
     data = load_fold(folds, 0, slides, stores, expr)
     pretrain("gimp", method_config(CFG, "gimp"), data, tmp_path / "gimp")
     checkpoint = torch.load(tmp_path / "gimp" / "pretrain" / "model.pt", weights_only=True)["model"]
-    model, _, initialised = stages._initial_model(stages._context(
+    model, _, initialised = stages.initial_model(stages.fold_context(
         METHODS["gimp_survival"], method_config(CFG, "gimp_survival"), data, tmp_path / "s", "finetune",
         tmp_path / "gimp" / "pretrain" / "model.pt"))
     assert initialised

@@ -188,6 +188,22 @@ def test_missing_modality_fractions_leave_each_patient_one_modality_and_keep_the
         plan_cohort(CohortConfig(n_patients=8, faults=False, fraction_no_expression=0.6, fraction_no_slide=0.6))
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_faults_with_missing_modality_fractions_never_leave_a_patient_without_both(seed):
+    """The faults' expression-only and slide-only patients are not also drawn to lose their other modality."""
+    pts, specs = plan_cohort(CohortConfig(n_patients=32, seed=seed, fraction_no_expression=0.15,
+                                          fraction_no_slide=0.15))
+    assert not (~pts.has_expression & ~pts.has_slide).any()
+    assert (~pts.has_expression).sum() >= 5 and (~pts.has_slide).sum() >= 5
+    with_slides = {s.patient_id for s in specs}
+    assert with_slides == set(pts.patient_id[pts.has_slide])
+
+
+def test_fractions_that_cannot_spare_the_fault_patients_are_refused():
+    with pytest.raises(ValueError, match="faults"):
+        plan_cohort(CohortConfig(n_patients=8, fraction_no_expression=0.5, fraction_no_slide=0.5))
+
+
 def test_genome_seed_gives_another_cohort_the_same_genome(tmp_path):
     """A deployment cohort (another seed) must share the training cohort's genes and programmes."""
     from wsiomics.synth.cohort import write_cohort

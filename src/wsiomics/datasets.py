@@ -113,11 +113,13 @@ class FeatureCache:
         return self._bytes
 
     def read(self, slide: SlideRecord, raster_rows: np.ndarray | None) -> np.ndarray:
-        """Feature rows of ``slide`` at the given raster-order positions (all rows when None)."""
+        """Feature rows of ``slide`` at the given raster-order positions (all rows when None). Keyed by the
+        store, not the slide id: two cohorts (a run's and a deploy cohort's) may reuse slide ids."""
+        key = str(slide.store)
         with self._lock:
-            cached = self._items.get(slide.slide_id)
+            cached = self._items.get(key)
             if cached is not None:
-                self._items.move_to_end(slide.slide_id)
+                self._items.move_to_end(key)
                 self.hits += 1
         if cached is not None:
             return cached if raster_rows is None else cached[raster_rows]
@@ -126,7 +128,7 @@ class FeatureCache:
         size = slide.n_tokens * int(array.shape[1]) * array.dtype.itemsize
         if size <= self.max_bytes / 4:
             whole = _read_rows(array, slide, None)
-            self._put(slide.slide_id, whole)
+            self._put(key, whole)
             return whole if raster_rows is None else whole[raster_rows]
         return _read_rows(array, slide, raster_rows)
 

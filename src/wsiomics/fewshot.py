@@ -186,15 +186,15 @@ def fold_embeddings(method_name: str, cfg: dict[str, Any], data, pretrained: str
     from wsiomics.train.build import build_model
     from wsiomics.train.linear import pooled_features
     from wsiomics.train.methods import get_method
-    from wsiomics.train.stages import _context, _initial_model
+    from wsiomics.train.stages import fold_context, initial_model
 
     method = get_method(method_name)
     if not method.pretrain:
         raise ValueError(f"method {method.name} has no pretraining stage: the few-shot protocol compares a "
                          "pretrained network with its untrained self")
     # the pretraining stage's context: its configuration, seed, device and threads
-    ctx = _context(method, cfg, data, out_dir, "pretrain", pretrained)
-    trained, _, _ = _initial_model(ctx)  # the fold's pretrained checkpoint, every tensor
+    ctx = fold_context(method, cfg, data, out_dir, "pretrain", pretrained)
+    trained, _, _ = initial_model(ctx)  # the fold's pretrained checkpoint, every tensor
     torch.manual_seed(ctx.seed)  # the network as pretrain() constructs it, before its first step
     initial = build_model(method, ctx.cfg, data)
     roles = (*TRAIN_ROLES, TEST_ROLE)

@@ -97,3 +97,31 @@ if DEPLOY_NAME:
         shell:
             "python -m wsiomics.train predict --method {wildcards.method} --samples {input.samples:q}"
             " --out-dir {params.out_dir:q} --threads {threads} {params.options} > {log:q} 2>&1"
+
+    # Segmentation methods: the fold ensemble's tumour map of every deploy slide (as the fine-tune's tumour/),
+    # one row per slide in tumour_slides.tsv, Dice in metrics.json where the deploy sheet has annotations.
+    use rule predict as predict_tumour with:
+        wildcard_constraints:
+            method=SEGMENT_METHODS,
+        output:
+            slides=f"{DEPLOY_DIR}/{{method}}/tumour_slides.tsv",
+            metrics=f"{DEPLOY_DIR}/{{method}}/metrics.json",
+            tumour=directory(f"{DEPLOY_DIR}/{{method}}/tumour"),
+        log:
+            f"logs/deploy/{DEPLOY_NAME}/{{method}}/predict_tumour.log",
+        benchmark:
+            f"benchmarks/deploy/{DEPLOY_NAME}/{{method}}/predict_tumour.tsv"
+
+    # Survival networks: the ensemble risk of every deploy patient (each fold's risk as a percentile of its fitted
+    # patients' risks, averaged), fold_risks.tsv, and the c-index in metrics.json where the sheet has follow-up.
+    use rule predict as predict_risks with:
+        wildcard_constraints:
+            method=SURVIVAL_METHODS,
+        output:
+            risks=f"{DEPLOY_DIR}/{{method}}/risks.tsv",
+            folds=f"{DEPLOY_DIR}/{{method}}/fold_risks.tsv",
+            metrics=f"{DEPLOY_DIR}/{{method}}/metrics.json",
+        log:
+            f"logs/deploy/{DEPLOY_NAME}/{{method}}/predict_risks.log",
+        benchmark:
+            f"benchmarks/deploy/{DEPLOY_NAME}/{{method}}/predict_risks.tsv"

@@ -120,16 +120,27 @@ def withheld_labels(patient_ids: np.ndarray, fraction: float, seed: int) -> set[
 
 
 def _drop_modalities(cfg: CohortConfig, patients: list[dict]) -> None:
-    """Mark round(fraction x n) patients without expression and others without slides (in place)."""
+    """Mark round(fraction x n) patients without expression and others without slides (in place).
+
+    With ``faults`` the last patient will lose its slides and the one before it its expression
+    (:func:`plan_cohort`): neither is drawn to lose its other modality, so no patient is left with neither.
+    Patients are taken in one seeded order, skipping those, so a cohort that drew neither is unchanged."""
     n = cfg.n_patients
     n_rna, n_slide = round(cfg.fraction_no_expression * n), round(cfg.fraction_no_slide * n)
     if min(cfg.fraction_no_expression, cfg.fraction_no_slide) < 0 or n_rna + n_slide > n:
         raise ValueError(f"fraction_no_expression ({cfg.fraction_no_expression}) + fraction_no_slide "
                          f"({cfg.fraction_no_slide}) must be >= 0 and sum to at most 1: a patient keeps one modality")
-    order = np.random.default_rng([cfg.seed, 11]).permutation(n)
-    for i in order[:n_rna]:
+    slide_only, expression_only = (n - 2, n - 1) if cfg.faults else (-1, -1)  # the faults' patients
+    order = [int(i) for i in np.random.default_rng([cfg.seed, 11]).permutation(n)]
+    no_rna = [i for i in order if i != expression_only][:n_rna]
+    no_slide = [i for i in order if i not in no_rna and i != slide_only][:n_slide]
+    if len(no_slide) < n_slide:
+        raise ValueError(f"fraction_no_expression ({cfg.fraction_no_expression}) + fraction_no_slide "
+                         f"({cfg.fraction_no_slide}) of {n} patients leave no room for the faults' expression-only "
+                         "and slide-only patients: lower the fractions or set faults: false")
+    for i in no_rna:
         patients[i]["has_expression"] = False
-    for i in order[n_rna:n_rna + n_slide]:
+    for i in no_slide:
         patients[i]["has_slide"] = False
 
 
@@ -181,6 +192,9 @@ def plan_cohort(cfg: CohortConfig) -> tuple[pd.DataFrame, list[SlideSpec]]:
             SlideSpec(slide_id=f"{first.patient_id}-01Z-00-DX6", seed=104, truncate=True, **extra),
         ]
     table = pd.DataFrame(patients)
+    neither = table.patient_id[~table.has_slide & ~table.has_expression].tolist()
+    if neither:  # the draws above must not allow it; a patient with no data would break every stage
+        raise AssertionError(f"synthetic patients {neither} have neither slides nor expression")
     withheld = withheld_labels(table.patient_id.to_numpy(), cfg.unlabelled_fraction, cfg.seed)
     return table.assign(labelled=~table.patient_id.isin(withheld)), slides
 

@@ -16,6 +16,13 @@ the patient. Outputs (``out_dir`` = ``results/deploy/<name>/<method>``): ``predi
 ``fold_predictions.tsv`` (one row per patient and fold, the same columns plus ``fold``), ``metrics.json``
 (when the sheet has labels: ensemble and per-fold metrics, over all patients and per modality set) and
 ``attention/fold<k>/<slide_id>.zarr`` (network methods with attention).
+
+A segmentation method (``mgi_seg``, ``image_seg``) maps tumour on every deploy slide instead
+(:func:`predict_tumour`): the ensemble tumour probability per tile (mean over the folds), written as the run's
+fine-tune writes one fold's maps (``tumour/<slide_id>.zarr`` + ``.png``), ``tumour_slides.tsv`` (one row per
+slide) and ``metrics.json`` (Dice of the ensemble and of each fold where the deploy sheet has annotations).
+A survival network gives risks (:func:`predict_risks`): each fold's risk as a percentile of its fitted patients'
+risks, the ensemble risk their mean (``risks.tsv``, ``fold_risks.tsv``, ``metrics.json`` with the c-index).
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ import zarr
 from wsiomics.datasets import DatasetError, FoldData, PatientRecord, read_slide_record
 from wsiomics.train import evaluate as ev
 from wsiomics.train.methods import Method, get_method
-from wsiomics.train.roles import EVAL_ROLES, TRAIN_ROLES, VAL_ROLES
+from wsiomics.train.roles import EVAL_ROLES
 
 log = logging.getLogger(__name__)
 
@@ -169,14 +176,14 @@ def with_genes(patients: list[PatientRecord], genes: pd.DataFrame) -> list[Patie
 # ---------------------------------------------------------------- one fold's predictions
 
 
-def network_fold(method: Method, fold_dir: Path, patients: list[PatientRecord], run_cfg: dict[str, Any],
-                 fold: int) -> tuple[list[ev.PatientResult], list[str]]:
-    """The fold's saved network (``model.pt``) on the deploy patients; its classes."""
+def load_network(method: Method, fold_dir: Path, patients: list[PatientRecord], run_cfg: dict[str, Any],
+                 fold: int) -> tuple[Any, FoldData, dict[str, Any], Any]:
+    """The fold's saved network (``model.pt``: weights + the configuration and shapes it was built from) and
+    the deploy patients as its data; the configuration and the device (the deploy run's threads and device)."""
     import torch
 
     from wsiomics.train.build import build_model
     from wsiomics.train.loop import load_model_state, resolve_device
-    from wsiomics.train.stages import data_params
 
     path = fold_dir / "model.pt"
     if not path.exists():
@@ -189,22 +196,49 @@ def network_fold(method: Method, fold_dir: Path, patients: list[PatientRecord], 
                     gene_groups=meta.get("gene_groups"), feature_dim=int(meta["feature_dim"]))
     model = build_model(method, cfg, data)
     model.load_state_dict(state["model"])
-    device = resolve_device(str(run_cfg.get("device", cfg.get("device", "auto"))))
+    return model, data, cfg, resolve_device(str(run_cfg.get("device", cfg.get("device", "auto"))))
+
+
+def network_fold(method: Method, fold_dir: Path, patients: list[PatientRecord], run_cfg: dict[str, Any],
+                 fold: int) -> tuple[list[ev.PatientResult], list[str]]:
+    """The fold's saved network (``model.pt``) on the deploy patients; its classes."""
+    from wsiomics.train.stages import data_params
+
+    model, data, cfg, device = load_network(method, fold_dir, patients, run_cfg, fold)
     return ev.run_model(model, data, EVAL_ROLES, device, data_params(cfg, fold)), data.classes
+
+
+def tumour_fold(method: Method, fold_dir: Path, patients: list[PatientRecord], run_cfg: dict[str, Any],
+                fold: int, samples: str | Path) -> tuple[list[ev.PatientResult], dict[str, Any]]:
+    """The fold's segmenter on the deploy slides, through the segmentation task as the run evaluated it: tile
+    tumour probabilities (``tile_scores``), the deploy sheet's annotations (if any) as the slides' targets.
+    Returns the results and what the task found (``threshold``, the annotations' ``geometry``)."""
+    from wsiomics.train.stages import fold_context
+    from wsiomics.train.tasks import get_task
+
+    model, data, cfg, device = load_network(method, fold_dir, patients, run_cfg, fold)
+    task = get_task(method.task)
+    with tempfile.TemporaryDirectory() as scratch:  # the context's output folder: nothing is written there
+        ctx = fold_context(method, {**cfg, "threads": run_cfg.get("threads", cfg.get("threads", 2))}, data, scratch,
+                           "finetune", inputs={"samples": str(samples)})
+        ctx.device = device
+        ctx.data = task.prepare(ctx)
+        return task.predict(model, ctx), ctx.found
 
 
 def sklearn_fold(method: Method, cfg: dict[str, Any], train: FoldData, patients: list[PatientRecord]
                  ) -> tuple[list[ev.PatientResult], list[str]]:
-    """Refit the baseline on the fold's training patients exactly as the run did (same seed and patients),
-    with the deploy patients as the evaluated ones."""
+    """Refit the baseline on the fold's training patients exactly as the run did (same seed and patients: every
+    patient but the evaluated ones, so cca's projections see the unlabelled ones as in the run), with the
+    deploy patients as the evaluated ones."""
     from wsiomics.train.estimators import ESTIMATORS
-    from wsiomics.train.stages import _context
+    from wsiomics.train.stages import fold_context
 
-    kept = [p for p in train.patients if p.role in (*TRAIN_ROLES, *VAL_ROLES)]
+    kept = [p for p in train.patients if p.role not in EVAL_ROLES]
     data = FoldData(fold=train.fold, patients=kept + patients, classes=train.classes, genes=train.genes,
                     gene_groups=train.gene_groups, feature_dim=train.feature_dim)
     with tempfile.TemporaryDirectory() as scratch:  # the estimator's history.tsv: the run has its own
-        ctx = _context(method, cfg, data, scratch, "finetune")
+        ctx = fold_context(method, cfg, data, scratch, "finetune")
         results, _, _ = ESTIMATORS[method.model](ctx)
     return results, train.classes
 
@@ -261,25 +295,14 @@ def table_metrics(table: pd.DataFrame, classes: list[str]) -> dict[str, Any]:
     return out
 
 
-def predict(method_name: str, cfg: dict[str, Any], models_dir: str | Path, n_folds: int, samples: str | Path,
-            out_dir: str | Path, features: str | Path | None = None, expression: str | Path | None = None,
-            fold_expression: str | Path | None = None, train_features: str | Path | None = None,
-            train_folds: str | Path | None = None, train_samples: str | Path | None = None) -> dict[str, Any]:
-    """Apply ``models_dir/fold<k>`` (k < n_folds) to the sheet ``samples``; write ``out_dir``'s files.
-
-    ``features``: the deploy slides' feature stores; ``expression``: the deploy cohort's raw table
-    (``cohort.zarr``); ``fold_expression``: the run's ``results/expression`` (``fold<k>.zarr``, whose fitted
-    transform normalises the deploy RNA); ``train_features``: the run's feature stores (the encoder check;
-    the baselines' refit); ``train_folds`` / ``train_samples``: the run's folds and sheet (the baselines' refit).
-    """
+def deploy_cohort(method: Method, samples: str | Path, features: str | Path | None, expression: str | Path | None,
+                  fold_expression: str | Path | None, train_features: str | Path | None):
+    """The deploy sheet's patients (with their slides where the method reads images; the slides' features
+    checked against the run's) and its raw expression cohort (None where the method reads no genes)."""
     import anndata as ad
 
     from wsiomics.samples import load_sample_sheet
 
-    method = get_method(method_name)
-    if method.task != "classify":
-        raise DeployError(f"{method.name} is a {method.task} method; deployment predicts classification methods")
-    out = Path(out_dir)
     use_image = "image" in method.modalities and features is not None
     use_gene = "gene" in method.modalities and expression is not None and fold_expression is not None
     try:
@@ -291,7 +314,211 @@ def predict(method_name: str, cfg: dict[str, Any], models_dir: str | Path, n_fol
             raise DeployError("the deploy slides' features need the training run's (--train-features) to check "
                               "they come from the same encoder")
         check_deploy_features(base, train_features)
-    cohort = ad.read_zarr(str(expression)) if use_gene else None
+    return base, (ad.read_zarr(str(expression)) if use_gene else None)
+
+
+def predict_tumour(method: Method, cfg: dict[str, Any], models_dir: str | Path, n_folds: int, samples: str | Path,
+                   out_dir: str | Path, features: str | Path | None = None, expression: str | Path | None = None,
+                   fold_expression: str | Path | None = None,
+                   train_features: str | Path | None = None) -> dict[str, Any]:
+    """A segmentation method's fold models on the deploy slides: per slide the ensemble tumour probability per
+    tile (the mean over the folds' probabilities), written as the run's fine-tune writes one fold's
+    (``tumour/<slide_id>.zarr`` + ``.png``, :func:`~wsiomics.train.tasks.segment.write_tumour_maps`); one row per
+    slide in ``tumour_slides.tsv`` (its tiles, share of tiles at or above the threshold, mean probability,
+    Dice); ``metrics.json`` with Dice of the ensemble and of each fold over the slides the deploy sheet
+    annotates (``annotation_path``)."""
+    from wsiomics.train.tasks.segment import write_tumour_maps
+
+    out = Path(out_dir)
+    base, cohort = deploy_cohort(method, samples, features, expression, fold_expression, train_features)
+    with_slides = [p for p in base if p.slides]
+    if not with_slides:
+        raise DeployError(f"{method.name} segments slides, and the deploy cohort {samples} has no usable slide "
+                          "features (--features)")
+    scores: dict[str, list[list[np.ndarray]]] = {p.patient_id: [] for p in with_slides}
+    used: dict[str, str] = {}
+    folds: dict[str, Any] = {}
+    found: dict[str, Any] = {}
+    for fold in range(n_folds):
+        genes = fold_genes(cohort, Path(fold_expression) / f"fold{fold}.zarr")[0] if cohort is not None \
+            else pd.DataFrame()
+        patients = with_genes(with_slides, genes)
+        results, found = tumour_fold(method, Path(models_dir) / f"fold{fold}", patients, cfg, fold, samples)
+        for r in results:
+            scores[r.patient.patient_id].append(r.tile_scores)
+            used[r.patient.patient_id] = modalities_used(r.patient, method)
+        folds[str(fold)] = {k: v for k, v in ev.segmentation_metrics(
+            {s.slide_id: (probs, s.targets) for r in results for s, probs in zip(r.patient.slides, r.tile_scores,
+                                                                                   strict=True)
+             if s.targets is not None}, found["threshold"]).items() if k in ("dice_mean", "dice_pooled", "n_slides")}
+    threshold = found["threshold"]
+    ensemble_results = [ev.PatientResult(p, tile_scores=[np.mean(per_slide, axis=0) for per_slide in
+                                                         zip(*scores[p.patient_id], strict=True)])
+                        for p in with_slides]
+    attrs = {"method": method.name, "folds": n_folds, "ensemble": "mean", "threshold": threshold, "deploy": True}
+    dice = write_tumour_maps(out / "tumour", ensemble_results, threshold, found["geometry"], attrs,
+                             f"{method.name}, mean of {n_folds} folds")
+    rows = []
+    for r in ensemble_results:
+        for s, probs in zip(r.patient.slides, r.tile_scores, strict=True):
+            rows.append({"patient_id": r.patient.patient_id, "slide_id": s.slide_id, "n_tiles": len(probs),
+                         "tumour_fraction": float(np.mean(probs >= threshold)), "mean_prob": float(np.mean(probs)),
+                         "dice": dice["dice_per_slide"].get(s.slide_id, np.nan),
+                         "modalities": used[r.patient.patient_id]})
+    ev.write_predictions(out / "tumour_slides.tsv", pd.DataFrame(rows, columns=[
+        "patient_id", "slide_id", "n_tiles", "tumour_fraction", "mean_prob", "dice", "modalities"]))
+    metrics: dict[str, Any] = {"method": method.name, "n_folds": n_folds, "threshold": threshold,
+                               "n_patients": len(with_slides), "n_slides": len(rows),
+                               "modalities": pd.Series(list(used.values())).value_counts().to_dict(),
+                               "ensemble": dice, "folds": folds}
+    ev.write_json(out / "metrics.json", metrics)
+    log.info("%s: tumour maps of %d deploy slides; ensemble Dice mean %s over %d annotated slides", method.name,
+             len(rows), dice["dice_mean"], dice["n_slides"])
+    return metrics
+
+
+RISK_COLUMNS = ["patient_id", "risk", "time", "event", "modalities"]
+
+
+def risk_percentile(risks: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Each risk's place among ``reference`` (a fold's fitted patients' risks) in [0, 1]: the share below it,
+    ties counting half. 0.5 is the fold's training median, the split of the run's Kaplan-Meier figure."""
+    ref = np.sort(np.asarray(reference, np.float64))
+    if not len(ref):
+        raise DeployError("a survival fold has no fitted patients' risks to place the deploy risks among")
+    below = np.searchsorted(ref, risks, side="left")
+    at_or_below = np.searchsorted(ref, risks, side="right")
+    return (below + at_or_below) / (2.0 * len(ref))
+
+
+def risks_fold(method: Method, fold_dir: Path, patients: list[PatientRecord], run_cfg: dict[str, Any],
+               fold: int) -> list[ev.PatientResult]:
+    """The fold's survival network on the deploy patients: each one's risk (higher = earlier event) as the
+    run computed it (:meth:`~wsiomics.train.tasks.survival.Survival.predict`, the fold's loss)."""
+    from wsiomics.train.stages import fold_context
+    from wsiomics.train.tasks import get_task
+    from wsiomics.train.tasks.survival import settings
+
+    model, data, cfg, device = load_network(method, fold_dir, patients, run_cfg, fold)
+    task = get_task(method.task)
+    with tempfile.TemporaryDirectory() as scratch:  # the context's output folder: nothing is written there
+        ctx = fold_context(method, {**cfg, "threads": run_cfg.get("threads", cfg.get("threads", 2))}, data, scratch,
+                           "finetune")
+        ctx.device = device
+        ctx.found["loss"] = settings(cfg)[0]  # the risk needs only the loss; follow-up is the metrics' business
+        return task.predict(model, ctx)
+
+
+def deploy_outcomes(samples: str | Path) -> pd.DataFrame:
+    """The deploy sheet's follow-up (``time``, ``event`` per patient), empty when it has none."""
+    from wsiomics.train.tasks.survival import read_outcomes
+
+    try:
+        return read_outcomes(samples)
+    except ValueError:
+        return pd.DataFrame(columns=["time", "event"])
+
+
+def c_index(table: pd.DataFrame, column: str) -> dict[str, Any]:
+    """Harrell's c-index of ``column`` over the rows with follow-up and a risk (None when undefined)."""
+    from sksurv.metrics import concordance_index_censored
+
+    known = table.dropna(subset=["time", column])
+    known = known[known["event"].notna()]
+    event = known["event"].to_numpy(int).astype(bool)
+    out: dict[str, Any] = {"n_test": len(known), "n_events": int(event.sum()), "c_index": None}
+    if len(known) >= 2 and event.any():
+        try:
+            out["c_index"] = float(concordance_index_censored(event, known["time"].to_numpy(float),
+                                                              known[column].to_numpy(float))[0])
+        except ValueError as e:  # a few patients (one modality set) may hold no comparable pair
+            log.info("c-index undefined over %d patients (%s)", len(known), e)
+    return out
+
+
+def predict_risks(method: Method, cfg: dict[str, Any], models_dir: str | Path, n_folds: int, samples: str | Path,
+                  out_dir: str | Path, features: str | Path | None = None, expression: str | Path | None = None,
+                  fold_expression: str | Path | None = None,
+                  train_features: str | Path | None = None) -> dict[str, Any]:
+    """A survival network's fold models on the deploy patients. The folds' risks are not on one scale (a Cox
+    head's log-risk is defined up to a constant per fold, a discrete-time head's risk depends on the fold's time
+    bins), so each is placed among its fold's fitted patients' risks (the run's ``risks.tsv``, roles train and
+    val: :func:`risk_percentile`) and the ensemble risk is the mean of those percentiles over the folds that
+    predicted the patient. Writes ``risks.tsv`` (``patient_id, risk, time, event, modalities``; time and event
+    when the deploy sheet has them), ``fold_risks.tsv`` (``patient_id, fold, risk`` (the fold's own),
+    ``risk_percentile, modalities``) and ``metrics.json`` (Harrell's c-index of the ensemble and of each fold,
+    overall and per modality set, when the sheet has follow-up)."""
+    if method.is_sklearn:
+        raise DeployError(f"{method.name} is not deployed: a refitted Cox baseline would need the run's follow-up "
+                          "and the deploy cohort's in one fold; deploy a survival network (e.g. gimp_survival)")
+    out = Path(out_dir)
+    base, cohort = deploy_cohort(method, samples, features, expression, fold_expression, train_features)
+    rows = []
+    for fold in range(n_folds):
+        fold_dir = Path(models_dir) / f"fold{fold}"
+        reference_path = fold_dir / "risks.tsv"
+        if not reference_path.exists():
+            raise DeployError(f"{reference_path}: no risks of the fold's patients; run the training run's "
+                              "finetune_survival rule first")
+        reference = pd.read_csv(reference_path, sep="\t")
+        reference = reference.loc[reference["role"].isin(("train", "val")), "risk"].to_numpy(float)
+        genes = fold_genes(cohort, Path(fold_expression) / f"fold{fold}.zarr")[0] if cohort is not None \
+            else pd.DataFrame()
+        patients = with_genes(base, genes)
+        by_record = {id(r.patient): r for r in risks_fold(method, fold_dir, patients, cfg, fold)}
+        for p in patients:
+            used, r = modalities_used(p, method), by_record.get(id(p))
+            risk = float(r.risk) if (used and r is not None) else np.nan
+            rows.append({"patient_id": p.patient_id, "fold": fold, "risk": risk,
+                         "risk_percentile": float(risk_percentile(np.array([risk]), reference)[0])
+                         if used else np.nan, "modalities": used})
+    folds = pd.DataFrame(rows, columns=["patient_id", "fold", "risk", "risk_percentile", "modalities"])
+    outcomes = deploy_outcomes(samples)
+    table = folds.groupby("patient_id", sort=True).agg(risk=("risk_percentile", "mean"),
+                                                       modalities=("modalities", "first")).reset_index()
+    table = table.join(outcomes, on="patient_id").astype({"event": "Int64"})[RISK_COLUMNS]
+    ev.write_predictions(out / "fold_risks.tsv", folds)
+    ev.write_predictions(out / "risks.tsv", table)
+    metrics: dict[str, Any] = {"method": method.name, "n_folds": n_folds, "n_patients": len(table),
+                               "n_predicted": int(table["risk"].notna().sum()),
+                               "modalities": table["modalities"].replace("", "none").value_counts().to_dict()}
+    if len(outcomes):
+        metrics["ensemble"] = {**c_index(table, "risk"), "by_modalities": {
+            m: c_index(table[table["modalities"] == m], "risk") for m in MODALITY_SETS
+            if (table["modalities"] == m).any()}}
+        with_follow_up = folds.join(outcomes, on="patient_id")
+        metrics["folds"] = {str(k): c_index(part, "risk") for k, part in with_follow_up.groupby("fold")}
+    ev.write_json(out / "metrics.json", metrics)
+    log.info("%s: risks of %d deploy patients, %s; ensemble c-index %s", method.name, len(table),
+             metrics["modalities"], (metrics.get("ensemble") or {}).get("c_index"))
+    return metrics
+
+
+def predict(method_name: str, cfg: dict[str, Any], models_dir: str | Path, n_folds: int, samples: str | Path,
+            out_dir: str | Path, features: str | Path | None = None, expression: str | Path | None = None,
+            fold_expression: str | Path | None = None, train_features: str | Path | None = None,
+            train_folds: str | Path | None = None, train_samples: str | Path | None = None) -> dict[str, Any]:
+    """Apply ``models_dir/fold<k>`` (k < n_folds) to the sheet ``samples``; write ``out_dir``'s files
+    (classification here; segmentation: :func:`predict_tumour`; survival: :func:`predict_risks`).
+
+    ``features``: the deploy slides' feature stores; ``expression``: the deploy cohort's raw table
+    (``cohort.zarr``); ``fold_expression``: the run's ``results/expression`` (``fold<k>.zarr``, whose fitted
+    transform normalises the deploy RNA); ``train_features``: the run's feature stores (the encoder check;
+    the baselines' refit); ``train_folds`` / ``train_samples``: the run's folds and sheet (the baselines' refit).
+    """
+    method = get_method(method_name)
+    if method.task == "segment":
+        return predict_tumour(method, cfg, models_dir, n_folds, samples, out_dir, features, expression,
+                              fold_expression, train_features)
+    if method.task == "survival":
+        return predict_risks(method, cfg, models_dir, n_folds, samples, out_dir, features, expression,
+                             fold_expression, train_features)
+    if method.task != "classify":
+        raise DeployError(f"{method.name} is a {method.task} method; deployment predicts classification, "
+                          "segmentation and survival methods")
+    out = Path(out_dir)
+    base, cohort = deploy_cohort(method, samples, features, expression, fold_expression, train_features)
+    use_gene = cohort is not None
     tables, classes_seen = [], None
     for fold in range(n_folds):
         genes = pd.DataFrame()

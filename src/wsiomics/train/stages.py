@@ -72,8 +72,13 @@ def load_inputs(folds_path: str, samples: str | None, features: str | None, expr
     return data
 
 
-def _context(method: Method, cfg: dict[str, Any], data: FoldData, out_dir: str | Path, stage: str,
-             pretrained: str | Path | None = None, inputs: dict[str, Any] | None = None) -> StageContext:
+def fold_context(method: Method, cfg: dict[str, Any], data: FoldData, out_dir: str | Path, stage: str,
+                 pretrained: str | Path | None = None, inputs: dict[str, Any] | None = None) -> StageContext:
+    """One method's ``stage`` (``pretrain`` or ``finetune``) on ``data``'s fold, set up exactly as the training
+    stages set it up: the stage's configuration (:func:`stage_config`), the fold's seed (``seed + 1000 * fold``)
+    and dataset parameters, the device and thread count. The public way for other code (few-shot, deployment)
+    to rebuild a fold's run: with :func:`initial_model` it gives the fold's network as the stage starts it.
+    ``pretrained``: the checkpoint the stage starts from; ``inputs``: the task's inputs (sheet, annotations)."""
     torch.set_num_threads(int(cfg.get("threads", 2)))
     device = resolve_device(str(cfg.get("device", "auto")))
     return StageContext(method=method, cfg=stage_config(cfg, stage), data=data, out=Path(out_dir), device=device,
@@ -165,7 +170,7 @@ def pretrain(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
     log.info("pretraining (pool %s) on %d patients: %d train, the fold's %d unlabelled patients %s", pool,
              len(data.role(*data.fit_roles)), n_train, n_unlabelled,
              "too" if UNLABELLED_ROLES[0] in data.fit_roles else "left out")
-    ctx = _context(method, cfg, data, out_dir, "pretrain")
+    ctx = fold_context(method, cfg, data, out_dir, "pretrain")
     cfg, out, seed = ctx.cfg, ctx.out, ctx.seed
     torch.manual_seed(seed)
     model = build_model(method, cfg, data)
@@ -200,7 +205,7 @@ def finetune(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
     with its annotation_path column, or ``annotations``, slide_id -> tumour GeoJSON)."""
     method = get_method(method_name)
     task = get_task(method.task)
-    ctx = _context(method, cfg, data, out_dir, "finetune", pretrained, inputs)
+    ctx = fold_context(method, cfg, data, out_dir, "finetune", pretrained, inputs)
     ctx.data = task.prepare(ctx)
     if method.is_sklearn:
         results, info, extra = ESTIMATORS[method.model](ctx)
@@ -209,11 +214,11 @@ def finetune(method_name: str, cfg: dict[str, Any], data: FoldData, out_dir: str
     return fit_network(task, ctx)
 
 
-def _initial_model(ctx: StageContext) -> tuple[torch.nn.Module, dict[str, Any], bool]:
-    """The method's network for the fine-tune, initialised from its pretraining checkpoint when it has one
-    (its own: every tensor; another method's, such as mgi_seg from mgi: the encoders, shaped by the
-    checkpoint's settings). Returns the model, the configuration it was built from, and whether it was
-    initialised from a checkpoint."""
+def initial_model(ctx: StageContext) -> tuple[torch.nn.Module, dict[str, Any], bool]:
+    """The method's network as the stage of ``ctx`` (:func:`fold_context`) starts it: initialised from its
+    pretraining checkpoint when it has one (its own: every tensor; another method's, such as mgi_seg from mgi:
+    the encoders, shaped by the checkpoint's settings). Returns the model, the configuration it was built from,
+    and whether it was initialised from a checkpoint."""
     method, cfg = ctx.method, ctx.cfg
     source = pretrained_source(method)
     state = None
@@ -256,7 +261,7 @@ def load_encoders(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> lis
 def fit_network(task: Task, ctx: StageContext) -> dict[str, Any]:
     """Train the method's network on the task's objective, evaluate it and write the task's outputs."""
     method, data, out = ctx.method, ctx.data, ctx.out
-    model, cfg, initialised = _initial_model(ctx)
+    model, cfg, initialised = initial_model(ctx)
     pre_metrics: dict[str, Any] = {}
     if task.embedding_evaluations and method.pretrain:
         pre_metrics = pretrained_metrics(ctx.pretrained)

@@ -75,6 +75,24 @@ def deploy_methods():
     return [m for m, stage in train_plan().items() if get_method(m).task == "classify" and stage == "finetune"]
 
 
+def deploy_tumour_methods():
+    """The segmentation methods the run fine-tuned, when the deploy sheet has slides to map."""
+    if not len(deploy_slide_table()):
+        return []
+    return [m for m, stage in train_plan().items() if get_method(m).task == "segment" and stage == "finetune"]
+
+
+def deploy_risk_methods():
+    """The survival networks the run fine-tuned (coxph, a refitted baseline, is not deployed)."""
+    return [m for m, stage in train_plan().items()
+            if get_method(m).task == "survival" and not get_method(m).is_sklearn and stage == "finetune"]
+
+
+def deploy_annotation_files():
+    """The deploy sheet's tumour GeoJSON files (its Dice), one per annotated slide."""
+    return sorted({p for p in deploy_slide_table()["annotation_path"] if p})
+
+
 def deploy_inputs(wildcards):
     """The run's finished folds (metrics.json, written with model.pt, which rule finetune does not declare; a
     scikit-learn baseline is refitted), folds, sheet, feature stores (status table) and fold expression, as the
@@ -92,6 +110,10 @@ def deploy_inputs(wildcards):
         inputs["features"] = deploy_feature_stores()
     if "gene" in need and deploy_has_expression() and expression_enabled():
         inputs["expression"] = f"{DEPLOY_DIR}/expression/cohort.zarr"
+    if method.task == "segment":
+        inputs["annotations"] = deploy_annotation_files()
+    if method.task == "survival":  # each fold's risks.tsv (written with metrics.json) places the deploy risks
+        inputs["models"] = [f"results/models/{method.name}/fold{k}/risks.tsv" for k in range(N_FOLDS)]
     return inputs
 
 
@@ -118,4 +140,6 @@ def deploy_options(wildcards, input):
 def deploy_targets(wildcards):
     if not DEPLOY_NAME:
         return []
-    return [f"{DEPLOY_DIR}/{m}/predictions.tsv" for m in deploy_methods()]
+    return [f"{DEPLOY_DIR}/{m}/predictions.tsv" for m in deploy_methods()] + [
+        f"{DEPLOY_DIR}/{m}/tumour_slides.tsv" for m in deploy_tumour_methods()] + [
+        f"{DEPLOY_DIR}/{m}/risks.tsv" for m in deploy_risk_methods()]

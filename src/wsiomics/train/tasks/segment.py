@@ -83,6 +83,42 @@ def _tile_size(store: str) -> float:
     return float(zarr.open_group(store, mode="r").attrs["patch_size_level0"])
 
 
+def write_tumour_maps(tumour_dir: Path, results: list[ev.PatientResult], threshold: float,
+                      geometry: dict[str, Any], attrs: dict[str, Any], title: str) -> dict[str, Any]:
+    """Per slide of ``results`` (tile probabilities in ``tile_scores``): ``<slide_id>.zarr`` (coords and
+    ``tumour_prob`` per tile) and ``<slide_id>.png`` (the map, the annotation's outline from ``geometry``, Dice
+    in the title) in ``tumour_dir``; returns the Dice metrics of the annotated ``test`` slides (and of the
+    ``heldout`` ones). The fine-tune's evaluation (one fold) and deployment (the fold ensemble) both write these."""
+    from wsiomics.annotations import polygon_rings
+
+    tumour_dir.mkdir(parents=True, exist_ok=True)
+    ev.write_tile_maps(tumour_dir, results, "tiles", "tumour_prob", attrs)
+    by_role: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {"test": {}, "heldout": {}}
+    skipped: dict[str, list[str]] = {"test": [], "heldout": []}
+    for r in results:
+        for slide, probs in zip(r.patient.slides, r.tile_scores, strict=True):
+            if slide.targets is None:
+                skipped[r.patient.role].append(slide.slide_id)
+            else:
+                by_role[r.patient.role][slide.slide_id] = (probs, slide.targets)
+            stored = np.empty(slide.n_tokens)
+            stored[slide.order] = probs
+            rings = polygon_rings(geometry[slide.slide_id]) if slide.slide_id in geometry else []
+            dice = ""
+            if slide.targets is not None:
+                dice = f", Dice {ev.dice_score(probs >= threshold, slide.targets >= 0.5):.3f}"
+            ev.write_tumour_heatmap(tumour_dir / f"{slide.slide_id}.png", zarr_coords(slide.store), stored,
+                                    _tile_size(slide.store), rings, f"{title}: {slide.slide_id}{dice}")
+    metrics: dict[str, Any] = ev.segmentation_metrics(by_role["test"], threshold)
+    metrics["skipped_slides"] = sorted(skipped["test"])
+    metrics["slide_patients"] = {s.slide_id: r.patient.patient_id for r in results if r.patient.role == "test"
+                                 for s in r.patient.slides if s.slide_id in by_role["test"]}
+    if by_role["heldout"] or skipped["heldout"]:
+        metrics["heldout"] = {**ev.segmentation_metrics(by_role["heldout"], threshold),
+                              "skipped_slides": sorted(skipped["heldout"])}
+    return metrics
+
+
 class Segment(Task):
     name = "segment"
     summary_metrics = ("dice_mean", "dice_pooled")
@@ -121,37 +157,10 @@ class Segment(Task):
 
     def write(self, ctx: StageContext, results: list[ev.PatientResult], info: dict[str, Any],
               extra: dict[str, Any]) -> dict[str, Any]:
-        from wsiomics.annotations import polygon_rings
-
-        method, data, threshold, geometry = ctx.method, ctx.data, ctx.found["threshold"], ctx.found["geometry"]
-        tumour_dir = ctx.out / "tumour"
-        tumour_dir.mkdir(parents=True, exist_ok=True)
-        attrs = {"method": method.name, "fold": data.fold, "threshold": threshold}
-        ev.write_tile_maps(tumour_dir, results, "tiles", "tumour_prob", attrs)
-        by_role: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {"test": {}, "heldout": {}}
-        skipped: dict[str, list[str]] = {"test": [], "heldout": []}
-        for r in results:
-            for slide, probs in zip(r.patient.slides, r.tile_scores, strict=True):
-                if slide.targets is None:
-                    skipped[r.patient.role].append(slide.slide_id)
-                else:
-                    by_role[r.patient.role][slide.slide_id] = (probs, slide.targets)
-                stored = np.empty(slide.n_tokens)
-                stored[slide.order] = probs
-                rings = polygon_rings(geometry[slide.slide_id]) if slide.slide_id in geometry else []
-                dice = ""
-                if slide.targets is not None:
-                    dice = f", Dice {ev.dice_score(probs >= threshold, slide.targets >= 0.5):.3f}"
-                ev.write_tumour_heatmap(tumour_dir / f"{slide.slide_id}.png", zarr_coords(slide.store), stored,
-                                        _tile_size(slide.store), rings,
-                                        f"{method.name} fold {data.fold}: {slide.slide_id}{dice}")
-        metrics: dict[str, Any] = ev.segmentation_metrics(by_role["test"], threshold)
-        metrics["skipped_slides"] = sorted(skipped["test"])
-        metrics["slide_patients"] = {s.slide_id: r.patient.patient_id for r in results if r.patient.role == "test"
-                                     for s in r.patient.slides if s.slide_id in by_role["test"]}
-        if by_role["heldout"] or skipped["heldout"]:
-            metrics["heldout"] = {**ev.segmentation_metrics(by_role["heldout"], threshold),
-                                  "skipped_slides": sorted(skipped["heldout"])}
+        method, data, threshold = ctx.method, ctx.data, ctx.found["threshold"]
+        metrics = write_tumour_maps(ctx.out / "tumour", results, threshold, ctx.found["geometry"],
+                                    {"method": method.name, "fold": data.fold, "threshold": threshold},
+                                    f"{method.name} fold {data.fold}")
         metrics.update(extra)
         metrics.update({"method": method.name, "fold": data.fold, "threshold": threshold, "training": info})
         ev.write_json(ctx.out / "metrics.json", metrics)
