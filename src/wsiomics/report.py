@@ -2,8 +2,9 @@
 
 ``landing`` writes ``results/report/landing.rst``, the reStructuredText that ``workflow/report/workflow.rst``
 includes on the report's landing page: the summary's results table (``results/summary/metrics.md``, turned
-into reStructuredText so Snakemake's docutils renders it), the run's configuration, the versions of the
-packages that made the results, and the per-slide status (counts, and every slide that is not ``ok``).
+into reStructuredText so Snakemake's docutils renders it), the patients (labelled and unlabelled, from
+``folds.tsv``), the run's configuration, the versions of the packages that made the results, and the per-slide
+status (counts, and every slide that is not ``ok``).
 Snakemake's own ``--report-metadata`` would be the natural place for the last three, but Snakemake 9.27
 turns its string values into docutils' pseudo-XML, so the landing page text carries them instead; beside
 it ``metadata.yaml`` holds the run's counts (numbers only), given as ``--report-metadata``: with metadata,
@@ -16,7 +17,7 @@ since a browser slows down on an HTML page of more than some 50 MB of embedded i
 written, the other name is removed, so a stale report never sits beside a new one.
 
 ``python -m wsiomics.report landing --summary results/summary/metrics.md --slide-status
-results/qc/slide_status.tsv --config-json '{...}' --out results/report/landing.rst``
+results/qc/slide_status.tsv --folds results/splits/folds.tsv --config-json '{...}' --out results/report/landing.rst``
 ``python -m wsiomics.report html --out results/report.html [--max-mb 50] [-- snakemake options]``
 """
 
