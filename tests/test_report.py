@@ -143,7 +143,7 @@ def test_how_to_read_names_only_the_stages_that_ran():
     assert "**Survival**" in text and "Segmentation" not in text
     nothing = " ".join(report.how_to_read(None))  # tiling only: no method ran
     assert "**QC**" in nothing and "Models" not in nothing and "results table" not in nothing
-    assert not render(report.landing(None, None, {"samples": "s.tsv"}, [("python", "3.11")], survival)).problems
+    assert not render(report.landing(None, None, {"samples": "s.tsv"}, [("python", "3.11")], metrics=survival)).problems
 
 
 def test_package_versions_are_the_installed_ones():
@@ -168,6 +168,25 @@ def test_landing_command_writes_the_page_and_the_counts(tmp_path):
     assert page.tables[0] == [["Method", "n"], ["linear", "8"]]
     assert yaml.safe_load((out.parent / "metadata.yaml").read_text()) == {
         "slides": 3, "slides ok (trained on)": 2, "patients with slides": 2, "methods summarised": 2}
+
+
+def test_landing_counts_labelled_and_unlabelled_patients_from_the_folds(tmp_path):
+    """A partly labelled cohort: the landing page and its counts say how many patients had no label (role
+    unlabelled in every fold: pretraining only), counted once per patient, not once per fold."""
+    folds = pd.DataFrame({"patient_id": ["p1", "p2", "p3", "u1", "u2"] * 2, "fold": [0] * 5 + [1] * 5,
+                          "role": ["train", "val", "test", "unlabelled", "unlabelled",
+                                   "test", "train", "val", "unlabelled", "unlabelled"],
+                          "label": ["a", "b", "a", "", ""] * 2})
+    folds.to_csv(tmp_path / "folds.tsv", sep="\t", index=False)
+    out = tmp_path / "landing.rst"
+    assert report.main(["landing", "--folds", str(tmp_path / "folds.tsv"), "--config-json", "{}",
+                        "--out", str(out)]) == 0
+    counts = yaml.safe_load((tmp_path / "metadata.yaml").read_text())
+    assert counts == {"patients": 5, "patients labelled": 3, "patients unlabelled (pretraining only)": 2}
+    page = render(out.read_text())
+    assert not page.problems
+    patients = [["Patients", "Count"], ["all", "5"], ["labelled", "3"], ["unlabelled (pretraining only)", "2"]]
+    assert patients in page.tables
 
 
 def test_bad_config_json_is_a_clear_error(tmp_path, capsys):

@@ -74,6 +74,7 @@ def test_the_landing_page_reads_the_summary_and_the_slide_status(sheet, tmp_path
     line = landing_command(sheet, tmp_path / "a", "linear, mgi_seg")
     assert "--slide-status results/qc/slide_status.tsv" in line
     assert "--summary results/summary/metrics.md" in line and "--metrics results/summary/metrics.tsv" in line
+    assert "--folds results/splits/folds.tsv" in line  # labelled and unlabelled patients
     assert "--config-json" in line and "--out results/report/landing.rst" in line
     line = landing_command(sheet, tmp_path / "b", "")  # no method: the slides' status and the run only
-    assert "--slide-status results/qc/slide_status.tsv" in line and "--summary" not in line
+    assert "--slide-status results/qc/slide_status.tsv" in line and "--summary" not in line and "--folds" not in line

@@ -194,3 +194,32 @@ def test_pretrain_is_constrained_to_pretraining_methods(sheet, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0
     assert "MissingRuleException" in proc.stdout + proc.stderr or "No rule to produce" in proc.stdout + proc.stderr
+
+
+def test_partly_labelled_sheet_plans_every_stage_with_the_unlabelled_patients(sheet, tmp_path):
+    """Some patients have slides and RNA but an empty label: the workflow treats them as unlabelled (pretraining
+    only), not as a label-free cohort: every method still pretrains, fine-tunes and is probed few-shot on every
+    fold, nothing is skipped, the splits job gets the sheet's patients table with the empty labels, and the
+    landing page counts them from the folds."""
+    table = pd.read_csv(sheet, sep="\t", dtype=str, keep_default_na=False)
+    first_class = sorted(table["label"].unique())[0]
+    table.loc[table["label"] == first_class, "label"] = ""  # one class's patients lose their label
+    partly = sheet.with_name("samples_partly_labelled.tsv")
+    table.to_csv(partly, sep="\t", index=False)
+    proc = dry_run(partly, tmp_path, "train={run: [linear, gimp, mgi, cca]}")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "skipped" not in out, out[-3000:]
+    commands = [line for line in out.splitlines() if "python -m wsiomics." in line]
+    jobs = sorted(re.search(r"wsiomics\.(\w+) (\w+) --method (\S+) --fold (\d)", c).groups() for c in commands
+                  if re.search(r"wsiomics\.\w+ \w+ --method ", c))
+    expected = [("fewshot", "run", m, f) for m in ("gimp", "mgi") for f in "01"]
+    expected += [("train", "finetune", m, f) for m in ("cca", "gimp", "linear", "mgi") for f in "01"]
+    expected += [("train", "pretrain", m, f) for m in ("gimp", "mgi") for f in "01"]
+    assert jobs == sorted(expected)
+    patients = pd.read_csv(tmp_path / "results/sheet/patients.tsv", sep="\t", dtype=str, keep_default_na=False)
+    n_unlabelled = int((table.drop_duplicates("patient_id")["label"] == "").sum())
+    assert n_unlabelled >= 2 and (patients["label"] == "").sum() == n_unlabelled
+    assert any("python -m wsiomics.splits" in c for c in commands)
+    landing = [c for c in commands if "wsiomics.report landing" in c]
+    assert len(landing) == 1 and "--folds results/splits/folds.tsv" in landing[0]

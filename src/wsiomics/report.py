@@ -2,8 +2,9 @@
 
 ``landing`` writes ``results/report/landing.rst``, the reStructuredText that ``workflow/report/workflow.rst``
 includes on the report's landing page: the summary's results table (``results/summary/metrics.md``, turned
-into reStructuredText so Snakemake's docutils renders it), the run's configuration, the versions of the
-packages that made the results, and the per-slide status (counts, and every slide that is not ``ok``).
+into reStructuredText so Snakemake's docutils renders it), the patients (labelled and unlabelled, from
+``folds.tsv``), the run's configuration, the versions of the packages that made the results, and the per-slide
+status (counts, and every slide that is not ``ok``).
 Snakemake's own ``--report-metadata`` would be the natural place for the last three, but Snakemake 9.27
 turns its string values into docutils' pseudo-XML, so the landing page text carries them instead; beside
 it ``metadata.yaml`` holds the run's counts (numbers only), given as ``--report-metadata``: with metadata,
@@ -16,7 +17,7 @@ since a browser slows down on an HTML page of more than some 50 MB of embedded i
 written, the other name is removed, so a stale report never sits beside a new one.
 
 ``python -m wsiomics.report landing --summary results/summary/metrics.md --slide-status
-results/qc/slide_status.tsv --config-json '{...}' --out results/report/landing.rst``
+results/qc/slide_status.tsv --folds results/splits/folds.tsv --config-json '{...}' --out results/report/landing.rst``
 ``python -m wsiomics.report html --out results/report.html [--max-mb 50] [-- snakemake options]``
 """
 
@@ -142,15 +143,33 @@ def slide_status_rst(status: pd.DataFrame) -> list[str]:
     return lines
 
 
-def run_counts(slide_status: pd.DataFrame | None, metrics: pd.DataFrame | None) -> dict[str, int]:
+def patient_counts(folds: pd.DataFrame) -> dict[str, int]:
+    """Patients of ``folds.tsv``, each counted once: all, those with a label and, in a partly labelled cohort,
+    the unlabelled ones (role ``unlabelled`` in every fold: pretraining only, never fine-tuned on or tested)."""
+    from wsiomics.train.roles import UNLABELLED_ROLES
+
+    for column in ("patient_id", "role"):
+        if column not in folds.columns:
+            raise ValueError(f"the folds table has no '{column}' column (it has {list(folds.columns)})")
+    labels = folds["label"] if "label" in folds else pd.Series("", index=folds.index)
+    unlabelled = folds.loc[folds["role"].isin(UNLABELLED_ROLES), "patient_id"].nunique()
+    counts = {"patients": int(folds["patient_id"].nunique()),
+              "patients labelled": int(folds.loc[labels.fillna("") != "", "patient_id"].nunique())}
+    return counts | ({"patients unlabelled (pretraining only)": int(unlabelled)} if unlabelled else {})
+
+
+def run_counts(slide_status: pd.DataFrame | None, metrics: pd.DataFrame | None,
+               folds: pd.DataFrame | None = None) -> dict[str, int]:
     """The numbers shown at the top of the landing page (``--report-metadata``): slides, usable slides,
-    patients, methods summarised."""
+    patients (with slides; labelled and unlabelled), methods summarised."""
     counts: dict[str, int] = {}
     if slide_status is not None:
         counts["slides"] = len(slide_status)
         counts["slides ok (trained on)"] = int((slide_status["status"] == "ok").sum())
         if "patient_id" in slide_status:
             counts["patients with slides"] = int(slide_status["patient_id"].nunique())
+    if folds is not None:
+        counts.update(patient_counts(folds))
     if metrics is not None:
         counts["methods summarised"] = int(metrics["method"].nunique())
     return counts
@@ -180,13 +199,17 @@ def how_to_read(metrics: pd.DataFrame | None) -> list[str]:
 
 
 def landing(summary: str | None, slide_status: pd.DataFrame | None, config: dict[str, Any],
-            versions: list[tuple[str, str]], metrics: pd.DataFrame | None = None) -> str:
-    """The landing page's reStructuredText: how to read the report, results table, slide status,
+            versions: list[tuple[str, str]], folds: pd.DataFrame | None = None,
+            metrics: pd.DataFrame | None = None) -> str:
+    """The landing page's reStructuredText: how to read the report, results table, patients, slide status,
     configuration, package versions."""
     lines: list[str] = how_to_read(metrics)
     if summary is not None:
         lines += markdown_to_rst(summary, top_level=0)
     lines += section("Run", 0)
+    if folds is not None:
+        rows = [[what.removeprefix("patients").strip() or "all", str(n)] for what, n in patient_counts(folds).items()]
+        lines += section("Patients", 1) + list_table(["Patients", "Count"], rows)
     if slide_status is not None:
         lines += section("Slides", 1) + slide_status_rst(slide_status)
     lines += section("Package versions", 1) + list_table(["Package", "Version"], [list(v) for v in versions])
@@ -248,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     page.add_argument("--summary", type=Path, help="results/summary/metrics.md (left out when absent)")
     page.add_argument("--slide-status", type=Path, help="results/qc/slide_status.tsv (left out when absent)")
     page.add_argument("--metrics", type=Path, help="results/summary/metrics.tsv (for the count of methods)")
+    page.add_argument("--folds", type=Path, help="results/splits/folds.tsv (labelled and unlabelled patients)")
     page.add_argument("--config-json", required=True, help="the run's configuration, as JSON text")
     page.add_argument("--out", type=Path, required=True, help="landing.rst; metadata.yaml is written beside it")
     html = sub.add_parser("html", help="snakemake --report, atomically, .html or .zip by size")
@@ -270,8 +294,9 @@ def main(argv: list[str] | None = None) -> int:
         status = (pd.read_csv(args.slide_status, sep="\t", dtype=str, keep_default_na=False)
                   if args.slide_status else None)
         metrics = pd.read_csv(args.metrics, sep="\t") if args.metrics else None
-        text = landing(summary, status, config, package_versions(), metrics)
-        counts = run_counts(status, metrics)
+        folds = pd.read_csv(args.folds, sep="\t", dtype=str, keep_default_na=False) if args.folds else None
+        text = landing(summary, status, config, package_versions(), folds, metrics)
+        counts = run_counts(status, metrics, folds)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

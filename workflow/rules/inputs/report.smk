@@ -11,11 +11,13 @@ def report_targets(wildcards):
 
 
 def landing_inputs(wildcards):
-    """The slide status table, and the summary's table when methods ran."""
+    """The slide status table, and the summary's table and the folds (labelled and unlabelled patients) when
+    methods ran."""
     inputs = {"slide_status": SLIDE_STATUS}
     if runnable_methods():
         inputs["summary"] = "results/summary/metrics.md"
         inputs["metrics"] = "results/summary/metrics.tsv"
+        inputs["folds"] = FOLDS
     return inputs
 
 
