@@ -226,3 +226,42 @@ def test_summary_pools_the_folds_test_patients(tmp_path):
     # F0b, 2 > 1 concordant; fold 1: F1b (t=5, event) before F1a, 3 > 2.5 concordant -> 2 of 2. Across folds
     # F0b (1) vs F1a (2.5) would have been discordant.
     assert row["c_index_pooled"] == pytest.approx(1.0) and row["c_index_mean"] == 1.0
+
+
+def _breslow_by_hand(eta: np.ndarray, time: np.ndarray, event: np.ndarray) -> float:
+    """The negative log partial likelihood (Breslow ties), averaged over events, written out patient by patient."""
+    terms = [eta[i] - math.log(sum(math.exp(eta[j]) for j in range(len(eta)) if time[j] >= time[i]))
+             for i in range(len(eta)) if event[i] == 1]
+    return -sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("name", ["gene_only_survival", "image_only_survival", "late_fusion_survival",
+                                  "gimp_survival", "mgi_survival"])
+def test_survival_fine_tunes_take_the_whole_cohort_per_step(cohort, tmp_path, name):
+    """The survival networks train on one batch of every training patient (train + val under select: last):
+    the Cox loss of a step is then the partial likelihood over the whole cohort's risk sets, not over 4 patients
+    (train.data.batch_size) with one or two events; the classification methods keep their batches."""
+    from wsiomics.train import stages
+
+    folds, slides, stores, expr, outcomes = cohort
+    modalities = METHODS[name].modalities
+    data = load_fold(folds, 0, slides, stores if "image" in modalities else None,
+                     expr if "gene" in modalities else None)
+    cfg = method_config({**CFG, "survival": {"loss": "cox", "n_bins": 4}}, name)
+    ctx = stages._context(METHODS[name], cfg, data, tmp_path, "finetune", inputs={"outcomes": outcomes})
+    task = stages.get_task("survival")
+    ctx.data = task.prepare(ctx)
+    train_loader, _ = stages._loaders(task.training_data(ctx), ctx.cfg, ctx.dparams, ctx.seed, "finetune")
+    batches = list(train_loader)
+    assert len(batches) == 1 and batches[0].outcomes.shape[0] == 44
+    classify = method_config(CFG, name.removesuffix("_survival"))
+    assert stages._loaders(data, classify, ctx.dparams, ctx.seed, "finetune")[0].batch_sampler.batch_size == 4
+    if name != "late_fusion_survival":
+        return
+    torch.manual_seed(0)
+    model = stages.build_model(METHODS[name], ctx.cfg, ctx.data).eval()
+    batch = batches[0]
+    loss = task.objective(ctx)(model, batch, torch.Generator())["loss"]
+    eta = model(batch).logits[:, 0].detach().double().numpy()
+    time, event = batch.outcomes[:, 0].double().numpy(), batch.outcomes[:, 1].numpy()
+    assert float(loss) == pytest.approx(_breslow_by_hand(eta, time, event), rel=1e-5)

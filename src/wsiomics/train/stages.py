@@ -86,11 +86,14 @@ def _loaders(data: FoldData, cfg: dict[str, Any], dparams: DatasetParams, seed: 
     ``train.data.batch_size`` (contrastive pretraining wants more negatives per batch than fine-tuning).
     With the stage's ``classes_per_batch`` P (and label positives), training batches are class-balanced:
     P classes x batch_size / P patients (:class:`ClassBalancedBatches`). Training batches are drawn from the
-    patients of ``data.fit_roles`` (pretraining: ``train.pretrain.pool``)."""
+    patients of ``data.fit_roles`` (pretraining: ``train.pretrain.pool``). ``batch_size: all``: one batch of
+    every training patient per step (the survival fine-tunes: a Cox partial likelihood ranks each event against
+    its whole risk set, which a batch of 4 patients with 1-2 events reduces to noise)."""
     section = cfg.get(stage) or {}
-    bs = int(section.get("batch_size") or cfg["data"]["batch_size"])
     workers = int(cfg.get("num_workers", 0))
     train_set = data.dataset(data.fit_roles, dparams, train=True)
+    given = section.get("batch_size") or cfg["data"]["batch_size"]
+    bs = max(1, len(train_set)) if given == "all" else int(given)
     train = data.loader(train_set, bs, shuffle=True, num_workers=workers, seed=seed,
                         batch_sampler=_balanced_batches(train_set, section, cfg["model"], bs, seed))
     val_set = data.dataset(VAL_ROLES, dparams, train=False)
