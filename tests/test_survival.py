@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -265,3 +266,37 @@ def test_survival_fine_tunes_take_the_whole_cohort_per_step(cohort, tmp_path, na
     eta = model(batch).logits[:, 0].detach().double().numpy()
     time, event = batch.outcomes[:, 0].double().numpy(), batch.outcomes[:, 1].numpy()
     assert float(loss) == pytest.approx(_breslow_by_hand(eta, time, event), rel=1e-5)
+
+
+def test_an_ensemble_scores_the_mean_of_its_members(cohort, tmp_path):
+    """finetune.members: 2 trains the member of members: 1 (seed s) and one from seed s + 100, and its risk
+    (Cox: the log-risk) is the mean of theirs."""
+    folds, slides, stores, expr, outcomes = cohort
+    data = load_fold(folds, 0, slides, None, expr)
+    risks = {}
+    for tag, seed, members in (("a", 0, 1), ("b", 100, 1), ("ab", 0, 2)):
+        own = {"gene_only_survival": {"finetune": {"epochs": 3, "members": members}}}
+        cfg = method_config({**CFG, "seed": seed, "survival": {"loss": "cox", "n_bins": 4}, "methods": own},
+                            "gene_only_survival")
+        finetune("gene_only_survival", cfg, data, tmp_path / tag, outcomes=outcomes)
+        risks[tag] = pd.read_csv(tmp_path / tag / "risks.tsv", sep="\t").set_index("patient_id")["risk"]
+    assert not np.allclose(risks["a"], risks["b"])
+    np.testing.assert_allclose(risks["ab"], (risks["a"] + risks["b"]) / 2, rtol=1e-4, atol=1e-5)
+    metrics = json.loads((tmp_path / "ab" / "metrics.json").read_text())
+    assert metrics["training"]["members"] == 2
+    assert not list((tmp_path / "ab" / ".state").glob("*.pt"))  # every member's resumable state is cleared
+
+
+def test_config_yaml_fine_tunes_survival_networks_with_a_full_batch_cox_loss():
+    """The shipped defaults (config.yaml): every survival network fine-tunes on the Cox partial likelihood over
+    one batch of all its training patients; its classification sibling keeps train.data.batch_size."""
+    import yaml
+
+    from wsiomics.train.tasks.survival import settings
+
+    train = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())["train"]
+    for name in ("gene_only_survival", "image_only_survival", "late_fusion_survival", "gimp_survival",
+                 "mgi_survival"):
+        cfg = method_config(train, name)
+        assert settings(cfg)[0] == "cox" and cfg["finetune"]["batch_size"] == "all", name
+        assert "batch_size" not in method_config(train, name.removesuffix("_survival"))["finetune"]
