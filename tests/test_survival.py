@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -226,3 +227,76 @@ def test_summary_pools_the_folds_test_patients(tmp_path):
     # F0b, 2 > 1 concordant; fold 1: F1b (t=5, event) before F1a, 3 > 2.5 concordant -> 2 of 2. Across folds
     # F0b (1) vs F1a (2.5) would have been discordant.
     assert row["c_index_pooled"] == pytest.approx(1.0) and row["c_index_mean"] == 1.0
+
+
+def _breslow_by_hand(eta: np.ndarray, time: np.ndarray, event: np.ndarray) -> float:
+    """The negative log partial likelihood (Breslow ties), averaged over events, written out patient by patient."""
+    terms = [eta[i] - math.log(sum(math.exp(eta[j]) for j in range(len(eta)) if time[j] >= time[i]))
+             for i in range(len(eta)) if event[i] == 1]
+    return -sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("name", ["gene_only_survival", "image_only_survival", "late_fusion_survival",
+                                  "gimp_survival", "mgi_survival"])
+def test_survival_fine_tunes_take_the_whole_cohort_per_step(cohort, tmp_path, name):
+    """The survival networks train on one batch of every training patient (train + val under select: last):
+    the Cox loss of a step is then the partial likelihood over the whole cohort's risk sets, not over 4 patients
+    (train.data.batch_size) with one or two events; the classification methods keep their batches."""
+    from wsiomics.train import stages
+
+    folds, slides, stores, expr, outcomes = cohort
+    modalities = METHODS[name].modalities
+    data = load_fold(folds, 0, slides, stores if "image" in modalities else None,
+                     expr if "gene" in modalities else None)
+    cfg = method_config({**CFG, "survival": {"loss": "cox", "n_bins": 4}}, name)
+    ctx = stages.fold_context(METHODS[name], cfg, data, tmp_path, "finetune", inputs={"outcomes": outcomes})
+    task = stages.get_task("survival")
+    ctx.data = task.prepare(ctx)
+    train_loader, _ = stages._loaders(task.training_data(ctx), ctx.cfg, ctx.dparams, ctx.seed, "finetune")
+    batches = list(train_loader)
+    assert len(batches) == 1 and batches[0].outcomes.shape[0] == 44
+    classify = method_config(CFG, name.removesuffix("_survival"))
+    assert stages._loaders(data, classify, ctx.dparams, ctx.seed, "finetune")[0].batch_sampler.batch_size == 4
+    if name != "late_fusion_survival":
+        return
+    torch.manual_seed(0)
+    model = stages.build_model(METHODS[name], ctx.cfg, ctx.data).eval()
+    batch = batches[0]
+    loss = task.objective(ctx)(model, batch, torch.Generator())["loss"]
+    eta = model(batch).logits[:, 0].detach().double().numpy()
+    time, event = batch.outcomes[:, 0].double().numpy(), batch.outcomes[:, 1].numpy()
+    assert float(loss) == pytest.approx(_breslow_by_hand(eta, time, event), rel=1e-5)
+
+
+def test_an_ensemble_scores_the_mean_of_its_members(cohort, tmp_path):
+    """finetune.members: 2 trains the member of members: 1 (seed s) and one from seed s + 100, and its risk
+    (Cox: the log-risk) is the mean of theirs."""
+    folds, slides, stores, expr, outcomes = cohort
+    data = load_fold(folds, 0, slides, None, expr)
+    risks = {}
+    for tag, seed, members in (("a", 0, 1), ("b", 100, 1), ("ab", 0, 2)):
+        own = {"gene_only_survival": {"finetune": {"epochs": 3, "members": members}}}
+        cfg = method_config({**CFG, "seed": seed, "survival": {"loss": "cox", "n_bins": 4}, "methods": own},
+                            "gene_only_survival")
+        finetune("gene_only_survival", cfg, data, tmp_path / tag, outcomes=outcomes)
+        risks[tag] = pd.read_csv(tmp_path / tag / "risks.tsv", sep="\t").set_index("patient_id")["risk"]
+    assert not np.allclose(risks["a"], risks["b"])
+    np.testing.assert_allclose(risks["ab"], (risks["a"] + risks["b"]) / 2, rtol=1e-4, atol=1e-5)
+    metrics = json.loads((tmp_path / "ab" / "metrics.json").read_text())
+    assert metrics["training"]["members"] == 2
+    assert not list((tmp_path / "ab" / ".state").glob("*.pt"))  # every member's resumable state is cleared
+
+
+def test_config_yaml_fine_tunes_survival_networks_with_a_full_batch_cox_loss():
+    """The shipped defaults (config.yaml): every survival network fine-tunes on the Cox partial likelihood over
+    one batch of all its training patients; its classification sibling keeps train.data.batch_size."""
+    import yaml
+
+    from wsiomics.train.tasks.survival import settings
+
+    train = yaml.safe_load((Path(__file__).parents[1] / "config.yaml").read_text())["train"]
+    for name in ("gene_only_survival", "image_only_survival", "late_fusion_survival", "gimp_survival",
+                 "mgi_survival"):
+        cfg = method_config(train, name)
+        assert settings(cfg)[0] == "cox" and cfg["finetune"]["batch_size"] == "all", name
+        assert "batch_size" not in method_config(train, name.removesuffix("_survival"))["finetune"]

@@ -58,7 +58,10 @@ GIMP_PRETRAIN = {"pretrain": {"batch_size": 8, "classes_per_batch": 2}}
 # The survival networks' fine-tune keeps its last epoch: a fold's val patients (3 to 5 in the demo cohorts, ~3
 # comparable pairs) cannot pick an epoch by their NLL, which kept epoch 1-3 in 18 of 30 fine-tunes on seeds 1
 # and 2, nearly untrained. The val patients then train too (wsiomics.train.tasks.survival.fit_roles_of), as coxph's.
-SURVIVAL_FINETUNE = {"finetune": {"select": "last"}}
+# Each step sees every training patient (batch_size: all, as DeepSurv at this size): the Cox partial likelihood
+# ranks each event against its whole risk set, and a batch of 4 patients with 1-2 events (train.data.batch_size)
+# turns it into a noisy ranking of a few pairs (README, Survival: the numbers).
+SURVIVAL_FINETUNE = {"finetune": {"select": "last", "batch_size": "all"}}
 
 
 for _m in (

@@ -21,6 +21,7 @@ import torch
 
 from wsiomics.datasets import DatasetParams, FoldData, load_fold
 from wsiomics.models.batch import Batch
+from wsiomics.models.ensemble import MeanEnsemble
 from wsiomics.samplers import ClassBalancedBatches
 from wsiomics.train import evaluate as ev
 from wsiomics.train.build import MGI_ENCODER_KEYS, build_model
@@ -91,11 +92,14 @@ def _loaders(data: FoldData, cfg: dict[str, Any], dparams: DatasetParams, seed: 
     ``train.data.batch_size`` (contrastive pretraining wants more negatives per batch than fine-tuning).
     With the stage's ``classes_per_batch`` P (and label positives), training batches are class-balanced:
     P classes x batch_size / P patients (:class:`ClassBalancedBatches`). Training batches are drawn from the
-    patients of ``data.fit_roles`` (pretraining: ``train.pretrain.pool``)."""
+    patients of ``data.fit_roles`` (pretraining: ``train.pretrain.pool``). ``batch_size: all``: one batch of
+    every training patient per step (the survival fine-tunes: a Cox partial likelihood ranks each event against
+    its whole risk set, which a batch of 4 patients with 1-2 events reduces to noise)."""
     section = cfg.get(stage) or {}
-    bs = int(section.get("batch_size") or cfg["data"]["batch_size"])
     workers = int(cfg.get("num_workers", 0))
     train_set = data.dataset(data.fit_roles, dparams, train=True)
+    given = section.get("batch_size") or cfg["data"]["batch_size"]
+    bs = max(1, len(train_set)) if given == "all" else int(given)
     train = data.loader(train_set, bs, shuffle=True, num_workers=workers, seed=seed,
                         batch_sampler=_balanced_batches(train_set, section, cfg["model"], bs, seed))
     val_set = data.dataset(VAL_ROLES, dparams, train=False)
@@ -130,9 +134,9 @@ def _optim(section: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     ``select: last`` trains every epoch and keeps the last weights (for losses too noisy on a small
     val set to pick by, such as InfoNCE over a handful of pairs). Keys a task reads itself
     (``label_smoothing``) and those read elsewhere (``batch_size``, ``classes_per_batch``, ``model``,
-    ``pool``) are not optimiser settings."""
+    ``pool``, ``members``) are not optimiser settings."""
     optim = dict(section)
-    for key in ("batch_size", "classes_per_batch", "model", "label_smoothing", "pool"):
+    for key in ("batch_size", "classes_per_batch", "model", "label_smoothing", "pool", "members"):
         optim.pop(key, None)
     select = str(optim.pop("select", "val"))
     if select not in SELECT:
@@ -259,32 +263,49 @@ def load_encoders(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> lis
 
 
 def fit_network(task: Task, ctx: StageContext) -> dict[str, Any]:
-    """Train the method's network on the task's objective, evaluate it and write the task's outputs."""
+    """Train the method's network on the task's objective, evaluate it and write the task's outputs.
+
+    ``finetune.members: K`` (default 1) trains K networks alike from seeds ``seed + 100 k`` and evaluates the
+    average of their outputs (:class:`MeanEnsemble`); member 0 is the network of ``members: 1``, and
+    ``history.tsv`` and the embedding evaluations are its."""
     method, data, out = ctx.method, ctx.data, ctx.out
-    model, cfg, initialised = initial_model(ctx)
-    pre_metrics: dict[str, Any] = {}
-    if task.embedding_evaluations and method.pretrain:
-        pre_metrics = pretrained_metrics(ctx.pretrained)
-    elif task.embedding_evaluations and method.retrieval:  # the same evaluation, of the random initial network
-        pre_metrics, _ = evaluate_embeddings(model, data, ctx.device, ctx.dparams, ctx.seed, retrieval=True)
-        pre_metrics["stage"] = "initial (random) weights"
-    optim, select_val = _optim(cfg["finetune"])
-    if not initialised:
-        optim["encoder_lr_scale"] = 1.0  # nothing pretrained to protect
-    fit_data = task.training_data(ctx)
-    train_loader, val_loader = _loaders(fit_data, cfg, ctx.dparams, ctx.seed, "finetune")
-    val_loader = val_loader if select_val else None
-    t0 = time.perf_counter()
-    state_path = out / ".state" / "finetune.pt"
-    result = fit(model, task.objective(ctx), train_loader, val_loader, _dataclass(OptimParams, optim), state_path,
-                 state_key(cfg, data, ctx.pretrained), ctx.device, ctx.seed,
-                 desc=f"{method.name} fold{data.fold} {task.name}")
-    seconds = time.perf_counter() - t0
-    ev.write_history(out / "history.tsv", result.history, f"{method.name} fold {data.fold}: {task.history_title}")
-    info = {"best_epoch": result.best_epoch, "epochs": len(result.history), "seconds": seconds,
-            "stopped_early": result.stopped_early, "train_patients": len(fit_data.role(*TRAIN_ROLES))}
+    members = int(ctx.cfg["finetune"].get("members", 1))
+    if members < 1:
+        raise ValueError(f"train.finetune.members is {members}; use at least 1")
+    nets, seconds, state_paths = [], 0.0, []
+    for k in range(members):
+        member = ctx if k == 0 else replace(ctx, seed=ctx.seed + 100 * k)
+        model, built, initialised = initial_model(member)
+        if k == 0:
+            cfg, pre_metrics = built, {}
+            if task.embedding_evaluations and method.pretrain:
+                pre_metrics = pretrained_metrics(ctx.pretrained)
+            elif task.embedding_evaluations and method.retrieval:  # the same evaluation, of the random initial network
+                pre_metrics, _ = evaluate_embeddings(model, data, ctx.device, ctx.dparams, ctx.seed, retrieval=True)
+                pre_metrics["stage"] = "initial (random) weights"
+        optim, select_val = _optim(cfg["finetune"])
+        if not initialised:
+            optim["encoder_lr_scale"] = 1.0  # nothing pretrained to protect
+        fit_data = task.training_data(member)
+        train_loader, val_loader = _loaders(fit_data, cfg, ctx.dparams, member.seed, "finetune")
+        val_loader = val_loader if select_val else None
+        t0 = time.perf_counter()
+        state_paths.append(out / ".state" / ("finetune.pt" if k == 0 else f"finetune_member{k}.pt"))
+        result = fit(model, task.objective(ctx), train_loader, val_loader, _dataclass(OptimParams, optim),
+                     state_paths[-1], state_key(cfg, data, ctx.pretrained), ctx.device, member.seed,
+                     desc=f"{method.name} fold{data.fold} {task.name}" + (f" member {k}" if k else ""))
+        seconds += time.perf_counter() - t0
+        if k == 0:
+            ev.write_history(out / "history.tsv", result.history,
+                             f"{method.name} fold {data.fold}: {task.history_title}")
+            info = {"best_epoch": result.best_epoch, "epochs": len(result.history),
+                    "stopped_early": result.stopped_early, "train_patients": len(fit_data.role(*TRAIN_ROLES))}
+        nets.append(model)
+    model = nets[0] if members == 1 else MeanEnsemble(nets)
+    info = {**info, "seconds": seconds, **({"members": members} if members > 1 else {})}
     results = task.predict(model, ctx)
     task.write(ctx, results, info, top_level(pre_metrics))
     save_model(out / "model.pt", model, _metadata(method, cfg, data, "finetune", **info))
-    clear_state(state_path)
+    for path in state_paths:
+        clear_state(path)
     return info

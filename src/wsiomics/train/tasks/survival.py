@@ -1,9 +1,10 @@
-"""Survival: follow-up time and event from the sample sheet; a discrete-time hazard head (default) or a Cox
+"""Survival: follow-up time and event from the sample sheet; a Cox head (default) or a discrete-time hazard
 head on any network; c-index (Harrell, Uno), time-dependent AUC, integrated Brier score; ``risks.tsv`` and a
 Kaplan-Meier figure of the test patients split at the training patients' median risk.
 
-Settings (``train.survival``): ``loss`` ``nll`` (discrete-time hazards over ``n_bins`` bins cut at quantiles of
-the training patients' event times, as MCAT and SurvPath) or ``cox`` (partial likelihood, Breslow ties).
+Settings (``train.survival``): ``loss`` ``cox`` (partial likelihood, Breslow ties; default) or ``nll``
+(discrete-time hazards over ``n_bins`` bins cut at quantiles of the training patients' event times, as MCAT
+and SurvPath).
 Everything fitted for evaluation (bins, Uno's censoring weights, the time grid, the Cox calibration behind the
 Brier score, the Kaplan-Meier split) uses the training patients only.
 """
@@ -34,7 +35,7 @@ RISK_COLUMNS = ["patient_id", "role", "risk", "time", "event"]
 
 def settings(cfg: dict[str, Any]) -> tuple[str, int]:
     s = dict(cfg.get("survival") or {})
-    loss, n_bins = str(s.get("loss", "nll")), int(s.get("n_bins", 4))
+    loss, n_bins = str(s.get("loss", "cox")), int(s.get("n_bins", 4))
     if loss not in LOSSES:
         raise ValueError(f"train.survival.loss is {loss!r}; choose one of {', '.join(LOSSES)}")
     if n_bins < 2:
