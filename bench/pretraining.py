@@ -19,6 +19,9 @@ Protocol (the stage API directly, not the workflow; each training size is one "f
 5. **few-shot** (pending the few-shot stage's function, issue 19 item 3): k labelled training patients per
    class, the pretrained ``image`` embedding against ``pooled_features``.
 
+``--signal`` picks what the labels of a cohort made here follow (``shared``: the latent factors both modalities
+see; the default ``both`` is tissue type x programme, which no image-gene alignment can help a slide probe with).
+
 ``python bench/pretraining.py --out /work/runs/k-align/bench`` (mgi + cca at the default sizes took 38 min on a
 machine shared by seven; the gene-encoder ablations add about as much each). Writes ``retrieval.tsv``
 (n, method, group, recall_i2g@1/@5, recall_g2i@1/@5, n_candidates),
@@ -38,13 +41,15 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from wsiomics.synth.cohort import SIGNALS
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (50, 100, 200, 500, 1000)
 METHODS = ("mgi", "mgi_transformer_genes", "mgi_mlp_genes", "cca")
 log = logging.getLogger("bench.pretraining")
 
 
-def prepare(cohort: Path, work: Path, patients: int, seed: int):
+def prepare(cohort: Path, work: Path, patients: int, seed: int, signal: str = "both"):
     """The cohort's sample sheet, slide table, imported feature stores and expression AnnData (cached in work)."""
     import anndata as ad
 
@@ -54,7 +59,8 @@ def prepare(cohort: Path, work: Path, patients: int, seed: int):
     from wsiomics.synth.features import FeatureCohortConfig, write_feature_cohort
 
     if not (cohort / "samples.tsv").exists():
-        write_feature_cohort(cohort, FeatureCohortConfig(patients=patients, seed=seed), progress=False)
+        write_feature_cohort(cohort, FeatureCohortConfig(patients=patients, seed=seed, signal=signal),
+                             progress=False)
     sheet = load_sample_sheet(cohort / "samples.tsv")
     feature_dir = work / "features"
     feature_dir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +247,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
 
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
-    slides, labels, feature_dir, cohort = prepare(Path(args.cohort), work, args.patients, args.seed)
+    slides, labels, feature_dir, cohort = prepare(Path(args.cohort), work, args.patients, args.seed, args.signal)
     test, val, order = split(list(labels.index), args.test, args.val, args.seed)
     sizes = [n for n in args.sizes if n <= len(order)]
     groups = candidate_groups(test, args.candidates, args.seed)
@@ -316,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cohort", default="", help="feature cohort folder (made when absent; default OUT/cohort)")
     parser.add_argument("--patients", type=int, default=1300, help="patients of a cohort made here")
     parser.add_argument("--seed", type=int, default=0, help="cohort, split and training seed")
+    parser.add_argument("--signal", default="both", choices=SIGNALS,
+                        help="what the labels of a cohort made here follow (wsiomics.synth.cohort.SIGNALS)")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="training pairs")
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--test", type=int, default=200, help="test pool (cut into candidate groups)")

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     from wsiomics.train.build import build_model
     from wsiomics.train.linear import pooled_features
     from wsiomics.train.methods import deep_merge, get_method, method_config
-    from wsiomics.train.stages import _context, _initial_model
+    from wsiomics.train.stages import fold_context, initial_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", required=True, help="a bench/pretraining.py --out folder")
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     overlay = yaml.safe_load(Path(args.overlay).read_text()) if args.overlay else {}
     cfg = deep_merge(method_config(cfg, "mgi"), overlay or {})
     run = work / f"n{args.n}" / args.label
-    ctx = _context(get_method("mgi"), cfg, data, run, "pretrain", run / "pretrain" / "model.pt")
-    trained, _, _ = _initial_model(ctx)
+    ctx = fold_context(get_method("mgi"), cfg, data, run, "pretrain", run / "pretrain" / "model.pt")
+    trained, _, _ = initial_model(ctx)
     torch.manual_seed(ctx.seed)  # the network as pretraining built it, before its first step
     untrained = build_model(get_method("mgi"), ctx.cfg, data)
 

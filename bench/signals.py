@@ -30,7 +30,10 @@ from wsiomics.synth.cohort import label_for  # noqa: E402
 def relabel(demo: Path, mode: str) -> Path:
     cohort = demo / "results" / "demo_cohort"
     truth = pd.read_csv(cohort / "patients_truth.tsv", sep="\t", dtype={"patient_id": str})
-    labels = {r.patient_id: label_for(mode, int(r.tissue_type), int(r.programme)) for r in truth.itertuples()}
+    factors = json.loads((cohort / "cohort.json").read_text())["config"].get("latent_factors", 0)  # shared's
+    labels = {r.patient_id: label_for(mode, int(r.tissue_type), int(r.programme),
+                                      tuple(float(getattr(r, f"latent{i}")) for i in range(factors)))
+              for r in truth.itertuples()}
     sheet = pd.read_csv(cohort / "samples.tsv", sep="\t", dtype=str, keep_default_na=False)
     sheet["label"] = sheet["patient_id"].map(labels)
     out = cohort / f"samples_{mode}.tsv"

@@ -94,6 +94,39 @@ def test_label_signal_modes(signal, n_classes):
         label_for("colour", 0, 0)
 
 
+# Digests of plan_cohort (patient table and slide specs) computed at f0fa1d5, before the ``shared`` mode existed:
+# adding a mode must not move any draw of the existing ones.
+PLAN_DIGESTS = {"image": "294a7bb64022ed6a", "genes": "5f45f017020ecb4a", "both": "57e460c359c1e9ec",
+                "xor": "726a9e8a3d7782bb"}
+
+
+@pytest.mark.parametrize("signal", sorted(PLAN_DIGESTS))
+def test_existing_signal_modes_plan_the_same_cohort_as_before(signal):
+    import hashlib
+    from dataclasses import asdict
+
+    table, slides = plan_cohort(CohortConfig(n_patients=24, seed=3, signal=signal, latent_factors=2,
+                                             unlabelled_fraction=0.25))
+    blob = json.dumps([table.round(9).to_dict("records"), [asdict(s) for s in slides]], sort_keys=True, default=str)
+    assert hashlib.sha256(blob.encode()).hexdigest()[:16] == PLAN_DIGESTS[signal]
+
+
+@pytest.mark.parametrize("factors,n_classes", [(1, 2), (2, 4)])
+def test_shared_label_follows_the_latent_factors_both_modalities_see(factors, n_classes):
+    table, slides = plan_cohort(CohortConfig(n_patients=400, seed=5, signal="shared", latent_factors=factors))
+    assert table.label.nunique() == n_classes
+    assert table.groupby("label").size().min() >= 0.15 * len(table)  # balanced enough (uniform factors)
+    for i in range(factors):  # the label is the sign of each factor: it shows in the stain and the latent genes
+        hi = table.label.str.contains(f"factor{i}hi")
+        assert (table[f"latent{i}"][hi] >= 0).all() and (table[f"latent{i}"][~hi] < 0).all()
+    # and it is the only thing the mode changes: patients, factors and slides are the default mode's
+    both_table, both_slides = plan_cohort(CohortConfig(n_patients=400, seed=5, latent_factors=factors))
+    pd.testing.assert_frame_equal(table.drop(columns="label"), both_table.drop(columns="label"))
+    assert slides == both_slides
+    with pytest.raises(ValueError, match="latent_factors"):
+        plan_cohort(CohortConfig(n_patients=8, signal="shared"))  # no factors: nothing shared to follow
+
+
 def test_image_carries_tissue_type():
     """Tissue type 1 has denser nuclei: visibly more hematoxylin, so the image can carry class signal."""
     layout = random_layout(5, 1500, 1500, tumour=False)

@@ -5,11 +5,16 @@ Each patient has a tissue type (seen in the image) and an expression programme (
 
 - ``image``: label = tissue type; ``genes``: label = programme;
 - ``both``: four classes, tissue type x programme, so only a model using both reaches full accuracy;
-- ``xor``: two classes, tissue type XOR programme: neither modality alone beats chance.
+- ``xor``: two classes, tissue type XOR programme: neither modality alone beats chance;
+- ``shared``: the label follows what both modalities see, the latent factors (below; needs ``latent_factors``
+  >= 1): the sign of each factor, so 2 classes with one factor and 4 (the quadrants) with two. As in real
+  cohorts where the tumour type drives both morphology and expression, the label shows in the slides' stain
+  and in the latent gene set, each noisily (stain noise, count noise), and patients near a factor's zero sit
+  near the class boundary. Tissue type and programme are still drawn, but carry none of this label.
 
 ``latent_factors`` > 0 adds what contrastive image-gene pretraining learns from: per-patient continuous
-factors, independent of the label, that set the slides' stain (hematoxylin and eosin strength) and
-the expression of a latent gene set (each gene loading on one factor). Only paired image and expression
+factors, independent of the label (except with ``shared``), that set the slides' stain (hematoxylin and eosin
+strength) and the expression of a latent gene set (each gene loading on one factor). Only paired image and expression
 reveal which slide belongs to which expression profile.
 
 ``unlabelled_fraction`` withholds the label of a seeded share of patients in the sheet (the truth table keeps
@@ -36,7 +41,7 @@ from wsiomics.synth.expression import gene_model, sample_counts, write_gdc_count
 from wsiomics.synth.geometry import SlideGeometry, polygons, random_layout, scale_to_pixels
 from wsiomics.synth.pyramid import write_slide
 
-SIGNALS = ("image", "genes", "both", "xor")
+SIGNALS = ("image", "genes", "both", "xor", "shared")
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,8 @@ class SlideSpec:
     stain: tuple[float, float] = field(default=(1.0, 1.0))
 
 
-def label_for(signal: str, tissue_type: int, programme: int) -> str:
+def label_for(signal: str, tissue_type: int, programme: int, latent: tuple[float, ...] = ()) -> str:
+    """The label ``signal`` gives a patient; ``latent``: its factors in use (``shared`` only: one per factor)."""
     if signal == "image":
         return f"tissue{tissue_type}"
     if signal == "genes":
@@ -107,6 +113,10 @@ def label_for(signal: str, tissue_type: int, programme: int) -> str:
         return f"tissue{tissue_type}_programme{programme}"
     if signal == "xor":
         return "concordant" if tissue_type == programme else "discordant"
+    if signal == "shared":
+        if not latent:
+            raise ValueError("signal 'shared' follows the latent factors: set latent_factors to 1 or 2")
+        return "_".join(f"factor{i}{'hi' if v >= 0 else 'lo'}" for i, v in enumerate(latent))
     raise ValueError(f"unknown signal {signal!r}; choose one of {', '.join(SIGNALS)}")
 
 
@@ -149,7 +159,7 @@ def plan_cohort(cfg: CohortConfig) -> tuple[pd.DataFrame, list[SlideSpec]]:
     and slide specs."""
     if cfg.n_patients < 4:
         raise ValueError("a synthetic cohort needs at least 4 patients (one per tissue type x programme)")
-    label_for(cfg.signal, 0, 0)  # validates the signal name
+    label_for(cfg.signal, 0, 0, (0.0,) * cfg.latent_factors)  # validates the signal name (and shared's factors)
     rng = np.random.default_rng(cfg.seed)
     combos = np.arange(cfg.n_patients) % 4  # balanced tissue type x programme
     rng.shuffle(combos)
@@ -163,7 +173,9 @@ def plan_cohort(cfg: CohortConfig) -> tuple[pd.DataFrame, list[SlideSpec]]:
         pid = f"TCGA-SY-{i + 1:04d}"
         tissue_type, programme = int(combo // 2), int(combo % 2)
         patients.append({"patient_id": pid, "tissue_type": tissue_type, "programme": programme,
-                         "label": label_for(cfg.signal, tissue_type, programme), "has_expression": True,
+                         "label": label_for(cfg.signal, tissue_type, programme,
+                                            tuple(float(v) for v in latent[i, :cfg.latent_factors])),
+                         "has_expression": True,
                          "has_slide": True, "latent0": float(latent[i, 0]), "latent1": float(latent[i, 1])})
         n_slides = 2 if rng.random() < cfg.fraction_second_slide else 1
         for k in range(n_slides):

@@ -15,6 +15,9 @@ get features from a fixed random "encoder geometry":
   same factors drive a latent gene set in the counts;
 - nuisance: a per-slide offset (scanner/site batch) and per-tile noise.
 
+``signal`` is the slide generator's (the labels come from the shared patient plan): with ``shared`` the
+label is the signs of the latent factors, so it shows as the stain shift and in the latent gene set.
+
 ``unlabelled_fraction`` withholds the label of a seeded share of patients (the truth table keeps it), and
 ``survival`` adds the slide generator's follow-up (:func:`wsiomics.synth.cohort.follow_up`).
 
