@@ -589,6 +589,25 @@ def test_multi_slide_cli_prepares_the_encoder_once(tiled, tmp_path, monkeypatch)
         np.testing.assert_allclose(feats[:8], ref_feats, rtol=1e-4, atol=1e-4)
 
 
+def test_multi_slide_cli_keep_going_skips_a_bad_slide(tiled, tmp_path):
+    """--keep-going (the workflow's batches): a slide that cannot be encoded gets no store and the job succeeds;
+    without it the job fails. The good slide is written either way."""
+    import shutil
+
+    from wsiomics.features.__main__ import main
+
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(tiled["pen20"], broken)
+    shutil.rmtree(broken / "coords")
+    common = ["--encoder", ENCODER, "--no-pretrained", "--no-progress", "--num-workers", "0", "--precision", "fp32",
+              "--device", "cpu"]
+    for flag, code, name in (([], 1, "strict"), (["--keep-going"], 0, "lenient")):
+        outs = [tmp_path / name / "bad.zarr", tmp_path / name / "good.zarr"]
+        assert main(["extract", "--tiles", str(broken), str(tiled["tiff40"]), "--out", *map(str, outs), *common,
+                     *flag]) == code
+        assert not outs[0].exists() and (outs[1] / "zarr.json").is_file()
+
+
 def test_gpu_waiting_for_tiles_is_warned():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     starved = {"wait_for_tiles_s": 30.0, "encode_s": 20.0, "num_workers": 1}

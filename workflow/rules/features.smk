@@ -9,13 +9,14 @@ include: "inputs/features.smk"
 
 
 # A slide with a features_path in the sheet is imported (import_features); import_features's input does not
-# exist for the others, which Snakemake then gives to extract_features.
-ruleorder: import_features > extract_features
+# exist for the others, which Snakemake then gives to place_features (slides_per_job > 1: its batch) or to
+# extract_features (slides_per_job: 1); each of the two is given an input that does not exist in the other case.
+ruleorder: import_features > place_features > extract_features
 
 
 rule extract_features:
     input:
-        tiles="results/tiles/{slide_id}.zarr",
+        tiles=single_slide_tiles,  # features.slides_per_job: 1 (else the batch rules below make the store)
         slide=slide_path,  # read again for the pixels: must be there on the node that runs the job
         weights=weights_input,
     output:
@@ -37,6 +38,59 @@ rule extract_features:
     shell:
         "python -m wsiomics.features extract --tiles {input.tiles:q} --out {output:q}"
         " --encoder {wildcards.encoder:q} --threads {threads} {params.strict} {params.options} > {log:q} 2>&1"
+
+
+# features.slides_per_job > 1: one job encodes a batch of slides with one encoder (start-up paid once per batch)
+# into a temporary folder, then place_features moves each slide's store to its usual path. A slide that fails
+# gets no store in the batch (--keep-going): only its own place_features job fails, naming the batch's log.
+rule extract_features_batch:
+    input:
+        tiles=batch_input("tiles"),
+        slides=batch_input("slides"),  # read again for the pixels: must be there on the node that runs the job
+        weights=weights_input,
+    output:
+        temp(directory(f"{BATCH_DIR}/{{batch}}")),
+    params:
+        outs=batch_outputs,
+        encoder=ENCODER,
+        options=features_options(),
+        strict="--strict" if config["strict"] else "",
+    log:
+        f"logs/extract_features/{ENCODER}/{{batch}}.log",
+    benchmark:
+        f"benchmarks/extract_features/{ENCODER}/{{batch}}.tsv"
+    threads: config["features"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=60 + 60 * SLIDES_PER_JOB,
+        gpu=1,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m wsiomics.features extract --tiles {input.tiles:q} --out {params.outs:q} --keep-going"
+        " --encoder {params.encoder:q} --threads {threads} {params.strict} {params.options} > {log:q} 2>&1"
+
+
+rule place_features:
+    input:
+        batch_of,
+    output:
+        directory("results/features/{encoder}/{slide_id}.zarr"),
+    log:
+        "logs/place_features/{encoder}/{slide_id}.log",
+    benchmark:
+        "benchmarks/place_features/{encoder}/{slide_id}.tsv"
+    threads: 1
+    resources:
+        mem_mb=100,
+        runtime=5,
+    localrule: True
+    conda:
+        "../../envs/slides.yaml"
+    shell:
+        "if [ -d {input:q}/{wildcards.slide_id:q}.zarr ]; then mv {input:q}/{wildcards.slide_id:q}.zarr {output:q};"
+        " else echo 'place_features: {wildcards.slide_id} failed in its batch {input}: see'"
+        " logs/extract_features/{wildcards.encoder}/$(basename {input:q}).log >&2; exit 1; fi > {log:q} 2>&1"
 
 
 rule import_features:
