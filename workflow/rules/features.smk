@@ -41,20 +41,21 @@ rule extract_features:
 
 
 # features.slides_per_job > 1: one job encodes a batch of slides with one encoder (start-up paid once per batch)
-# into a temporary folder, then place_features moves each slide's store to its usual path. A slide that fails
-# gets no store in the batch (--keep-going): only its own place_features job fails, naming the batch's log.
+# into BATCH_DIR, then place_features links each slide's store to its usual path. A slide that fails gets no store
+# (--keep-going): only its own place_features job fails, naming the batch's log; with strict: true the batch fails.
+# The staged stores outlive the job, so a batch that runs again encodes only its slides that are not current.
 rule extract_features_batch:
     input:
         tiles=batch_input("tiles"),
         slides=batch_input("slides"),  # read again for the pixels: must be there on the node that runs the job
         weights=weights_input,
     output:
-        temp(directory(f"{BATCH_DIR}/{{batch}}")),
+        temp(f"{BATCH_DIR}/{{batch}}.done"),
     params:
         outs=batch_outputs,
         encoder=ENCODER,
         options=features_options(),
-        strict="--strict" if config["strict"] else "",
+        keep_going="--strict" if config["strict"] else "--keep-going",
     log:
         f"logs/extract_features/{ENCODER}/{{batch}}.log",
     benchmark:
@@ -67,8 +68,8 @@ rule extract_features_batch:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m wsiomics.features extract --tiles {input.tiles:q} --out {params.outs:q} --keep-going"
-        " --encoder {params.encoder:q} --threads {threads} {params.strict} {params.options} > {log:q} 2>&1"
+        "python -m wsiomics.features extract --tiles {input.tiles:q} --out {params.outs:q} {params.keep_going}"
+        " --encoder {params.encoder:q} --threads {threads} {params.options} > {log:q} 2>&1 && touch {output:q}"
 
 
 rule place_features:
@@ -78,19 +79,9 @@ rule place_features:
         directory("results/features/{encoder}/{slide_id}.zarr"),
     log:
         "logs/place_features/{encoder}/{slide_id}.log",
-    benchmark:
-        "benchmarks/place_features/{encoder}/{slide_id}.tsv"
-    threads: 1
-    resources:
-        mem_mb=100,
-        runtime=5,
     localrule: True
-    conda:
-        "../../envs/slides.yaml"
-    shell:
-        "if [ -d {input:q}/{wildcards.slide_id:q}.zarr ]; then mv {input:q}/{wildcards.slide_id:q}.zarr {output:q};"
-        " else echo 'place_features: {wildcards.slide_id} failed in its batch {input}: see'"
-        " logs/extract_features/{wildcards.encoder}/$(basename {input:q}).log >&2; exit 1; fi > {log:q} 2>&1"
+    run:
+        place_store(wildcards.slide_id, input[0], output[0], log[0])
 
 
 rule import_features:

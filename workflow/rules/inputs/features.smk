@@ -11,6 +11,9 @@ def feature_stores(wildcards):
 
 
 SLIDES_PER_JOB = int(config["features"]["slides_per_job"])
+# Where the batches stage their stores: each slide's store is written here, then hard-linked to its usual path by
+# place_features. The staged copy stays (hard links: no extra space), so a batch that runs again (killed, one
+# slide re-tiled, a failed slide fixed) skips its slides whose staged store is still current.
 BATCH_DIR = f"results/features/{ENCODER}/.batches"
 
 
@@ -39,9 +42,13 @@ def batch_input(kind):
     return files
 
 
-def batch_outputs(wildcards, output):
-    """The stores the batch job writes inside its (temporary) output folder, one per --tiles."""
-    return [os.path.join(output[0], f"{slide_id}.zarr") for slide_id in batch_slides(wildcards)]
+def staged_store(slide_id):
+    return f"{BATCH_DIR}/{slide_id}.zarr"
+
+
+def batch_outputs(wildcards):
+    """The staged stores the batch job writes, one per --tiles."""
+    return [staged_store(slide_id) for slide_id in batch_slides(wildcards)]
 
 
 def single_slide_tiles(wildcards):
@@ -52,14 +59,46 @@ def single_slide_tiles(wildcards):
 
 
 def batch_of(wildcards):
-    """The extraction batch that encodes this slide (its store is moved out of the batch's folder); with
-    slides_per_job: 1 an input no rule makes (extract_features makes the store)."""
+    """The done-marker of the extraction batch that encodes this slide; with slides_per_job: 1 an input no rule
+    makes (extract_features makes the store)."""
     if SLIDES_PER_JOB == 1:
         return not_produced(wildcards, "features.slides_per_job is 1: one extraction job per slide")
     for batch, ids in extraction_batches().items():
         if wildcards.slide_id in ids:
-            return f"{BATCH_DIR}/{batch}"
+            return f"{BATCH_DIR}/{batch}.done"
     return not_produced(wildcards, "not a tiled slide of the sheet")
+
+
+def place_store(slide_id, batch_done, out, log_path):
+    """place_features: hard-link the slide's staged store to its usual path (copy where the filesystem has no hard
+    links), atomically (a temporary sibling renamed into place). No staged store: the slide failed in its batch,
+    and its batch's marker is removed so that the next run runs the batch again."""
+    staged = staged_store(slide_id)
+    batch_log = f"logs/extract_features/{ENCODER}/{os.path.basename(batch_done)[: -len('.done')]}.log"
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    if not os.path.isfile(os.path.join(staged, "zarr.json")):
+        # The batch's marker goes, so the next run runs the batch again: it encodes this slide (once fixed) and
+        # skips the others, whose staged stores are current.
+        if os.path.exists(batch_done):
+            os.remove(batch_done)
+        message = (f"place_features: {slide_id} failed in its batch, no store was written: see {batch_log}. The "
+                   "next run tries it again (fix: delete results/tiles/<slide_id>.zarr when its tiles are damaged)")
+        with open(log_path, "w") as log_file:
+            print(message, file=log_file)
+        raise WorkflowError(message)
+
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    tmp = f"{out}.placing-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(staged, tmp, copy_function=link)
+    os.replace(tmp, out)
+    with open(log_path, "w") as log_file:
+        print(f"{slide_id}: {staged} -> {out}", file=log_file)
 
 
 def features_source(wildcards):
