@@ -74,14 +74,16 @@ rule extract_features_batch:
 
 rule place_features:
     input:
-        batch_of,
+        batch=batch_of,
+        # the slide's own tiles: re-tiling it (a deleted store, a changed sheet row) re-runs its batch and this job
+        tiles="results/tiles/{slide_id}.zarr",
     output:
         directory("results/features/{encoder}/{slide_id}.zarr"),
     log:
         "logs/place_features/{encoder}/{slide_id}.log",
     localrule: True
     run:
-        place_store(wildcards.slide_id, input[0], output[0], log[0])
+        place_store(wildcards.slide_id, input.batch, output[0], log[0])
 
 
 rule import_features:

@@ -71,18 +71,14 @@ def batch_of(wildcards):
 
 def place_store(slide_id, batch_done, out, log_path):
     """place_features: hard-link the slide's staged store to its usual path (copy where the filesystem has no hard
-    links), atomically (a temporary sibling renamed into place). No staged store: the slide failed in its batch,
-    and its batch's marker is removed so that the next run runs the batch again."""
+    links), atomically (a temporary sibling renamed into place). No staged store: the slide failed in its batch."""
     staged = staged_store(slide_id)
     batch_log = f"logs/extract_features/{ENCODER}/{os.path.basename(batch_done)[: -len('.done')]}.log"
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     if not os.path.isfile(os.path.join(staged, "zarr.json")):
-        # The batch's marker goes, so the next run runs the batch again: it encodes this slide (once fixed) and
-        # skips the others, whose staged stores are current.
-        if os.path.exists(batch_done):
-            os.remove(batch_done)
-        message = (f"place_features: {slide_id} failed in its batch, no store was written: see {batch_log}. The "
-                   "next run tries it again (fix: delete results/tiles/<slide_id>.zarr when its tiles are damaged)")
+        message = (f"place_features: {slide_id} failed in its batch, no store was written: see {batch_log}. Fix "
+                   f"the slide (damaged tiles: delete results/tiles/{slide_id}.zarr) and re-run: its batch runs "
+                   "again and encodes only the slides whose staged store is not current")
         with open(log_path, "w") as log_file:
             print(message, file=log_file)
         raise WorkflowError(message)
