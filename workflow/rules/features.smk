@@ -55,7 +55,7 @@ rule extract_features_batch:
         outs=batch_outputs,
         encoder=ENCODER,
         options=features_options(),
-        keep_going="--strict" if config["strict"] else "--keep-going",
+        on_failure="--strict" if config["strict"] else "--keep-going",  # strict: a bad slide fails the batch
     log:
         f"logs/extract_features/{ENCODER}/{{batch}}.log",
     benchmark:
@@ -68,7 +68,7 @@ rule extract_features_batch:
     conda:
         "../../envs/torch.yaml"
     shell:
-        "python -m wsiomics.features extract --tiles {input.tiles:q} --out {params.outs:q} {params.keep_going}"
+        "python -m wsiomics.features extract --tiles {input.tiles:q} --out {params.outs:q} {params.on_failure}"
         " --encoder {params.encoder:q} --threads {threads} {params.options} > {log:q} 2>&1 && touch {output:q}"
 
 
