@@ -26,11 +26,13 @@ import pandas as pd
 STARTUP_MODULES = {
     "synth": "wsiomics.synth.__main__",
     "tile": "wsiomics.tiling.__main__",
-    "extract_features": "wsiomics.features.extract",
+    "extract_features": "wsiomics.features.__main__",  # one job per batch of features.slides_per_job slides
     "import_features": "wsiomics.features.interop",
     "expression": "wsiomics.expression.__main__",
     "splits": "wsiomics.splits",
     "train": "wsiomics.train.stages",
+    "fewshot": "wsiomics.train.stages",  # `fewshot run` imports the training stages to build each method's model
+    "figures": "wsiomics.figures.__main__",
     "summary": "wsiomics.summary",
 }
 

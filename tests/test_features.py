@@ -421,6 +421,38 @@ def test_precision_auto_follows_the_device_and_cpu(monkeypatch):
     assert resolve_precision("fp16", torch.device("cpu"), "bf16") == "fp16"
 
 
+@pytest.mark.parametrize(("capability", "onednn_isa", "fast"), [
+    ("AVX512", None, True),
+    ("AVX512", "ALL", True),
+    ("AVX512", "avx512_core_amx", True),
+    ("AVX512", "AVX512_CORE_BF16", True),
+    ("AVX2", None, False),  # ATEN_CPU_CAPABILITY=avx2: the benchmark's capped run
+    ("AVX512", "AVX2", False),  # ONEDNN_MAX_CPU_ISA=AVX2: oneDNN's convolutions and matmuls would emulate bf16
+    ("AVX512", "AVX512_CORE", False),  # AVX-512 without its bf16 instructions
+    ("AVX512", "AVX512_CORE_VNNI", False),
+])
+def test_fast_bf16_honours_capped_isas(monkeypatch, capability, onednn_isa, fast):
+    """precision: auto picks bf16 only where both ATen's dispatch and oneDNN may use the bf16 units; the hardware
+    probes alone ignore ATEN_CPU_CAPABILITY and ONEDNN_MAX_CPU_ISA, and emulated bf16 is slower than fp32."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    if onednn_isa is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", onednn_isa)
+    assert extract_mod.cpu_has_fast_bf16() is fast
+    assert resolve_precision("auto", torch.device("cpu"), "fp16") == ("bf16" if fast else "fp32")
+
+
+def test_fast_bf16_needs_the_hardware(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert extract_mod.cpu_has_fast_bf16() is False
+
+
 # ---- weights ----
 
 
@@ -587,6 +619,25 @@ def test_multi_slide_cli_prepares_the_encoder_once(tiled, tmp_path, monkeypatch)
         ref_feats, ref_coords = direct_features(tiled[name], build_encoder(ENCODER, pretrained=False, seed=0), 8)
         np.testing.assert_array_equal(coords[:8], ref_coords)
         np.testing.assert_allclose(feats[:8], ref_feats, rtol=1e-4, atol=1e-4)
+
+
+def test_multi_slide_cli_keep_going_skips_a_bad_slide(tiled, tmp_path):
+    """--keep-going (the workflow's batches): a slide that cannot be encoded gets no store and the job succeeds;
+    without it the job fails. The good slide is written either way."""
+    import shutil
+
+    from wsiomics.features.__main__ import main
+
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(tiled["pen20"], broken)
+    shutil.rmtree(broken / "coords")
+    common = ["--encoder", ENCODER, "--no-pretrained", "--no-progress", "--num-workers", "0", "--precision", "fp32",
+              "--device", "cpu"]
+    for flag, code, name in (([], 1, "strict"), (["--keep-going"], 0, "lenient")):
+        outs = [tmp_path / name / "bad.zarr", tmp_path / name / "good.zarr"]
+        assert main(["extract", "--tiles", str(broken), str(tiled["tiff40"]), "--out", *map(str, outs), *common,
+                     *flag]) == code
+        assert not outs[0].exists() and (outs[1] / "zarr.json").is_file()
 
 
 def test_gpu_waiting_for_tiles_is_warned():

@@ -501,7 +501,7 @@ def test_nsclc_config_dry_run_from_gdc_downloads(tmp_path: Path) -> None:
     out = dry_run("tcga_nsclc", work)
     counts = job_counts(out)
     run = load_yaml(REPO / "config" / "tcga_nsclc.yaml")["train"]["run"]
-    assert counts["tile"] == counts["extract_features"] == 10
+    assert counts["tile"] == counts["place_features"] == 10 and counts["extract_features_batch"] == 1  # 16 a job
     assert counts["normalize_expression"] == 5 and counts["finetune"] == 5 * len(run)
     assert "results/features/uni/TCGA-05-4200-01Z-00-DX1.zarr" in out
     for m in run:

@@ -71,8 +71,8 @@ def test_training_jobs_depend_on_the_cohort_status_not_on_every_feature_store(sh
     rule_of = dict(re.findall(r'^\s*(\d+)\[label = "([a-z_]+)', proc.stdout, flags=re.M))
     edges = re.findall(r"^\s*(\d+) -> (\d+)", proc.stdout, flags=re.M)
     into_finetune = {rule_of[a] for a, b in edges if rule_of[b] == "finetune"}
-    assert "slide_status" in into_finetune and "extract_features" not in into_finetune, into_finetune
-    assert "extract_features" in {rule_of[a] for a, b in edges if rule_of[b] == "slide_status"}
+    assert "slide_status" in into_finetune and "place_features" not in into_finetune, into_finetune
+    assert "place_features" in {rule_of[a] for a, b in edges if rule_of[b] == "slide_status"}  # slides_per_job 8
 
 
 def test_survival_methods_run_on_a_sheet_with_follow_up_and_are_skipped_without(sheet, tmp_path):

@@ -118,7 +118,9 @@ def test_every_slide_gets_a_feature_store(run, sheet):
         assert store.attrs["encoder"] == "test_resnet" and store.attrs["weights"]["source"] == "random"
         assert store["features"].shape == (int(row.n_tiles), 96)
         assert (store["coords"][...] == tiles["coords"][...]).all()
-        assert (run / "logs" / "extract_features" / "test_resnet" / f"{slide_id}.log").is_file()
+    # the config's slides_per_job: one log per batch of slides, naming each slide it encoded
+    logs = "".join(p.read_text() for p in (run / "logs" / "extract_features" / "test_resnet").glob("b*.log"))
+    assert all(f"{slide_id}: " in logs for slide_id in status.index)
 
 
 def test_rerun_is_a_no_op(run, cohort):
@@ -266,7 +268,8 @@ def test_adding_mpp_to_the_sheet_retiles_the_slide_and_nothing_patient_level(coh
     before = [p.stat().st_mtime_ns for p in patient_level]
     rows[0]["mpp"] = "0.5"
     write_sheet(tmp_path / "samples.tsv", rows)
-    assert planned(*args) == {"tile", "extract_features", "slide_status"}
+    # the config's slides_per_job: the slide's batch (here the slide alone) and the link to its usual path
+    assert planned(*args) == {"tile", "extract_features_batch", "place_features", "slide_status"}
     proc = snakemake(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     status = read_status(tmp_path / "work")
@@ -337,8 +340,9 @@ def test_extraction_inputs_and_mixed_precisions(cohort, sheet, tmp_path):
     samples = write_sheet(tmp_path / "samples.tsv", rows)
 
     def args(path, precision="auto", work="work", *extra):
+        # one job per slide (slides_per_job: 1), so each slide can be extracted at its own precision
         features = ("features={encoder: test_resnet, num_workers: 0, batch_size: 32, pretrained: true, "
-                    f"weights: {path}, precision: {precision}}}")
+                    f"weights: {path}, precision: {precision}, slides_per_job: 1}}")
         return (*extra, "--config", f"samples={samples}", features, "--directory", str(tmp_path / work))
 
     proc = snakemake(*args(weights), "-n")
@@ -363,6 +367,52 @@ def test_extraction_inputs_and_mixed_precisions(cohort, sheet, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0 and "Missing input files" in out and "gone.pt" in out
 
+
+
+def test_extraction_batches_share_a_job_and_a_bad_slide_fails_alone(cohort, sheet, tmp_path):
+    """features.slides_per_job: the tiled slides go, in sheet order, slides_per_job to a job; every store still
+    lands at its usual path; a slide whose tiles cannot be encoded fails its own place_features job only, and
+    the rest of its batch is extracted; once the slide is fixed, the batch runs again and encodes only it."""
+    rows = [{"patient_id": r.patient_id, "slide_id": r.slide_id, "slide_path": str(cohort / r.slide_path)}
+            for r in sheet[(sheet.slide_id != "") & (sheet.mpp == "")].head(3).itertuples()]
+    samples = write_sheet(tmp_path / "samples.tsv", rows)
+    work = tmp_path / "work"
+    features = "features={encoder: test_resnet, num_workers: 0, batch_size: 32, slides_per_job: 2}"
+    proc = snakemake("--config", f"samples={samples}", features, "--directory", str(work), "-n")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-2000:]
+    stats = out.split("Job stats:")[1].split("total")[0]
+    assert re.search(r"extract_features_batch\s+2\b", stats) and re.search(r"place_features\s+3\b", stats)
+    assert not re.search(r"^extract_features\s", stats, flags=re.M)
+    batch = re.search(r"rule extract_features_batch:\n\s+input: ([^\n]+)\n\s+output: [^\n]*b00000", out)
+    assert batch and batch.group(1).startswith(", ".join(f"results/tiles/{r['slide_id']}.zarr" for r in rows[:2]))
+
+    # The first slide's tiles store is damaged after tiling: its extraction fails, its batch-mate's does not.
+    tiles = [f"results/tiles/{r['slide_id']}.zarr" for r in rows]
+    targets = [f"results/features/test_resnet/{r['slide_id']}.zarr" for r in rows]
+    proc = snakemake("--config", f"samples={samples}", features, "--directory", str(work), *tiles)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
+    shutil.rmtree(work / tiles[0] / "coords")
+    proc = snakemake("--config", f"samples={samples}", features, "--directory", str(work), "--keep-going",
+                     "--rerun-triggers=mtime", *targets)  # "=": the flag takes several values
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    stores = work / "results" / "features" / "test_resnet"
+    assert not (stores / f"{rows[0]['slide_id']}.zarr").exists()
+    assert all((stores / f"{r['slide_id']}.zarr" / "zarr.json").is_file() for r in rows[1:]), out[-4000:]
+    failed = (work / "logs" / "place_features" / "test_resnet" / f"{rows[0]['slide_id']}.log").read_text()
+    assert "failed in its batch" in failed and "b00000.log" in failed
+
+    # Re-tiled, the slide is encoded; its batch-mate's staged store is current, so it is not encoded again.
+    shutil.rmtree(work / tiles[0])
+    proc = snakemake("--config", f"samples={samples}", features, "--directory", str(work), "--rerun-triggers=mtime",
+                     *targets)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-2000:]
+    assert all((stores / f"{r['slide_id']}.zarr" / "zarr.json").is_file() for r in rows)
+    log = (work / "logs" / "extract_features" / "test_resnet" / "b00000.log").read_text()
+    assert f"{rows[1]['slide_id']}: " in log and "is current, skipped" in log
+    assert f"{rows[0]['slide_id']}: ok" in log
+    assert not list((stores / ".batches").glob("*.done"))  # the batches' markers are temporary
 
 
 STAGE_LIBRARIES = ("torch", "timm", "scanpy", "anndata", "sklearn", "cv2", "openslide", "zarr", "matplotlib")

@@ -9,13 +9,14 @@ include: "inputs/features.smk"
 
 
 # A slide with a features_path in the sheet is imported (import_features); import_features's input does not
-# exist for the others, which Snakemake then gives to extract_features.
-ruleorder: import_features > extract_features
+# exist for the others, which Snakemake then gives to place_features (slides_per_job > 1: its batch) or to
+# extract_features (slides_per_job: 1); each of the two is given an input that does not exist in the other case.
+ruleorder: import_features > place_features > extract_features
 
 
 rule extract_features:
     input:
-        tiles="results/tiles/{slide_id}.zarr",
+        tiles=single_slide_tiles,  # features.slides_per_job: 1 (else the batch rules below make the store)
         slide=slide_path,  # read again for the pixels: must be there on the node that runs the job
         weights=weights_input,
     output:
@@ -37,6 +38,52 @@ rule extract_features:
     shell:
         "python -m wsiomics.features extract --tiles {input.tiles:q} --out {output:q}"
         " --encoder {wildcards.encoder:q} --threads {threads} {params.strict} {params.options} > {log:q} 2>&1"
+
+
+# features.slides_per_job > 1: one job encodes a batch of slides with one encoder (start-up paid once per batch)
+# into BATCH_DIR, then place_features links each slide's store to its usual path. A slide that fails gets no store
+# (--keep-going): only its own place_features job fails, naming the batch's log; with strict: true the batch fails.
+# The staged stores outlive the job, so a batch that runs again encodes only its slides that are not current.
+rule extract_features_batch:
+    input:
+        tiles=batch_input("tiles"),
+        slides=batch_input("slides"),  # read again for the pixels: must be there on the node that runs the job
+        weights=weights_input,
+    output:
+        temp(f"{BATCH_DIR}/{{batch}}.done"),
+    params:
+        outs=batch_outputs,
+        encoder=ENCODER,
+        options=features_options(),
+        on_failure="--strict" if config["strict"] else "--keep-going",  # strict: a bad slide fails the batch
+    log:
+        f"logs/extract_features/{ENCODER}/{{batch}}.log",
+    benchmark:
+        f"benchmarks/extract_features/{ENCODER}/{{batch}}.tsv"
+    threads: config["features"]["threads"]
+    resources:
+        mem_mb=8000,
+        runtime=60 + 60 * SLIDES_PER_JOB,
+        gpu=1,
+    conda:
+        "../../envs/torch.yaml"
+    shell:
+        "python -m wsiomics.features extract --tiles {input.tiles:q} --out {params.outs:q} {params.on_failure}"
+        " --encoder {params.encoder:q} --threads {threads} {params.options} > {log:q} 2>&1 && touch {output:q}"
+
+
+rule place_features:
+    input:
+        batch=batch_of,
+        # the slide's own tiles: re-tiling it (a deleted store, a changed sheet row) re-runs its batch and this job
+        tiles="results/tiles/{slide_id}.zarr",
+    output:
+        directory("results/features/{encoder}/{slide_id}.zarr"),
+    log:
+        "logs/place_features/{encoder}/{slide_id}.log",
+    localrule: True
+    run:
+        place_store(wildcards.slide_id, input.batch, output[0], log[0])
 
 
 rule import_features:

@@ -53,6 +53,12 @@ def _extract(args: argparse.Namespace) -> int:
         except (FeatureError, FileNotFoundError, RuntimeError) as e:
             log.error("%s", e)
             failed += 1
+        except Exception:  # whatever breaks one slide must not lose the others of the job
+            log.exception("%s: extraction failed (damaged tiles store? delete it to re-tile the slide)", tiles)
+            failed += 1
+    if failed and args.keep_going:
+        log.warning("%d of %d slides failed (no store written for them); the others are done", failed, len(args.out))
+        return 0
     return 1 if failed else 0
 
 
@@ -78,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     ext.add_argument("--strict", action="store_true", help="fail on unreadable tiles instead of recording them")
     ext.add_argument("--force", action="store_true", help="recompute stores that are already current")
     ext.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ext.add_argument("--keep-going", action="store_true",
+                     help="with several slides: a slide that fails is logged and gets no store, the job still "
+                          "succeeds (the workflow's batches use it, so one bad slide does not fail its batch)")
     add_dataclass_options(ext, ExtractParams)
     ext.set_defaults(func=_extract)
     sub.add_parser("presets", help="list the named encoders").set_defaults(func=_presets)
