@@ -119,7 +119,7 @@ def test_feature_flags_reach_extract_params():
     from wsiomics.features.extract import ExtractParams
 
     flags = config_flags({**CONFIG["features"], "compile": True, "batch_size": 64}, section_schema("features"),
-                         skip=("encoder", "threads", "weights"))
+                         skip=("encoder", "threads", "weights", "slides_per_job"))
     parser = argparse.ArgumentParser()
     add_dataclass_options(parser, ExtractParams)
     args, rest = parser.parse_known_args(shlex.split(" ".join(flags)))

@@ -448,3 +448,14 @@ def test_parsing_imports_no_stage_library_and_job_steps_skip_the_sheet_checks(co
     assert not (work / "results").exists()  # job steps only read the views
     proc = snakemake("--config", f"samples={samples}", "--directory", str(work), "-n", env=env)
     assert proc.returncode != 0 and "does not exist" in proc.stdout + proc.stderr  # the main process checks
+
+
+def test_slurm_profile_gives_extraction_batches_what_it_gives_one_slide():
+    """features.slides_per_job > 1 runs extract_features_batch instead of extract_features: on SLURM it must get
+    the same GPU, CPUs per GPU and threads (the runtime grows with the batch)."""
+    profile = yaml.safe_load((REPO / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
+    single, batch = (profile["set-resources"][r] for r in ("extract_features", "extract_features_batch"))
+    for key in ("gpu", "cpus_per_gpu", "mem_mb"):
+        assert batch[key] == single[key], key
+    assert profile["set-threads"]["extract_features_batch"] == profile["set-threads"]["extract_features"]
+    assert int(str(batch["runtime"]).split("*")[0]) > int(str(single["runtime"]).split("*")[0])

@@ -54,7 +54,9 @@ REPO = Path(__file__).resolve().parents[2]
 SNAKEMAKE = str(Path(sys.executable).parent / "snakemake")
 PROFILE = REPO / "workflow" / "profiles" / "slurm"
 # The tiny timm CNN of tests/test_workflow.py, on the CPU in both runs so they can be compared exactly.
-FEATURES = "features={encoder: test_resnet, num_workers: 0, batch_size: 32, device: cpu}"
+# slides_per_job: 1: one extract_features job per slide, whose profile resources this module checks by rule name
+# (the batch rule extract_features_batch has the same entries in the profile)
+FEATURES = "features={encoder: test_resnet, num_workers: 0, batch_size: 32, device: cpu, slides_per_job: 1}"
 TRAIN_OFF = "train={run: []}"  # this module is about the profile and the tiling/feature jobs, not training
 # Settings of this test cluster (see the module docstring), on top of the profile.
 CLUSTER_OPTIONS = (
