@@ -85,6 +85,23 @@ def test_sheet_outcomes_come_from_the_checked_sheet(tmp_path):
     assert read_outcomes(sheet).to_dict("index") == {"A": {"time": 100.0, "event": 1}}
 
 
+def test_a_deploy_sheet_without_follow_up_has_none_and_a_bad_one_is_its_error(tmp_path):
+    """Deployment reads follow-up where the new sheet has it: none at all is an empty table, but a bad value
+    stays the sheet's error (it was once read as "no follow-up")."""
+    from wsiomics.samples import SampleSheetError
+    from wsiomics.train.deploy import deploy_outcomes
+
+    (tmp_path / "a.tsv").write_text("gene_id\tunstranded\n")
+    sheet = tmp_path / "samples.tsv"
+    sheet.write_text("patient_id\tslide_id\tslide_path\texpression_path\ttime\tevent\nA\t\t\ta.tsv\t\t\n")
+    assert deploy_outcomes(sheet).empty
+    with pytest.raises(ValueError, match="no patient has survival data"):
+        read_outcomes(sheet)
+    sheet.write_text("patient_id\tslide_id\tslide_path\texpression_path\ttime\tevent\nA\t\t\ta.tsv\t-5\t1\n")
+    with pytest.raises(SampleSheetError, match="time '-5'"):
+        deploy_outcomes(sheet)
+
+
 CFG = {"seed": 0, "device": "cpu", "threads": 1, "num_workers": 0,
        "data": {"batch_size": 4, "max_tokens": 12, "crop": "window", "cache_mb": 64},
        "model": {"dim": 16, "depth": 1, "heads": 2, "mlp_ratio": 2.0, "dropout": 0.0, "n_groups": 4, "fusion_dim": 16,

@@ -410,13 +410,11 @@ def risks_fold(method: Method, fold_dir: Path, patients: list[PatientRecord], ru
 
 
 def deploy_outcomes(samples: str | Path) -> pd.DataFrame:
-    """The deploy sheet's follow-up (``time``, ``event`` per patient), empty when it has none."""
+    """The deploy sheet's follow-up (``time``, ``event`` per patient), empty when it has none; a bad value is the
+    sheet's error (naming its row), never read as "no follow-up"."""
     from wsiomics.train.tasks.survival import read_outcomes
 
-    try:
-        return read_outcomes(samples)
-    except ValueError:
-        return pd.DataFrame(columns=["time", "event"])
+    return read_outcomes(samples, required=False)
 
 
 def c_index(table: pd.DataFrame, column: str) -> dict[str, Any]:

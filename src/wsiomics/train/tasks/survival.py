@@ -50,14 +50,18 @@ def fit_roles_of(cfg: dict[str, Any]) -> tuple[str, ...]:
     return (*TRAIN_ROLES, *VAL_ROLES) if select == "last" else TRAIN_ROLES
 
 
-def read_outcomes(samples: str | Path) -> pd.DataFrame:
+def read_outcomes(samples: str | Path, required: bool = True) -> pd.DataFrame:
     """Per-patient ``time`` (days) and ``event`` (1 = event, 0 = censored) from the sample sheet, which
     :func:`wsiomics.samples.load_sample_sheet` checks (a bad or conflicting value is a sheet error naming
-    its row); patients with both empty have no follow-up and are left out of survival training."""
+    its row); patients with both empty have no follow-up and are left out of survival training. A sheet
+    without any follow-up is an error unless not ``required`` (then the table is empty)."""
     from wsiomics.samples import load_sample_sheet
 
     sheet = load_sample_sheet(samples)
     given = sheet[(sheet["time"] != "") & (sheet["event"] != "")]
+    if given.empty and not required:
+        return pd.DataFrame({"time": pd.Series(dtype=float), "event": pd.Series(dtype=int)},
+                            index=pd.Index([], name="patient_id"))
     if given.empty:
         raise ValueError(f"{samples}: no patient has survival data; survival methods need the columns time (days "
                          "of follow-up) and event (1 = event, 0 = censored)")
