@@ -161,6 +161,31 @@ def test_deploying_to_the_run_cohort_reproduces_each_folds_test_predictions(run,
         assert (mine["predicted"] == theirs["predicted"]).all()
 
 
+def test_a_fine_tuned_ensemble_of_members_deploys_as_the_run_evaluated_it(run, tmp_path):
+    """``finetune.members: 2`` saves a MeanEnsemble in model.pt; deploy rebuilds both members (it used to build
+    one network and fail on the ensemble's weights) and reproduces the run's test predictions."""
+    import copy
+
+    root, _ = run
+    cfg = copy.deepcopy(method_config(TRAIN_CFG, "late_fusion"))
+    cfg["finetune"]["members"] = 2
+    models = tmp_path / "run_models" / "late_fusion"
+    for k in range(N_FOLDS):
+        finetune("late_fusion", cfg, _run_fold(root, "late_fusion", k), models / f"fold{k}")
+    out = tmp_path / "deploy"
+    predict("late_fusion", cfg, models, N_FOLDS, root / "run" / "samples.tsv", out, features=root / "run" / "features",
+            expression=root / "run" / "cohort.zarr", fold_expression=root / "run" / "expression",
+            train_features=root / "run" / "features", train_folds=root / "run" / "folds.tsv",
+            train_samples=root / "run" / "samples.tsv")
+    ours = pd.read_csv(out / "fold_predictions.tsv", sep="\t", keep_default_na=False)
+    for k in range(N_FOLDS):
+        theirs = pd.read_csv(models / f"fold{k}" / "predictions.tsv", sep="\t")
+        theirs = theirs[theirs["role"] == "test"].set_index("patient_id")
+        mine = ours[ours["fold"] == k].set_index("patient_id").loc[theirs.index]
+        np.testing.assert_allclose(mine[_probs(theirs)].to_numpy(float), theirs[_probs(theirs)].to_numpy(float),
+                                   atol=2e-6)
+
+
 def test_a_refitted_baseline_reads_the_new_cohorts_slides_when_their_ids_are_the_runs(run, tmp_path):
     """cca reads the run's training patients and the deploy patients in one dataset: a deploy cohort whose
     patient and slide ids repeat the run's (another hospital's numbering) is predicted from its own features."""

@@ -182,6 +182,7 @@ def load_network(method: Method, fold_dir: Path, patients: list[PatientRecord], 
     the deploy patients as its data; the configuration and the device (the deploy run's threads and device)."""
     import torch
 
+    from wsiomics.models.ensemble import MeanEnsemble
     from wsiomics.train.build import build_model
     from wsiomics.train.loop import load_model_state, resolve_device
 
@@ -194,7 +195,9 @@ def load_network(method: Method, fold_dir: Path, patients: list[PatientRecord], 
     torch.set_num_threads(int(run_cfg.get("threads", cfg.get("threads", 2))))
     data = FoldData(fold=fold, patients=patients, classes=list(meta["classes"]), genes=list(meta["genes"]),
                     gene_groups=meta.get("gene_groups"), feature_dim=int(meta["feature_dim"]))
-    model = build_model(method, cfg, data)
+    members = int(meta.get("members", 1))  # finetune.members > 1 saved a MeanEnsemble of that many networks
+    model = build_model(method, cfg, data) if members == 1 else MeanEnsemble(
+        [build_model(method, cfg, data) for _ in range(members)])
     model.load_state_dict(state["model"])
     return model, data, cfg, resolve_device(str(run_cfg.get("device", cfg.get("device", "auto"))))
 
