@@ -144,6 +144,13 @@ def test_how_to_read_names_only_the_stages_that_ran():
     nothing = " ".join(report.how_to_read(None))  # tiling only: no method ran
     assert "**QC**" in nothing and "Models" not in nothing and "results table" not in nothing
     assert not render(report.landing(None, None, {"samples": "s.tsv"}, [("python", "3.11")], metrics=survival)).problems
+    assert "Deployment" not in text
+    deployed = " ".join(report.how_to_read(classify, deploy_name="hospital"))
+    assert "**Deployment** (the models applied to the cohort 'hospital'" in deployed
+    assert deployed.index("**Deployment**") < deployed.index("**Summary**")  # Summary stays the menu's last entry
+    page = report.landing(None, None, {"samples": "s.tsv", "deploy": {"name": "hospital", "samples": "h.tsv"}},
+                          [("python", "3.11")], metrics=classify)
+    assert "**Deployment**" in page and not render(page).problems
 
 
 def test_package_versions_are_the_installed_ones():

@@ -48,6 +48,27 @@ def test_every_figure_and_summary_table_is_in_the_report_with_a_caption():
         assert caption and (REPO / "workflow" / "rules" / caption.group(1)).resolve().is_file(), (f, r, e)
 
 
+def test_what_deployment_writes_for_a_reader_is_in_the_report():
+    """The deploy rules (indented under ``if DEPLOY_NAME:``, with f-string paths) flag the predictions, the tumour
+    maps and their slide table, and the risks for the report's Deployment category, each with a caption."""
+    text = (REPO / "workflow" / "rules" / "deploy.smk").read_text()
+    entries = {}
+    for rule in re.finditer(r"^    (?:rule (\w+)|use rule \w+ as (\w+) with):\n((?:        .*\n|\n)+)", text, re.M):
+        section = re.search(r"^        output:\n((?:            .*\n|\n)+)", rule.group(3), re.M)
+        for entry in re.split(r"\n(?=            \w+=)", section.group(1) if section else ""):
+            if entry.strip():
+                entries[(rule.group(1) or rule.group(2), entry.strip().split("=")[0])] = entry
+    wanted = {("predict", "predictions"), ("predict_tumour", "slides"), ("predict_tumour", "tumour"),
+              ("predict_risks", "risks")}
+    assert wanted <= set(entries), sorted(entries)
+    for key in wanted:
+        entry = entries[key]
+        caption = re.search(r'caption="([^"]+)"', entry)
+        assert "report(" in entry and 'category="Deployment"' in entry, key
+        assert caption and (REPO / "workflow" / "rules" / caption.group(1)).resolve().is_file(), key
+    assert 'patterns=["{slide_id}.png"]' in entries[("predict_tumour", "tumour")]  # the maps, not their .zarr
+
+
 @pytest.fixture(scope="module")
 def sheet(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reportwf") / "cohort"

@@ -185,11 +185,16 @@ MENU = (
 )
 
 
-def how_to_read(metrics: pd.DataFrame | None) -> list[str]:
-    """The paragraph that walks a reader through the report, naming only the stages this run has."""
+def how_to_read(metrics: pd.DataFrame | None, deploy_name: str = "") -> list[str]:
+    """The paragraph that walks a reader through the report, naming only the stages this run has (``deploy_name``:
+    the cohort the run's models were applied to, if any)."""
     groups = set(metrics["group"]) if metrics is not None and "group" in metrics else set()
     entries = [f"**{name}** ({what})" for name, group, what in MENU
                if group is None or (group == "*" and groups) or group in groups]
+    if deploy_name:
+        entries.insert(len(entries) - 1 if groups else len(entries),
+                       f"**Deployment** (the models applied to the cohort '{deploy_name}': predictions, tumour maps, "
+                       "risks)")
     results = ("below are the results table (pooled over every fold's test patients, with a patient-level "
                "bootstrap 95% CI, then the mean ± std over folds), " if groups else "below are ")
     return ["How to read this report: " + results + "the slides' status, the package versions and the "
@@ -203,7 +208,7 @@ def landing(summary: str | None, slide_status: pd.DataFrame | None, config: dict
             metrics: pd.DataFrame | None = None) -> str:
     """The landing page's reStructuredText: how to read the report, results table, patients, slide status,
     configuration, package versions."""
-    lines: list[str] = how_to_read(metrics)
+    lines: list[str] = how_to_read(metrics, str((config.get("deploy") or {}).get("name") or ""))
     if summary is not None:
         lines += markdown_to_rst(summary, top_level=0)
     lines += section("Run", 0)

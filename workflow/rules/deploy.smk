@@ -76,7 +76,12 @@ if DEPLOY_NAME:
         input:
             unpack(deploy_inputs),
         output:
-            predictions=f"{DEPLOY_DIR}/{{method}}/predictions.tsv",
+            predictions=report(
+                f"{DEPLOY_DIR}/{{method}}/predictions.tsv",
+                caption="../report/deploy_predictions.rst",
+                category="Deployment",
+                subcategory="{method}",
+            ),
             folds=f"{DEPLOY_DIR}/{{method}}/fold_predictions.tsv",
             metrics=f"{DEPLOY_DIR}/{{method}}/metrics.json",
             attention=directory(f"{DEPLOY_DIR}/{{method}}/attention"),
@@ -104,9 +109,21 @@ if DEPLOY_NAME:
         wildcard_constraints:
             method=SEGMENT_METHODS,
         output:
-            slides=f"{DEPLOY_DIR}/{{method}}/tumour_slides.tsv",
+            slides=report(
+                f"{DEPLOY_DIR}/{{method}}/tumour_slides.tsv",
+                caption="../report/deploy_tumour_slides.rst",
+                category="Deployment",
+                subcategory="{method}",
+            ),
             metrics=f"{DEPLOY_DIR}/{{method}}/metrics.json",
-            tumour=directory(f"{DEPLOY_DIR}/{{method}}/tumour"),
+            tumour=report(
+                directory(f"{DEPLOY_DIR}/{{method}}/tumour"),
+                patterns=["{slide_id}.png"],
+                caption="../report/deploy_tumour_map.rst",
+                category="Deployment",
+                subcategory="{method}",
+                labels={"slide": "{slide_id}"},
+            ),
         log:
             f"logs/deploy/{DEPLOY_NAME}/{{method}}/predict_tumour.log",
         benchmark:
@@ -118,7 +135,12 @@ if DEPLOY_NAME:
         wildcard_constraints:
             method=SURVIVAL_METHODS,
         output:
-            risks=f"{DEPLOY_DIR}/{{method}}/risks.tsv",
+            risks=report(
+                f"{DEPLOY_DIR}/{{method}}/risks.tsv",
+                caption="../report/deploy_risks.rst",
+                category="Deployment",
+                subcategory="{method}",
+            ),
             folds=f"{DEPLOY_DIR}/{{method}}/fold_risks.tsv",
             metrics=f"{DEPLOY_DIR}/{{method}}/metrics.json",
         log:
