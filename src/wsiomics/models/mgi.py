@@ -2,9 +2,9 @@
 
 Image encoder: the :class:`SlideTransformer` (a ViT over the patient's patch-feature tokens), pooled
 by its [CLS] token (``image_pooling: cls``), or by [CLS] plus the masked mean of the embedded tile tokens
-(``image_pooling: cls_mean``; see :meth:`MGI.encode_image`). Gene encoder: :func:`build_gene_encoder` (``mamba`` by default; ``transformer`` and
-``mlp`` are the ablations), whose pooled output is its projection-head output. A projection head per
-modality maps both into one ``embed_dim`` space.
+(``image_pooling: cls_mean``; see :meth:`MGI.encode_image`). Gene encoder: :func:`build_gene_encoder`
+(``mamba`` by default; ``transformer`` and ``mlp`` are the ablations), whose pooled output is its
+projection-head output. A projection head per modality maps both into one ``embed_dim`` space.
 
 Pre-training (:meth:`MGI.pretrain_loss`): symmetric InfoNCE (CLIP) between the L2-normalised
 projections of the patients of a batch that have **both** modalities (:func:`info_nce`); a patient
