@@ -222,16 +222,17 @@ def fewshot_inputs(out: Path, data, emb: dict[str, np.ndarray], ids: list[str], 
 def fewshot(work: Path, ks: tuple[int, ...], draws: int, seed: int) -> pd.DataFrame | None:
     """Few-shot balanced accuracy of MGI's pretrained ``image`` embedding and of ``pooled_features`` per n and k:
     the few-shot stage's ``fewshot_table`` on each n's kept inputs (k labelled training patients per class,
-    ``draws`` seeded draws, scored on the test pool). None when no n has its inputs."""
+    ``draws`` seeded draws, scored on the test pool), one ``run`` per MGI run (``mgi`` and its variants). None
+    when no n has its inputs."""
     import wsiomics.fewshot as module
 
     tables = []
-    for path in sorted(work.glob("n*/mgi/fewshot_inputs.npz")):
+    for path in sorted(work.glob("n*/*/fewshot_inputs.npz")):
         x = np.load(path)
         table = module.fewshot_table({"image": x["image"], "pooled_features": x["pooled_features"]},
                                      x["label"].tolist(), x["role"].tolist(),
                                      module.FewshotParams(k=ks, draws=draws), seed)
-        tables.append(table.assign(n_pretrain=int(path.parent.parent.name[1:])))
+        tables.append(table.assign(n_pretrain=int(path.parent.parent.name[1:]), run=path.parent.name))
     if not tables:
         return None
     rows = pd.concat(tables)
@@ -274,7 +275,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
             emb, ids, info = method_embeddings(name, cfg, data, work / f"n{n}" / label)
             found = group_retrieval(emb, ids, groups)
             r2 = latent_r2(emb, ids, test, truth, args.seed)
-            if label == "mgi":
+            if name == "mgi":  # MGI as configured and its --variant runs
                 fewshot_inputs(work / f"n{n}" / label, data, emb, ids, order[:n], test, labels)
             seconds = time.perf_counter() - t0
             epochs = info.get("epochs", "")
@@ -346,7 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     print(summary.to_string(index=False))
     shots = fewshot(Path(args.out), tuple(args.k), args.draws, args.seed)
     if shots is not None:
-        table = shots.groupby(["n_pretrain", "k", "embedding"])["balanced_accuracy"].agg(["mean", "std"]).round(3)
+        table = shots.groupby(["n_pretrain", "run", "k", "embedding"])["balanced_accuracy"].agg(["mean", "std"])
+        table = table.round(3)
         table.reset_index().to_csv(Path(args.out) / "fewshot_summary.tsv", sep="\t", index=False)
         print(table.unstack("embedding").to_string())
     (Path(args.out) / "args.json").write_text(json.dumps(vars(args), indent=1))

@@ -269,6 +269,61 @@ def test_views_intra_term_and_gene_dropout_in_the_pretraining_loss():
         _model(views=2, view_fraction=0.0)
 
 
+def _padded(batch, extra=3, fill=7.0):
+    """``batch`` with ``extra`` padded tokens appended to every patient, holding garbage features and positions."""
+    b, _, d = batch.features.shape
+    pad = lambda x, value: torch.cat([x, torch.full((b, extra, *x.shape[2:]), value, dtype=x.dtype)], 1)  # noqa: E731
+    return Batch(features=pad(batch.features, fill), positions=pad(batch.positions, 50.0),
+                 slide_index=pad(batch.slide_index, -1), token_mask=pad(batch.token_mask, False), genes=batch.genes,
+                 has_image=batch.has_image, has_gene=batch.has_gene, labels=batch.labels,
+                 patient_index=batch.patient_index)
+
+
+def test_image_pooling_default_is_the_cls_token_unchanged():
+    """``image_pooling: cls`` (the default) is the [CLS] path bit for bit: the projection of the masked [CLS]."""
+    assert MGIConfig(image=SlideTransformerConfig(in_dim=6), n_genes=3, n_classes=2).image_pooling == "cls"
+    model = _model().eval()
+    batch = _batch()
+    batch.has_image[2] = False
+    with torch.no_grad():
+        image, out, _, slide = model.encode_image(batch)
+        enc = model.image_encoder
+        cls, _ = enc.encode(enc.embed(model.feature_norm(batch.features)), batch.positions, batch.token_mask)
+        cls = torch.where(batch.has_image[:, None], cls, model.image_missing)
+        assert torch.equal(slide, cls) and torch.equal(image, model.image_proj(cls))
+        assert torch.equal(model(batch).fused[:, :16], cls)
+        explicit = _model(image_pooling="cls").eval()
+        assert torch.equal(explicit(batch).image, model(batch).image)
+    with pytest.raises(ValueError, match="image_pooling"):
+        _model(image_pooling="mean")
+
+
+def test_image_pooling_cls_mean_adds_the_masked_mean_of_the_embedded_tiles():
+    model = _model(image_pooling="cls_mean").eval()
+    plain = _model().eval()  # same seed: same weights
+    batch = _batch()  # patient 1 has 3 of its 5 tokens
+    batch.has_image[2] = False
+    batch.token_mask[2] = False
+    batch.slide_index[2] = -1
+    with torch.no_grad():
+        image, _, _, slide = model.encode_image(batch)
+        tokens = model.image_encoder.embed(model.feature_norm(batch.features))
+        cls = plain.encode_image(batch)[3]
+        for i in (0, 1, 3):
+            mean = tokens[i, batch.token_mask[i]].mean(0)
+            assert torch.allclose(slide[i], cls[i] + mean, atol=1e-6)
+        # (c) a patient without image still gets the learned missing-image vector
+        assert torch.equal(slide[2], model.image_missing) and torch.equal(slide[2], cls[2])
+        assert torch.allclose(image, model.image_proj(slide)) and torch.equal(model(batch).fused[:, :16], slide)
+        # (b) padded tokens change nothing, whatever they hold
+        padded = model.encode_image(_padded(batch))
+        assert torch.allclose(padded[3], slide, atol=1e-5) and torch.allclose(padded[0], image, atol=1e-5)
+    # the mean path trains the input projection through the slide vector
+    model.train()
+    model.pretrain_loss(batch)["loss"].backward()
+    assert model.image_encoder.proj[0].weight.grad.abs().sum() > 0
+
+
 # ---------------------------------------------------------------- end to end on a tiny on-disk cohort
 
 

@@ -1,9 +1,10 @@
 """MGI: image-gene contrastive pre-training (Zhou et al. 2024), as read in ../shared/METHODS.md.
 
 Image encoder: the :class:`SlideTransformer` (a ViT over the patient's patch-feature tokens), pooled
-by its [CLS] token. Gene encoder: :func:`build_gene_encoder` (``mamba`` by default; ``transformer`` and
-``mlp`` are the ablations), whose pooled output is its projection-head output. A projection head per
-modality maps both into one ``embed_dim`` space.
+by its [CLS] token (``image_pooling: cls``), or by [CLS] plus the masked mean of the embedded tile tokens
+(``image_pooling: cls_mean``; see :meth:`MGI.encode_image`). Gene encoder: :func:`build_gene_encoder`
+(``mamba`` by default; ``transformer`` and ``mlp`` are the ablations), whose pooled output is its
+projection-head output. A projection head per modality maps both into one ``embed_dim`` space.
 
 Pre-training (:meth:`MGI.pretrain_loss`): symmetric InfoNCE (CLIP) between the L2-normalised
 projections of the patients of a batch that have **both** modalities (:func:`info_nce`); a patient
@@ -53,6 +54,7 @@ from wsiomics.models.slide_transformer import SlideTransformer, SlideTransformer
 
 PROJECTIONS = ("linear", "mlp")
 HEAD_INPUTS = ("encoder", "projection")
+IMAGE_POOLINGS = ("cls", "cls_mean")
 
 
 def info_nce(image: torch.Tensor, gene: torch.Tensor, logit_scale: torch.Tensor | float) -> torch.Tensor:
@@ -103,6 +105,7 @@ class MGIConfig:
     view_fraction: float = 0.5  # share of a patient's tokens in each view (views: 2)
     intra_weight: float = 0.0  # weight of an image-image InfoNCE between the two views (TANGLE's intra term)
     gene_dropout: float = 0.0  # share of genes zeroed (set to the training mean) per patient in pretraining
+    image_pooling: str = "cls"  # slide vector: cls ([CLS] output) | cls_mean ([CLS] + mean of the embedded tiles)
 
     def __post_init__(self) -> None:
         self.image = SlideTransformerConfig(**self.image) if isinstance(self.image, dict) else self.image
@@ -116,6 +119,8 @@ class MGIConfig:
         if self.embed_dim < 1 or self.n_classes < 1 or self.n_genes < 1:
             raise ValueError(f"need embed_dim, n_classes, n_genes >= 1; got {self.embed_dim}, {self.n_classes}, "
                              f"{self.n_genes}")
+        if self.image_pooling not in IMAGE_POOLINGS:
+            raise ValueError(f"image_pooling must be one of {IMAGE_POOLINGS}, got {self.image_pooling!r}")
         if self.views not in (1, 2):
             raise ValueError(f"views must be 1 or 2, got {self.views}")
         if not 0.0 < self.view_fraction <= 1.0 or not 0.0 <= self.gene_dropout < 1.0 or self.intra_weight < 0:
@@ -171,15 +176,25 @@ class MGI(HeadSplit):
 
     def encode_image(self, batch: Batch, attention: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(projected image (B, E), per-token outputs (B, L, Di), [CLS] attention (B, L) or None, [CLS] (B, Di))."""
+        """(projected image (B, E), per-token outputs (B, L, Di), [CLS] attention (B, L) or None, slide (B, Di)).
+
+        The slide vector (what the projection head and, with ``head_input: encoder``, the classification head
+        read) is the [CLS] output (``image_pooling: cls``), or with ``cls_mean`` the [CLS] output plus the mean
+        over the patient's valid tiles (``token_mask``) of the embedded tile tokens, the slide transformer's
+        input projection before positions are added: a position- and attention-free path that reads a
+        slide-wide shift of every tile's features as mean pooling does, beside what attention finds. A patient
+        without image gets the learned ``image_missing`` vector either way."""
         enc = self.image_encoder
         tokens = enc.embed(self.feature_norm(batch.features))  # (B, L, Di)
         if attention:
             cls, out, att = enc.encode_with_attention(tokens, batch.positions, batch.token_mask)
         else:
             (cls, out), att = enc.encode(tokens, batch.positions, batch.token_mask), None
-        cls = torch.where(batch.has_image[:, None], cls, self.image_missing.to(cls.dtype))  # (B, Di)
-        return self.image_proj(cls), out, att, cls
+        slide = cls
+        if self.cfg.image_pooling == "cls_mean":
+            slide = cls + masked_mean(tokens, batch.token_mask).to(cls.dtype)  # (B, Di)
+        slide = torch.where(batch.has_image[:, None], slide, self.image_missing.to(slide.dtype))  # (B, Di)
+        return self.image_proj(slide), out, att, slide
 
     def encode_gene(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(projected gene (B, E), gene tokens (B, T, Dg_tok), pooled gene encoding (B, Dg))."""
@@ -188,10 +203,10 @@ class MGI(HeadSplit):
         return self.gene_proj(pooled), tokens, pooled
 
     def forward(self, batch: Batch) -> ModelOutput:
-        image, _, attention, cls = self.encode_image(batch, attention=True)  # (B, E), (B, L), (B, Di)
+        image, _, attention, slide = self.encode_image(batch, attention=True)  # (B, E), (B, L), (B, Di)
         gene, _, pooled = self.encode_gene(batch)  # (B, E), (B, Dg)
         if self.cfg.head_input == "encoder":
-            fused = torch.cat([cls, pooled], dim=-1)  # (B, Di + Dg)
+            fused = torch.cat([slide, pooled], dim=-1)  # (B, Di + Dg)
         else:
             fused = torch.cat([image, gene], dim=-1)  # (B, 2E)
         return ModelOutput(logits=self.head(fused), image=image, gene=gene, fused=fused, attention=attention)
@@ -228,6 +243,14 @@ class MGI(HeadSplit):
             return batch
         keep = torch.rand(batch.genes.shape, generator=generator, device=_device(generator)) >= rate  # (B, G)
         return dataclasses.replace(batch, genes=batch.genes * keep.to(batch.genes.device, batch.genes.dtype))
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of each row's valid tokens: tokens (B, L, D), mask (B, L) bool -> (B, D); 0 for a row with none.
+    Padding is selected away (not multiplied by 0), so whatever padded tokens hold cannot leak in."""
+    kept = torch.where(mask[..., None], tokens, torch.zeros((), dtype=tokens.dtype, device=tokens.device))
+    count = mask.sum(1, keepdim=True).clamp(min=1).to(tokens.dtype)  # (B, 1)
+    return kept.sum(1) / count
 
 
 def _device(generator: torch.Generator | None) -> torch.device:
