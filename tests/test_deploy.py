@@ -151,9 +151,14 @@ def test_deploying_to_the_run_cohort_reproduces_each_folds_test_predictions(run,
     root, _ = run
     _predict(run, method, tmp_path, sheet=root / "run" / "samples.tsv", features=root / "run" / "features",
              expression=root / "run" / "cohort.zarr")
-    ours = pd.read_csv(tmp_path / "fold_predictions.tsv", sep="\t", keep_default_na=False)
+    assert_reproduces_fold_tests(tmp_path / "fold_predictions.tsv", root / "run" / "models" / method)
+
+
+def assert_reproduces_fold_tests(fold_predictions: Path, models: Path) -> None:
+    """Each fold's deployed predictions of its test patients equal the run's ``predictions.tsv`` of that fold."""
+    ours = pd.read_csv(fold_predictions, sep="\t", keep_default_na=False)
     for k in range(N_FOLDS):
-        theirs = pd.read_csv(root / "run" / "models" / method / f"fold{k}" / "predictions.tsv", sep="\t")
+        theirs = pd.read_csv(models / f"fold{k}" / "predictions.tsv", sep="\t")
         theirs = theirs[theirs["role"] == "test"].set_index("patient_id")
         mine = ours[ours["fold"] == k].set_index("patient_id").loc[theirs.index]
         np.testing.assert_allclose(mine[_probs(theirs)].to_numpy(float), theirs[_probs(theirs)].to_numpy(float),
@@ -177,13 +182,7 @@ def test_a_fine_tuned_ensemble_of_members_deploys_as_the_run_evaluated_it(run, t
             expression=root / "run" / "cohort.zarr", fold_expression=root / "run" / "expression",
             train_features=root / "run" / "features", train_folds=root / "run" / "folds.tsv",
             train_samples=root / "run" / "samples.tsv")
-    ours = pd.read_csv(out / "fold_predictions.tsv", sep="\t", keep_default_na=False)
-    for k in range(N_FOLDS):
-        theirs = pd.read_csv(models / f"fold{k}" / "predictions.tsv", sep="\t")
-        theirs = theirs[theirs["role"] == "test"].set_index("patient_id")
-        mine = ours[ours["fold"] == k].set_index("patient_id").loc[theirs.index]
-        np.testing.assert_allclose(mine[_probs(theirs)].to_numpy(float), theirs[_probs(theirs)].to_numpy(float),
-                                   atol=2e-6)
+    assert_reproduces_fold_tests(out / "fold_predictions.tsv", models)
 
 
 def test_a_refitted_baseline_reads_the_new_cohorts_slides_when_their_ids_are_the_runs(run, tmp_path):

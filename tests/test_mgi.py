@@ -318,10 +318,6 @@ def test_image_pooling_cls_mean_adds_the_masked_mean_of_the_embedded_tiles():
         # (b) padded tokens change nothing, whatever they hold
         padded = model.encode_image(_padded(batch))
         assert torch.allclose(padded[3], slide, atol=1e-5) and torch.allclose(padded[0], image, atol=1e-5)
-    # the mean path trains the input projection through the slide vector
-    model.train()
-    model.pretrain_loss(batch)["loss"].backward()
-    assert model.image_encoder.proj[0].weight.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------- end to end on a tiny on-disk cohort
