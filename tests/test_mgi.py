@@ -449,6 +449,40 @@ def test_mgi_no_pretrain_reports_the_initial_models_retrieval(cohort, tmp_path):
     assert metrics["recall_chance@1"] == pytest.approx(1 / metrics["n_retrieval"])  # beside the recall, top level
 
 
+
+def test_image_pooling_auto_is_resolved_on_the_pretraining_pool_alike_in_every_stage(cohort, tmp_path, monkeypatch):
+    """``image_pooling: auto`` counts the paired patients of the fold's pretraining pool (train + unlabelled
+    under ``pool: all``; never val or test, never a patient missing a modality) whatever the stage, so the
+    fine-tune builds the pooling its checkpoint was pretrained with, and every checkpoint records the value."""
+    from wsiomics.train import build
+    from wsiomics.train.loop import load_model_state
+
+    folds, *rest = cohort
+    train_ids = sorted(folds.loc[folds["role"] == "train", "patient_id"])
+    folds = folds.assign(role=[("unlabelled" if p in train_ids[:3] else r) for p, r in zip(folds["patient_id"],
+                                                                                          folds["role"])])
+    folds.loc[folds["role"] == "unlabelled", "label"] = ""
+    data = _data((folds, *rest))
+    paired = {p.patient_id for p in data.patients if p.slides and p.genes is not None}
+    pool = sum(p.role in ("train", "unlabelled") and p.patient_id in paired for p in data.patients)
+    assert build.pretraining_pairs({"pretrain": {"pool": "all"}}, data) == pool
+    assert build.pretraining_pairs({"pretrain": {"pool": "labelled"}}, data) == pool - 3
+    monkeypatch.setattr(build, "CLS_MEAN_FROM_PAIRS", pool)  # the pool reaches it; its train patients alone do not
+
+    cfg = deep_merge(method_config(CFG, "mgi"), {"model": {"image_pooling": "auto"}, "pretrain": {"epochs": 1},
+                                                 "finetune": {"epochs": 1}})
+    pretrain("mgi", cfg, data, tmp_path)
+    finetune("mgi", cfg, data, tmp_path, pretrained=tmp_path / "pretrain" / "model.pt")
+    for path in (tmp_path / "pretrain" / "model.pt", tmp_path / "model.pt"):
+        assert load_model_state(path)["metadata"]["config"]["model"]["image_pooling"] == "cls_mean", path
+    assert build.resolve_fold_settings(deep_merge(cfg, {"pretrain": {"pool": "labelled"}}),
+                                       data)["model"]["image_pooling"] == "cls"
+    monkeypatch.setattr(build, "CLS_MEAN_FROM_PAIRS", pool + 1)
+    assert build.resolve_fold_settings(cfg, data)["model"]["image_pooling"] == "cls"
+    assert build.build_model(METHODS["mgi"], cfg, data).cfg.image_pooling == "cls"  # resolved on a direct build too
+    explicit = deep_merge(cfg, {"model": {"image_pooling": "cls_mean"}})
+    assert build.resolve_fold_settings(explicit, data) is explicit  # a concrete choice is the user's
+
 def test_a_collapsed_model_retrieves_at_chance(cohort):
     """Projection heads that map every patient to one point: recall@1 is 1 / n, not 1."""
     data = _data(cohort)

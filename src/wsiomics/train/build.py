@@ -9,13 +9,17 @@ plus the few the builder reads itself); a key no model reads is an error (:func:
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import numpy as np
 import torch
 
 from wsiomics.datasets import FoldData
-from wsiomics.train.methods import MODEL_BUILDERS, Method, model_builder
+from wsiomics.train.methods import MODEL_BUILDERS, Method, deep_merge, model_builder
+from wsiomics.train.roles import pretrain_roles
+
+log = logging.getLogger(__name__)
 
 
 def fill(cls, values: dict[str, Any], **fixed: Any):
@@ -156,6 +160,35 @@ def _mgi(cfg: dict[str, Any], data: FoldData, n_outputs: int) -> torch.nn.Module
     return _standardize_inputs(model, cfg, data)
 
 
+#: ``image_pooling: auto`` picks ``cls_mean`` from this many paired patients (slides and expression) in the
+#: fold's pretraining pool, ``cls`` below. Measured with bench/pretraining.py (recall@5 over 50 candidates,
+#: bench/README "MGI slide pooling"): at 500 pairs ``cls_mean`` is above CCA on every run and above ``cls``
+#: on average; at 50-200 pairs the two are level and ``cls_mean`` costs MGI's classification on demo-sized
+#: cohorts (~30-40 pairs).
+CLS_MEAN_FROM_PAIRS = 400
+
+
+def pretraining_pairs(cfg: dict[str, Any], data: FoldData) -> int:
+    """Paired patients (slides and expression) of the fold's pretraining pool (``train.pretrain.pool``)."""
+    pool = pretrain_roles(str((cfg.get("pretrain") or {}).get("pool", "all")))
+    return sum(1 for p in data.role(*pool) if p.slides and p.genes is not None)
+
+
+def resolve_fold_settings(cfg: dict[str, Any], data: FoldData) -> dict[str, Any]:
+    """``cfg`` with the model settings that depend on the fold's size made concrete (``image_pooling: auto``).
+
+    Counted on the fold's pretraining pool whatever the stage, so pretraining, the fine-tune that starts from
+    its checkpoint, the untrained ``_no_pretrain`` twin and the few-shot probes all build the same network;
+    the resolved value is what the checkpoints' configuration records (deployment rebuilds from it)."""
+    if (cfg.get("model") or {}).get("image_pooling") != "auto":
+        return cfg
+    pairs = pretraining_pairs(cfg, data)
+    pooling = "cls_mean" if pairs >= CLS_MEAN_FROM_PAIRS else "cls"
+    log.info("image_pooling auto -> %s (%d paired patients in the pretraining pool; cls_mean from %d)", pooling,
+             pairs, CLS_MEAN_FROM_PAIRS)
+    return deep_merge(cfg, {"model": {"image_pooling": pooling}})
+
+
 @model_builder("segmenter")
 def _segmenter(cfg: dict[str, Any], data: FoldData, n_outputs: int) -> torch.nn.Module:
     from wsiomics.models.segmentation import SegmenterConfig, TumourSegmenter
@@ -283,4 +316,5 @@ def build_model(method: Method, cfg: dict[str, Any], data: FoldData) -> torch.nn
     if method.model not in MODEL_BUILDERS:
         raise KeyError(f"method {method.name}: no model builder {method.model!r} (known: {sorted(MODEL_BUILDERS)})")
     check_model_keys(method, cfg["model"], f"method {method.name}'s model settings")
+    cfg = resolve_fold_settings(cfg, data)  # already concrete when it comes through a stage's context
     return MODEL_BUILDERS[method.model](cfg, data, get_task(method.task).head_outputs(data, cfg))

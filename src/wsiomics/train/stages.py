@@ -24,7 +24,7 @@ from wsiomics.models.batch import Batch
 from wsiomics.models.ensemble import MeanEnsemble
 from wsiomics.samplers import ClassBalancedBatches
 from wsiomics.train import evaluate as ev
-from wsiomics.train.build import MGI_ENCODER_KEYS, build_model
+from wsiomics.train.build import MGI_ENCODER_KEYS, build_model, resolve_fold_settings
 from wsiomics.train.embedding_evaluation import evaluate_embeddings, pretrained_metrics, top_level
 from wsiomics.train.estimators import ESTIMATORS
 from wsiomics.train.fingerprint import data_fingerprint
@@ -76,14 +76,15 @@ def load_inputs(folds_path: str, samples: str | None, features: str | None, expr
 def fold_context(method: Method, cfg: dict[str, Any], data: FoldData, out_dir: str | Path, stage: str,
                  pretrained: str | Path | None = None, inputs: dict[str, Any] | None = None) -> StageContext:
     """One method's ``stage`` (``pretrain`` or ``finetune``) on ``data``'s fold, set up exactly as the training
-    stages set it up: the stage's configuration (:func:`stage_config`), the fold's seed (``seed + 1000 * fold``)
+    stages set it up: the stage's configuration (:func:`stage_config`, fold-size settings resolved by
+    :func:`~wsiomics.train.build.resolve_fold_settings`), the fold's seed (``seed + 1000 * fold``)
     and dataset parameters, the device and thread count. The public way for other code (few-shot, deployment)
     to rebuild a fold's run: with :func:`initial_model` it gives the fold's network as the stage starts it.
     ``pretrained``: the checkpoint the stage starts from; ``inputs``: the task's inputs (sheet, annotations)."""
     torch.set_num_threads(int(cfg.get("threads", 2)))
     device = resolve_device(str(cfg.get("device", "auto")))
-    return StageContext(method=method, cfg=stage_config(cfg, stage), data=data, out=Path(out_dir), device=device,
-                        seed=int(cfg["seed"]) + 1000 * data.fold, dparams=data_params(cfg, data.fold),
+    return StageContext(method=method, cfg=resolve_fold_settings(stage_config(cfg, stage), data), data=data,
+                        out=Path(out_dir), device=device, seed=int(cfg["seed"]) + 1000 * data.fold, dparams=data_params(cfg, data.fold),
                         pretrained=Path(pretrained) if pretrained else None, inputs=dict(inputs or {}))
 
 
