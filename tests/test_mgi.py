@@ -459,9 +459,8 @@ def test_image_pooling_auto_is_resolved_on_the_pretraining_pool_alike_in_every_s
 
     folds, *rest = cohort
     train_ids = sorted(folds.loc[folds["role"] == "train", "patient_id"])
-    folds = folds.assign(role=[("unlabelled" if p in train_ids[:3] else r) for p, r in zip(folds["patient_id"],
-                                                                                          folds["role"])])
-    folds.loc[folds["role"] == "unlabelled", "label"] = ""
+    folds = folds.copy()
+    folds.loc[folds["patient_id"].isin(train_ids[:3]), ["role", "label"]] = ["unlabelled", ""]
     data = _data((folds, *rest))
     paired = {p.patient_id for p in data.patients if p.slides and p.genes is not None}
     pool = sum(p.role in ("train", "unlabelled") and p.patient_id in paired for p in data.patients)
