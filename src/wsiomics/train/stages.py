@@ -85,7 +85,8 @@ def fold_context(method: Method, cfg: dict[str, Any], data: FoldData, out_dir: s
     device = resolve_device(str(cfg.get("device", "auto")))
     return StageContext(method=method, cfg=resolve_fold_settings(stage_config(cfg, stage), data), data=data,
                         out=Path(out_dir), device=device, seed=int(cfg["seed"]) + 1000 * data.fold,
-                        dparams=data_params(cfg, data.fold), pretrained=Path(pretrained) if pretrained else None, inputs=dict(inputs or {}))
+                        dparams=data_params(cfg, data.fold), pretrained=Path(pretrained) if pretrained else None,
+                        inputs=dict(inputs or {}))
 
 
 def _loaders(data: FoldData, cfg: dict[str, Any], dparams: DatasetParams, seed: int, stage: str = ""):
