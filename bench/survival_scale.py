@@ -18,7 +18,9 @@ Protocol (the stage API directly, one "fold" per follow-up count, the same patie
    test pool.
 
 ``python bench/survival_scale.py --out /work/runs/surv-scale`` writes ``cindex.tsv`` (follow, method, seed,
-c_index, c_index_uno, n_test, n_events, seconds) and prints the table of means.
+c_index, c_index_uno, n_test, n_events, seconds; method ``oracle``: the c-index of the generator's own
+log-hazard on the test pool, the ceiling) and prints the table of means. ``--overlay F.yaml --tag _x`` reruns
+the fine-tunes with changed settings beside the others (``cindex_x.tsv``).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pretraining as bench  # noqa: E402  (the pretraining bench's cohort preparation, split and step budget)
 
 NETWORKS = ("image_only_survival", "gene_only_survival", "late_fusion_survival")
+STARTS = ("mgi_survival", "mgi_survival_no_pretrain")  # MGI's survival head from the pretrained / untrained network
 log = logging.getLogger("bench.survival_scale")
 
 
@@ -82,6 +85,18 @@ def finetune(name: str, cfg: dict[str, Any], data, out: Path, samples: Path, pre
     return json.loads((out / "metrics.json").read_text())
 
 
+def oracle(cohort: Path, test: list[str]) -> float:
+    """Harrell's c-index of the generator's own log-hazard on the test pool: the ceiling for any model."""
+    from sksurv.metrics import concordance_index_censored
+
+    from wsiomics.synth.cohort import SURVIVAL_WEIGHTS
+
+    truth = pd.read_csv(cohort / "patients_truth.tsv", sep="\t", index_col="patient_id").loc[test]
+    log_hazard = sum(w * truth[k].to_numpy(float) for k, w in SURVIVAL_WEIGHTS.items())
+    return float(concordance_index_censored(truth["event"].to_numpy(bool), truth["time"].to_numpy(float),
+                                            log_hazard)[0])
+
+
 def run(args: argparse.Namespace) -> pd.DataFrame:
     from wsiomics.datasets import load_fold
     from wsiomics.expression.cohort import write_anndata
@@ -101,7 +116,11 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
     if not expr.exists():  # fitted on train + unlabelled: the same patients whatever the follow-up count
         write_anndata(normalize_fold(cohort.copy(), folds_for(order, 0, test), 0,
                                      bench.section(NormalizeParams, config["expression"])), expr)
-    rows = []
+    rows = [{"follow": m, "method": "oracle", "seed": "", "c_index": oracle(cohort_dir, test)} for m in args.follow]
+    overlay: dict[str, Any] = {}
+    for path in args.overlay:  # the fine-tunes' settings (MGI's pretraining keeps the configured ones)
+        with open(path) as f:
+            overlay = deep_merge(overlay, yaml.safe_load(f) or {})
     for seed in args.train_seeds:
         train_cfg = deep_merge(config["train"], {"device": "cpu", "threads": args.threads, "seed": seed})
         pool = load_fold(folds_for(order, 0, test), 0, slides, feature_dir, expr)
@@ -113,17 +132,18 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
                   "mgi_survival_no_pretrain": untrained_checkpoint(pre_cfg, pool, work / f"seed{seed}" / "mgi_init")}
         for follow in args.follow:
             data = load_fold(folds_for(order, follow, test), 0, slides, feature_dir, expr)
-            for label in ("coxph", *NETWORKS, *starts):
+            for label in [m for m in ("coxph", *NETWORKS, *starts) if m in args.methods]:
                 name = "mgi_survival" if label.startswith("mgi_survival") else label
                 t0 = time.perf_counter()
-                out = work / f"seed{seed}" / f"m{follow}" / label
-                found = finetune(name, method_config(train_cfg, name), data, out, samples, starts.get(label))
-                rows.append({"follow": follow, "method": label, "seed": seed, "c_index": found["c_index"],
-                             "c_index_uno": found["c_index_uno"], "n_test": found["n_test"],
-                             "n_events": found["n_events"], "seconds": round(time.perf_counter() - t0, 1)})
+                out = work / f"seed{seed}" / f"m{follow}" / f"{label}{args.tag}"
+                cfg = deep_merge(method_config(train_cfg, name), overlay)
+                found = finetune(name, cfg, data, out, samples, starts.get(label))
+                rows.append({"follow": follow, "method": f"{label}{args.tag}", "seed": seed,
+                             **{k: found[k] for k in ("c_index", "c_index_uno", "n_test", "n_events")},
+                             "seconds": round(time.perf_counter() - t0, 1)})
                 log.info("seed %d, %d with follow-up, %s: c-index %.3f (Uno %.3f)", seed, follow, label,
                          found["c_index"], found["c_index_uno"] or float("nan"))
-                pd.DataFrame(rows).to_csv(work / "cindex.tsv", sep="\t", index=False)
+                pd.DataFrame(rows).to_csv(work / f"cindex{args.tag}.tsv", sep="\t", index=False)
     return pd.DataFrame(rows)
 
 
@@ -139,6 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-steps", type=int, default=400, help="MGI pretraining steps at most (0: no cap)")
+    parser.add_argument("--methods", nargs="+", default=["coxph", *NETWORKS, *STARTS])
+    parser.add_argument("--overlay", nargs="*", default=[], help="YAML overlays of the fine-tunes' train section")
+    parser.add_argument("--tag", default="", help="suffix of the run folders and labels (runs with an overlay)")
     args = parser.parse_args(argv)
     args.cohort = args.cohort or str(Path(args.out) / "cohort")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
