@@ -162,9 +162,9 @@ def _mgi(cfg: dict[str, Any], data: FoldData, n_outputs: int) -> torch.nn.Module
 
 #: ``image_pooling: auto`` picks ``cls_mean`` from this many paired patients (slides and expression) in the
 #: fold's pretraining pool, ``cls`` below. Measured with bench/pretraining.py (recall@5 over 50 candidates,
-#: bench/README "MGI slide pooling"): at 500 pairs ``cls_mean`` is above CCA on every run and above ``cls``
-#: on average; at 50-200 pairs the two are level and ``cls_mean`` costs MGI's classification on demo-sized
-#: cohorts (~30-40 pairs).
+#: bench/README "MGI slide pooling"): at 500 pairs ``cls_mean`` is at or above CCA on every run and above
+#: ``cls`` on average; at 300 both are below CCA; at 50-200 the two are level and ``cls_mean`` costs MGI's
+#: classification on demo-sized cohorts (~30-40 pairs).
 CLS_MEAN_FROM_PAIRS = 400
 
 
