@@ -367,7 +367,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from wsiomics.cli import add_dataclass_options, configure_logging, dataclass_from_args
-    from wsiomics.train.__main__ import _common, _config
+    from wsiomics.train.__main__ import _common, fold_inputs, run_config
 
     parser = argparse.ArgumentParser(prog="python -m wsiomics.fewshot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -388,15 +388,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = write_summary(args.tables, args.out_dir)
         log.info("wrote %s: %d rows", args.out_dir, len(summary))
         return 0
-    from wsiomics.train.methods import get_method
-    from wsiomics.train.stages import load_inputs
-
     params = dataclass_from_args(FewshotParams, args, k=args.k)
-    cfg = _config(args.config)
-    if args.threads:
-        cfg["threads"] = args.threads
-    data = load_inputs(args.folds, args.samples or None, args.features or None, args.expression or None, args.fold,
-                       get_method(args.method))
+    cfg = run_config(args)
+    data = fold_inputs(args)
     table = run_fold(args.method, cfg, data, args.pretrained, args.out_dir, params)
     log.info("done: %d rows (k = %s)", len(table), sorted(table["k"].unique().tolist()))
     return 0

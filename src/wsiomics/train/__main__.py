@@ -36,6 +36,23 @@ def _config(text: str) -> dict:
     return json.loads(text)
 
 
+def run_config(args: argparse.Namespace) -> dict:
+    """The method's resolved configuration (``--config``), with ``--threads`` over the config's."""
+    cfg = _config(args.config)
+    if args.threads:
+        cfg["threads"] = args.threads
+    return cfg
+
+
+def fold_inputs(args: argparse.Namespace):
+    """The fold's data for ``--method`` from the :func:`_common` options."""
+    from wsiomics.train.methods import get_method
+    from wsiomics.train.stages import load_inputs
+
+    return load_inputs(args.folds, args.samples or None, args.features or None, args.expression or None, args.fold,
+                       get_method(args.method))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wsiomics.train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging()
 
-    from wsiomics.train.methods import METHODS, get_method
+    from wsiomics.train.methods import METHODS
 
     if args.command == "methods":
         for name, m in METHODS.items():
@@ -82,11 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_summary(args.out, table)
         print(table.to_string())
         return 0
-    from wsiomics.train.stages import finetune, load_inputs, pretrain
+    from wsiomics.train.stages import finetune, pretrain
 
-    cfg = _config(args.config)
-    if args.threads:
-        cfg["threads"] = args.threads
+    cfg = run_config(args)
     if args.command == "predict":
         from wsiomics.samples import SampleSheetError
         from wsiomics.train.deploy import DeployError, predict
@@ -100,9 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         return 0
-    method = get_method(args.method)
-    data = load_inputs(args.folds, args.samples or None, args.features or None, args.expression or None, args.fold,
-                       method)
+    data = fold_inputs(args)
     if args.command == "pretrain":
         info = pretrain(args.method, cfg, data, args.out_dir)
     else:
