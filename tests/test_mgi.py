@@ -449,7 +449,6 @@ def test_mgi_no_pretrain_reports_the_initial_models_retrieval(cohort, tmp_path):
     assert metrics["recall_chance@1"] == pytest.approx(1 / metrics["n_retrieval"])  # beside the recall, top level
 
 
-
 def test_image_pooling_auto_is_resolved_on_the_pretraining_pool_alike_in_every_stage(cohort, tmp_path, monkeypatch):
     """``image_pooling: auto`` counts the paired patients of the fold's pretraining pool (train + unlabelled
     under ``pool: all``; never val or test, never a patient missing a modality) whatever the stage, so the
@@ -481,6 +480,7 @@ def test_image_pooling_auto_is_resolved_on_the_pretraining_pool_alike_in_every_s
     assert build.build_model(METHODS["mgi"], cfg, data).cfg.image_pooling == "cls"  # resolved on a direct build too
     explicit = deep_merge(cfg, {"model": {"image_pooling": "cls_mean"}})
     assert build.resolve_fold_settings(explicit, data) is explicit  # a concrete choice is the user's
+
 
 def test_a_collapsed_model_retrieves_at_chance(cohort):
     """Projection heads that map every patient to one point: recall@1 is 1 / n, not 1."""
